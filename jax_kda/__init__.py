@@ -1,0 +1,6 @@
+"""jax_kda: Kimi Delta Attention prefill for JAX, with CUDA kernels for Hopper GPUs."""
+
+from .api import kda_prefill, prefill_path
+
+__all__ = ["kda_prefill", "prefill_path"]
+__version__ = "0.1.0"

@@ -1,0 +1,95 @@
+"""`python -m jax_kda`: one KDA prefill on realistic shapes, checked and timed on the default backend.
+
+Inputs follow FlashKDA's benchmark recipe (bf16 l2-normalised q, k; raw gate, beta logits fused in the
+kernel; bounded gate with lower_bound -5). A GPU runs Kimi-Linear-sized heads (case A of ANCHORS.md:
+8192 tokens x 96 heads); a CPU a smaller problem so that the run stays short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import kda_prefill
+from .api import prefill_path
+
+
+def make_inputs(key, batch, tokens, heads, head_dim):
+    ks = jax.random.split(key, 8)
+    shape = (batch, tokens, heads, head_dim)
+    unit = lambda k: jax.nn.standardize(jax.random.normal(k, shape), axis=-1) / head_dim**0.5
+    return dict(
+        q=unit(ks[0]).astype(jnp.bfloat16),
+        k=unit(ks[1]).astype(jnp.bfloat16),
+        v=jax.random.normal(ks[2], shape, jnp.bfloat16),
+        g=jax.random.normal(ks[3], shape, jnp.bfloat16),
+        beta=jax.random.normal(ks[4], shape[:3], jnp.bfloat16),
+        A_log=jax.random.uniform(ks[5], (heads,), jnp.float32),
+        dt_bias=jax.random.uniform(ks[6], (heads, head_dim), jnp.float32),
+        initial_state=jax.random.normal(ks[7], (batch, heads, head_dim, head_dim), jnp.float32) * 0.1,
+    )
+
+
+FLAGS = dict(
+    use_qk_l2norm_in_kernel=True,
+    use_gate_in_kernel=True,
+    use_beta_sigmoid_in_kernel=True,
+    lower_bound=-5.0,
+    state_v_first=True,
+    output_final_state=True,
+)
+
+
+def main(argv=None) -> int:
+    on_gpu = jax.default_backend() == "gpu"
+    p = argparse.ArgumentParser(prog="python -m jax_kda", description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=8192 if on_gpu else 2048)
+    p.add_argument("--heads", type=int, default=96 if on_gpu else 8)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--impl", default="auto", choices=["auto", "cuda", "xla"])
+    p.add_argument("--repeats", type=int, default=10 if on_gpu else 3)
+    p.add_argument("--check-tokens", type=int, default=512, help="prefix checked against the reference")
+    p.add_argument("--check-heads", type=int, default=2)
+    args = p.parse_args(argv)
+
+    x = make_inputs(jax.random.key(0), args.batch, args.tokens, args.heads, args.head_dim)
+    run = jax.jit(lambda x: kda_prefill(**x, **FLAGS, impl=args.impl))
+    o, final = run(x)  # compile and warm up
+    o.block_until_ready()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run(x))
+        times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))
+
+    # Outputs are causal, so a prefix of the tokens checks against the reference run on that prefix.
+    nt, nh = min(args.check_tokens, args.tokens), min(args.check_heads, args.heads)
+    part = {n: (a[:, :nt, :nh] if a.ndim == 4 and n != "initial_state" else a) for n, a in x.items()}
+    part["beta"] = x["beta"][:, :nt, :nh]
+    part.update(A_log=x["A_log"][:nh], dt_bias=x["dt_bias"][:nh], initial_state=x["initial_state"][:, :nh])
+    ref_o, _ = jax.jit(lambda x: kda_prefill(**x, **FLAGS, impl="reference"))(part)
+    diff = np.asarray(o[:, :nt, :nh], np.float32) - np.asarray(ref_o, np.float32)
+    err = float(np.sqrt(np.mean(diff**2)) / np.sqrt(np.mean(np.asarray(ref_o, np.float32) ** 2)))
+
+    device = jax.devices()[0]
+    path = prefill_path(**x, **FLAGS, impl=args.impl)
+    tokens = args.batch * args.tokens
+    print(f"backend      {jax.default_backend()} ({device.device_kind})")
+    print(f"path         {path}")
+    print(f"problem      B={args.batch} T={args.tokens} H={args.heads} K=V={args.head_dim}, bf16, "
+          "bounded gate, l2norm and beta sigmoid fused")
+    print(f"time         {seconds * 1e3:.3f} ms (median of {args.repeats})")
+    print(f"throughput   {tokens / seconds:,.0f} tokens/s ({tokens * args.heads / seconds:,.0f} token-heads/s)")
+    print(f"check        rel. RMS error {err:.2e} vs the reference on {nt} tokens x {nh} heads "
+          f"({'ok' if err < 5e-3 else 'FAILED'})")
+    return 0 if err < 5e-3 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""The `kda_prefill` primitive: abstract evaluation, batching, and the platform lowerings.
+
+Operands cross the primitive as the present fields of `KDAOperands` (the `present` parameter says
+which); `opts` carries everything static. Results are `[o]`, or `[o, final_state]` when
+`opts.output_final_state`. Every platform lowers to the chunked pure-JAX path unless a platform
+lowering (the CUDA kernels, `jax_kda.cuda`) is registered and takes the call.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir
+
+from .chunked import kda_chunked
+from .options import KDAOperands, KDAOptions
+from .validation import check_operands
+
+kda_prefill_p = Primitive("kda_prefill")
+kda_prefill_p.multiple_results = True
+
+
+def kda_prefill_bind(x: KDAOperands, opts: KDAOptions) -> list[jax.Array]:
+    return kda_prefill_p.bind(*x.flatten(), present=x.present(), opts=opts)
+
+
+def result_shapes(x: KDAOperands, opts: KDAOptions) -> list[jax.ShapeDtypeStruct]:
+    b, t, hv, vd = x.v.shape
+    kd = x.q.shape[3]
+    out = [jax.ShapeDtypeStruct((b, t, hv, vd), x.q.dtype)]
+    if opts.output_final_state:
+        state = (vd, kd) if opts.state_v_first else (kd, vd)
+        out.append(jax.ShapeDtypeStruct((x.num_sequences, hv, *state), jnp.dtype(opts.final_state_dtype)))
+    return out
+
+
+def _abstract_eval(*avals, present, opts):
+    x = KDAOperands.unflatten(present, avals)
+    check_operands(x, state_v_first=opts.state_v_first)
+    return [jax.core.ShapedArray(s.shape, s.dtype) for s in result_shapes(x, opts)]
+
+
+def xla_forward(*args, present, opts):
+    """The chunked pure-JAX path on flat operands, returning flat results."""
+    o, final = kda_chunked(KDAOperands.unflatten(present, args), opts)
+    return [o] if final is None else [o, final]
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(present, opts):
+    return jax.jit(functools.partial(kda_prefill_p.bind, present=present, opts=opts))
+
+
+def _eager(*args, present, opts):
+    return _compiled(present, opts)(*args)
+
+
+def lower_xla(ctx, *args, present, opts):
+    return mlir.lower_fun(functools.partial(xla_forward, present=present, opts=opts), multiple_results=True)(
+        ctx, *args
+    )
+
+
+def _default_lowering(ctx, *args, present, opts):
+    if opts.impl == "cuda":
+        platforms = getattr(ctx.module_context, "platforms", None) or ["this platform"]
+        raise ValueError(
+            f"impl='cuda' runs jax_kda's CUDA kernels, which need a CUDA GPU; this call is lowered for "
+            f"{', '.join(platforms)}. Use impl='auto' or impl='xla'."
+        )
+    return lower_xla(ctx, *args, present=present, opts=opts)
+
+
+kda_prefill_p.def_impl(_eager)
+kda_prefill_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(kda_prefill_p, _default_lowering)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching: a vmapped axis folds into an axis the primitive already has, so one call serves all.
+#   - per-head parameters (A_log, dt_bias) batched: fold into the head axes;
+#   - packed sequences (cu_seqlens): fold into T, with the boundaries of each copy shifted;
+#   - otherwise: fold into the batch axis B.
+
+NOT_MAPPED = None  # how JAX marks an operand that vmap does not map
+
+
+def _moved(arr, dim, size):
+    """`arr` with its batch dimension first, broadcast when it has none."""
+    if dim is NOT_MAPPED:
+        return jnp.broadcast_to(arr, (size,) + arr.shape)
+    return jnp.moveaxis(arr, dim, 0)
+
+
+def _merge(arr, axis):
+    """`[n, ..., d_axis, ...]` to `[..., n * d_axis, ...]`: batch axis 0 merged into `axis` (>= 1)."""
+    arr = jnp.moveaxis(arr, 0, axis - 1)
+    shape = arr.shape
+    return arr.reshape(shape[: axis - 1] + (shape[axis - 1] * shape[axis],) + shape[axis + 1 :])
+
+
+def _split(arr, axis, size):
+    """Inverse of `_merge`: `[..., size * d, ...]` at `axis - 1` to `[size, ..., d, ...]`."""
+    shape = arr.shape
+    arr = arr.reshape(shape[: axis - 1] + (size, shape[axis - 1] // size) + shape[axis:])
+    return jnp.moveaxis(arr, axis - 1, 0)
+
+
+def _batch(args, dims, *, present, opts):
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not NOT_MAPPED)
+    x = KDAOperands.unflatten(present, args)
+    xd = KDAOperands.unflatten(present, dims)
+    mapped = lambda f: getattr(x, f) is not None and getattr(xd, f) is not NOT_MAPPED
+    move = lambda f: _moved(getattr(x, f), getattr(xd, f), size)
+    token_fields = ("q", "k", "v", "g", "beta")
+
+    heads_fold = mapped("A_log") or mapped("dt_bias")
+    if heads_fold and mapped("cu_seqlens"):
+        # Different boundaries and different head parameters per lane: no single call holds both.
+        return _batch_by_map(args, dims, present=present, opts=opts, size=size), [0] * len(
+            result_shapes(x, opts)
+        )
+
+    if heads_fold:
+        new = {f: _merge(move(f), 3) for f in token_fields}  # [B, T, n*H(V), ...]
+        new["A_log"] = None if x.A_log is None else _merge(move("A_log"), 1)
+        new["dt_bias"] = None if x.dt_bias is None else _merge(move("dt_bias"), 1)
+        state_axis, out_axis = 2, 3
+        if x.cu_seqlens is not None:
+            new["cu_seqlens"] = x.cu_seqlens
+    elif x.cu_seqlens is not None:
+        moved = {f: move(f) for f in token_fields}
+        t = moved["q"].shape[2]
+        new = {f: _merge(a, 2) for f, a in moved.items()}  # [1, n*T, ...]
+        cu = move("cu_seqlens")
+        shifted = cu[:, :-1] + (jnp.arange(size, dtype=cu.dtype) * t)[:, None]
+        new["cu_seqlens"] = jnp.concatenate([shifted.reshape(-1), jnp.array([size * t], cu.dtype)])
+        state_axis, out_axis = 1, 2
+    else:
+        new = {f: _merge(move(f), 1) for f in token_fields}  # [n*B, ...]
+        state_axis, out_axis = 1, 1
+    if not heads_fold:
+        new["A_log"], new["dt_bias"] = x.A_log, x.dt_bias
+    if x.initial_state is not None:
+        new["initial_state"] = _merge(move("initial_state"), state_axis)
+
+    folded = KDAOperands(**{f: new.get(f) for f in KDAOperands._fields})
+    results = kda_prefill_bind(folded, opts)
+    outs = [_split(results[0], out_axis, size)]
+    if opts.output_final_state:
+        outs.append(_split(results[1], state_axis, size))
+    return outs, [0] * len(outs)
+
+
+def _batch_by_map(args, dims, *, present, opts, size):
+    moved = [_moved(a, d, size) for a, d in zip(args, dims)]
+    return jax.lax.map(lambda xs: kda_prefill_p.bind(*xs, present=present, opts=opts), moved)
+
+
+batching.primitive_batchers[kda_prefill_p] = _batch
