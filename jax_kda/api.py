@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from . import cuda
 from .activations import finish_state
 from .options import KDAOperands, KDAOptions
 from .primitive import kda_prefill_bind, xla_forward
@@ -54,8 +55,6 @@ def prefill_path(q, k, v, g, beta, **kwargs) -> str:
         return xla
     if jax.default_backend() != "gpu":
         return f"{xla}: the default backend is {jax.default_backend()}"
-    from . import cuda
-
     reason = cuda.unsupported_reason(x, opts)
     return f"{xla}: {reason}" if reason else "cuda (jax_kda CUTLASS kernels, sm_90a)"
 

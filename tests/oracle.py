@@ -64,20 +64,20 @@ def kda_oracle(
     else:
         s0 = np.swapaxes(initial_state, -1, -2) if state_v_first else initial_state
 
+    q_hv = np.repeat(q, group, axis=2) * scale  # value head hv reads q/k head hv // group
+    k_hv = np.repeat(k, group, axis=2)
     o = np.zeros((B, T, HV, V))
     final = np.zeros((n_seq, HV, K, V))
     with np.errstate(invalid="ignore", over="ignore"):
         for n, (b, start, end) in enumerate(spans):
-            for hv in range(HV):
-                h = hv // group
-                S = s0[n, hv].copy()
-                for t in range(start, end):
-                    kt = k[b, t, h]
-                    S = np.exp(a[b, t, hv])[:, None] * S
-                    r = v[b, t, hv] - S.T @ kt
-                    S = S + np.outer(kt, beta[b, t, hv] * r)
-                    o[b, t, hv] = S.T @ (scale * q[b, t, h])
-                final[n, hv] = S
+            S = s0[n].copy()  # [HV, K, V], all heads at once
+            for t in range(start, end):
+                kt = k_hv[b, t]
+                S = np.exp(a[b, t])[:, :, None] * S
+                r = v[b, t] - np.einsum("hkv,hk->hv", S, kt)
+                S = S + kt[:, :, None] * (beta[b, t][:, None] * r)[:, None, :]
+                o[b, t] = np.einsum("hkv,hk->hv", S, q_hv[b, t])
+            final[n] = S
     if state_v_first:
         final = np.swapaxes(final, -1, -2)
     return o, final

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One session on a lent Hopper GPU (see ../.library/device): install the carried wheels (.whl/), build
+# jax_kda with its kernels, then run what is asked: `test` (the GPU test suite), `bench` (the prefill
+# benchmark; BENCH_ARGS are passed to it), `profile` (Nsight Compute on one case), in any order. Logs, the benchmark table (JSON) and plot go to $OUT.
+#   BENCH_ARGS="--cases AEF" bash benchmarks/gpu_session.sh test bench
+set -uo pipefail
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+repo=$(cd "$(dirname "$0")/.." && pwd)
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+
+if compgen -G "$repo/.whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$repo"/.whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+start=$(date +%s)
+JAX_KDA_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps "$repo" > "$out/build.log" 2>&1 \
+  || { tail -40 "$out/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s"
+
+status=0
+for step in "$@"; do
+  case "$step" in
+    test)
+      (cd /tmp && python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 "$repo/tests" 2>&1 | tee "$out/gpu_tests.log" \
+        | tail -25) || status=1 ;;
+    bench)
+      (cd /tmp && python3 "$repo/benchmarks/bench_prefill.py" --json "$out/bench.json" --plot "$out/bench.png" \
+        ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log" | tail -20) || status=1 ;;
+    profile)  # Nsight Compute on the third kernel launch of one case (PROFILE_CASE, default F)
+      (cd "$repo/benchmarks" && ncu --clock-control none -k regex:kda_prefill_kernel --launch-skip 2 --launch-count 1 \
+        --set full --import-source yes -f -o "$out/prefill" python3 profile_prefill.py "${PROFILE_CASE:-F}" \
+        > "$out/ncu.log" 2>&1 && ncu -i "$out/prefill.ncu-rep" --print-details all > "$out/ncu_details.txt" 2>&1 \
+        && ncu -i "$out/prefill.ncu-rep" --page source --csv --print-source sass > "$out/ncu_source.csv" 2>&1) \
+        || { tail -20 "$out/ncu.log"; status=1; }
+      grep -E "Duration|Registers Per|Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput" \
+        "$out/ncu_details.txt" | head -12 ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
+exit $status

@@ -1,0 +1,79 @@
+"""Tables and plots of bench_prefill.py results; also merges result files of several runs.
+
+    python benchmarks/report.py run1.json run2.json [--plot out.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+# The speed-ups over FLA that "1.5x the best peer (FlashKDA)" means (ANCHORS.md, H100).
+TARGET_VS_FLA = {"A": 3.6, "B": 2.9, "C": 3.4, "D": 3.8}
+
+
+COLUMNS = ["jax_kda", "jax_kda softplus", "jax_kda xla", "FLA", "FLA safe_gate", "jla"]
+
+
+def table(rows, device):
+    lines = [f"Card: {device}. Milliseconds (median); speed-ups are peer time / jax_kda time.", ""]
+    cols = [c for c in COLUMNS if any(c in r for r in rows)]
+    head = ["case", "T", "H", "seqs"] + cols + ["floor", "vs FLA", "vs FLA safe", "vs jla", "jax_kda / floor",
+                                                 "target vs FLA", "max rel diff"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for r in rows:
+        ratio = lambda c: f"{r[c] / r['jax_kda']:.2f}x" if c in r else "n/a"
+        diffs = [r[d] for d in ("diff vs FLA", "diff vs jla") if d in r]
+        cells = [r["case"], str(r["T"]), str(r["H"]), str(r["N"])]
+        cells += [f"{r[c]:.3f}" if c in r else "n/a" for c in cols]
+        cells += [f"{r['floor']:.3f}", ratio("FLA"), ratio("FLA safe_gate"), ratio("jla"),
+                  f"{r['jax_kda'] / r['floor']:.2f}x", f"{TARGET_VS_FLA[r['case']]}x" if r["case"] in TARGET_VS_FLA else "-",
+                  f"{max(diffs):.1e}" if diffs else "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows, device, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [c for c in COLUMNS if c != "jax_kda xla" and any(c in r for r in rows)]
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / (len(cols) + 1)
+    xs = np.arange(len(rows))
+    for i, c in enumerate(cols + ["floor"]):
+        vals = [r.get(c, np.nan) for r in rows]
+        ax.bar(xs + i * width, vals, width, label="byte floor" if c == "floor" else c)
+    ax.set_xticks(xs + width * len(cols) / 2, [f"{r['case']}\nT={r['T']}\nH={r['H']} N={r['N']}" for r in rows],
+                  fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (log scale, lower is better)")
+    ax.set_title(f"KDA prefill forward, {device}")
+    ax.legend(ncol=4, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", nargs="+", help="JSON files written by bench_prefill.py --json")
+    p.add_argument("--plot")
+    args = p.parse_args()
+    runs = [json.load(open(path)) for path in args.results]
+    devices = {r["device"] for r in runs}
+    rows = {}
+    for run in runs:  # a later file's row of a case replaces an earlier one
+        rows.update({row["case"]: row for row in run["rows"]})
+    rows = [rows[c] for c in sorted(rows)]
+    print(table(rows, ", ".join(sorted(devices))))
+    if args.plot:
+        plot(rows, ", ".join(sorted(devices)), args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+// KDA prefill on Hopper: the parameters the FFI handler passes to the CUDA launcher.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace jax_kda {
+
+enum class GateMode : int32_t { kGiven = 0, kSoftplus = 1, kBounded = 2 };
+
+struct PrefillParams {
+  // Inputs. q, k: [B, T, H, K] bf16; v: [B, T, HV, V] bf16; g: [B, T, HV, K]; beta: [B, T, HV].
+  const void *q, *k, *v, *g, *beta;
+  bool g_is_f32, beta_is_f32;
+  const float *A_log;          // [HV] or null
+  const float *dt_bias;        // [HV, K] or null
+  const void *initial_state;   // [N, HV, K, V] ([N, HV, V, K] when state_v_first) or null
+  bool initial_is_f32;
+  const int32_t *cu_seqlens;   // [N + 1] or null (then N = B sequences of T tokens)
+  // Outputs. o: [B, T, HV, V] bf16; final_state like initial_state, or null.
+  void *o;
+  void *final_state;
+  bool final_is_f32;
+
+  int32_t batch, tokens, heads, value_heads, head_dim_k, head_dim_v, num_sequences;
+  float scale;
+  GateMode gate;
+  float lower_bound;
+  bool l2norm, beta_sigmoid, allow_neg_eigval, state_v_first;
+};
+
+// Why the kernels cannot take a call with these sizes, or nullptr when they can.
+const char *prefill_unsupported(int head_dim_k, int head_dim_v);
+
+cudaError_t prefill_launch(const PrefillParams &params, cudaStream_t stream);
+
+}  // namespace jax_kda

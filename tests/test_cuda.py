@@ -1,0 +1,297 @@
+"""The CUDA kernels: lowering (on any machine) and, on a Hopper GPU, correctness against float64."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_kda
+from jax_kda import cuda, kda_prefill
+from oracle import rel_err
+
+needs_kernels = pytest.mark.skipif(not cuda.available(), reason="jax_kda built without its CUDA kernels")
+gpu = pytest.mark.gpu
+BF16_TOL = 5e-3  # FLA's forward tolerance for bf16 inputs (SPEC.md)
+
+
+def spec(*shape, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+@needs_kernels
+def test_lowers_to_the_custom_call_without_a_gpu():
+    B, T, H, HV, K = 1, 64, 2, 4, 128
+    f = lambda q, k, v, g, b, s: kda_prefill(
+        q, k, v, g, b, initial_state=s, output_final_state=True, use_gate_in_kernel=True, lower_bound=-5.0,
+        use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True, state_v_first=True, scale=0.25,
+    )
+    args = (spec(B, T, H, K), spec(B, T, H, K), spec(B, T, HV, K), spec(B, T, HV, K), spec(B, T, HV),
+            spec(B, HV, K, K, dtype=jnp.float32))
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
+    assert len(calls) == 1 and f"@{cuda.PREFILL_TARGET}(" in calls[0]
+    for attr in ("gate = 2 : i32", "lower_bound = -5.000000e+00 : f32", "scale = 2.500000e-01 : f32",
+                 "l2norm = true", "beta_sigmoid = true", "state_v_first = true", "has_initial_state = true",
+                 "has_cu_seqlens = false", "write_final_state = true"):
+        assert attr in calls[0], attr
+    # Unsupported sizes lower to the XLA path instead.
+    args = tuple(jax.ShapeDtypeStruct(a.shape[:-1] + (60,) if a.ndim == 4 and a.shape[-1] == K else a.shape, a.dtype)
+                 for a in args[:5]) + (spec(B, HV, 60, 60, dtype=jnp.float32),)
+    with pytest.warns(UserWarning, match="K = 64 or 128"):
+        text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert cuda.PREFILL_TARGET not in text
+
+
+@needs_kernels
+def test_impl_cuda_rejects_unsupported_calls():
+    f = lambda q: kda_prefill(q, q, q, jnp.zeros(q.shape), jnp.zeros(q.shape[:3]), impl="cuda")
+    with pytest.raises(ValueError, match="impl='cuda' cannot run this call: the kernels take bfloat16"):
+        jax.jit(f).trace(spec(1, 16, 1, 64, dtype=jnp.float32)).lower(lowering_platforms=("cuda",))
+
+
+# ---------------------------------------------------------------------------------------------
+# On the GPU
+
+
+def run_cuda(case, **extra):
+    return kda_prefill(*case.args, impl="cuda", **case.kwargs, **extra)
+
+
+def check_against_oracle(case, tol=BF16_TOL):
+    o, final = run_cuda(case)
+    ref_o, ref_final = case.expected()
+    assert rel_err(o, ref_o) < tol, ("o", rel_err(o, ref_o))
+    if case.kwargs.get("output_final_state"):
+        assert rel_err(final, ref_final) < tol, ("final_state", rel_err(final, ref_final))
+    return o, final
+
+
+FEATURES = [
+    dict(gate="bounded"),
+    dict(gate="bounded", use_A_log=False, dt_bias=None),
+    dict(gate="bounded", lower_bound=-20.0),
+    dict(gate="softplus"),
+    dict(gate="softplus", dt_bias="flat"),
+    dict(gate="given"),
+    dict(l2norm=False, gate="bounded"),
+    dict(beta_sigmoid=False, gate="softplus"),
+    dict(allow_neg_eigval=True, gate="bounded"),
+    dict(scale=0.3, gate="bounded"),
+    dict(initial_state=None, gate="bounded"),
+    dict(initial_state="bfloat16", gate="softplus"),
+    dict(state_v_first=True, gate="bounded"),
+    dict(state_v_first=True, initial_state="bfloat16", gate="given"),
+    dict(output_final_state=False, gate="bounded"),
+]
+
+
+@gpu
+@needs_kernels
+@pytest.mark.parametrize("features", FEATURES, ids=repr)
+@pytest.mark.parametrize("K,V", [(128, 128), (64, 64)])
+def test_features(case, features, K, V):
+    check_against_oracle(case(B=2, T=300, H=2, K=K, V=V, dtype="bfloat16", **features))
+
+
+@gpu
+@needs_kernels
+@pytest.mark.parametrize("K,V", [(64, 128), (128, 64), (128, 192), (64, 256)])
+def test_head_sizes(case, K, V):
+    check_against_oracle(case(B=1, T=100, H=2, K=K, V=V, dtype="bfloat16", gate="softplus"))
+
+
+@gpu
+@needs_kernels
+def test_fp32_gate_and_beta(case):
+    c = case(B=1, T=77, H=2, dtype="bfloat16", gate="softplus", K=128, V=128)
+    c.args = c.args[:3] + tuple(x.astype(jnp.float32) for x in c.args[3:])
+    check_against_oracle(c)
+
+
+@gpu
+@needs_kernels
+def test_final_state_bf16(case):
+    c = case(B=1, T=90, H=2, dtype="bfloat16", gate="bounded", K=128, V=128)
+    o, final = run_cuda(c, final_state_dtype=jnp.bfloat16)
+    assert final.dtype == jnp.bfloat16
+    assert rel_err(final, c.expected()[1]) < BF16_TOL
+
+
+@gpu
+@needs_kernels
+@pytest.mark.parametrize(
+    "T,H,HV", [(1, 1, 1), (15, 3, 3), (16, 1, 2), (17, 2, 2), (63, 2, 4), (500, 4, 4), (1000, 1, 1),
+               (4096, 96, 96), (65536, 1, 1)],
+)
+def test_sizes(case, T, H, HV):
+    check_against_oracle(case(B=1, T=T, H=H, HV=HV, K=128, V=128, dtype="bfloat16", gate="bounded",
+                              state_v_first=True))
+
+
+@gpu
+@needs_kernels
+@pytest.mark.parametrize(
+    "seqlens",
+    [[1], [0, 1, 0], [5, 0, 17, 1, 32, 0, 100], [1] * 64, list(np.random.default_rng(7).integers(0, 300, 64))],
+    ids=lambda s: f"{len(s)}seqs",
+)
+def test_packed_sequences(case, seqlens):
+    check_against_oracle(case(seqlens=seqlens, H=2, HV=4, K=128, V=128, dtype="bfloat16", gate="softplus",
+                              state_v_first=True, cu_dtype=np.int64))
+
+
+@gpu
+@needs_kernels
+def test_complete_forgetting_and_zero_gates(case):
+    c = case(B=2, T=200, H=2, K=128, V=128, dtype="bfloat16", gate="given")
+    g = np.array(c.args[3], np.float32)
+    g[:, 37] = -1000.0
+    g[:, 60:130] = 0.0
+    g[1, 150:] = -1000.0
+    c.args = c.args[:3] + (jnp.asarray(g, jnp.bfloat16),) + c.args[4:]
+    check_against_oracle(c)
+
+
+@gpu
+@needs_kernels
+def test_strong_softplus_gate(case):
+    c = case(B=1, T=200, H=2, K=128, V=128, dtype="bfloat16", gate="softplus")
+    c.args = c.args[:3] + ((c.args[3].astype(jnp.float32) * 30.0 + 10.0).astype(jnp.bfloat16),) + c.args[4:]
+    c.kwargs["A_log"] = c.kwargs["A_log"] + 2.0
+    check_against_oracle(c)
+
+
+@gpu
+@needs_kernels
+@pytest.mark.parametrize("where", ["q", "v", "g", "beta", "initial_state"])
+def test_nan_inputs_give_nan(case, where):
+    c = case(B=2, T=64, H=1, K=128, V=128, dtype="bfloat16", gate="softplus")
+    if where == "initial_state":
+        s = np.array(c.kwargs["initial_state"])
+        s[0, 0, 3, 5] = np.nan
+        c.kwargs["initial_state"] = jnp.asarray(s)
+    else:
+        idx = ["q", "k", "v", "g", "beta"].index(where)
+        a = np.array(c.args[idx].astype(jnp.float32))
+        a[0, 10, 0] = np.nan
+        c.args = c.args[:idx] + (jnp.asarray(a, c.args[idx].dtype),) + c.args[idx + 1:]
+    o, final = run_cuda(c)
+    # q feeds only the output; everything else reaches the state too.
+    assert np.isnan(np.asarray(o[0], np.float32)).any()
+    assert where == "q" or np.isnan(np.asarray(final[0])).any()
+    ref_o, ref_final = c.expected()
+    assert rel_err(o[1], ref_o[1]) < BF16_TOL and rel_err(final[1], ref_final[1]) < BF16_TOL
+
+
+def _poisoned(fn, *args):
+    """Runs `fn` with its outputs written into buffers that were filled with NaN first: NaN arrays of
+    the output shapes are donated to the call, and XLA places the outputs in them. Returns the outputs
+    and whether every output did land in its poisoned buffer with no copy in between."""
+    shapes = jax.tree.leaves(jax.eval_shape(fn, *args))
+    poison = [jnp.full(s.shape, jnp.nan, s.dtype) for s in shapes]
+    addresses = [p.unsafe_buffer_pointer() for p in poison]
+    run = jax.jit(lambda poison, *a: fn(*a), donate_argnums=0, keep_unused=True)
+    compiled = run.lower(poison, *args).compile()
+    no_copy = " copy(" not in compiled.as_text() and " copy-start(" not in compiled.as_text()
+    out = compiled(poison, *args)
+    landed = [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(out)] == addresses
+    return out, landed and no_copy
+
+
+@gpu
+@needs_kernels
+def test_every_output_element_is_written(case):
+    c = case(seqlens=[5, 0, 33, 16, 1], H=2, HV=2, K=128, V=128, dtype="bfloat16", gate="bounded")
+    fn = lambda *a: kda_prefill(*a, impl="cuda", **c.kwargs)
+    (o, final), poisoned = _poisoned(fn, *c.args)
+    assert poisoned, "the outputs did not land in the poisoned buffers; the check would prove nothing"
+    assert np.isfinite(np.asarray(o, np.float32)).all() and np.isfinite(np.asarray(final)).all()
+    ref_o, ref_final = c.expected()
+    assert rel_err(o, ref_o) < BF16_TOL and rel_err(final, ref_final) < BF16_TOL
+
+
+@gpu
+@needs_kernels
+def test_bitwise_deterministic(case):
+    c = case(seqlens=[700, 3, 1200], H=4, HV=4, K=128, V=128, dtype="bfloat16", gate="softplus")
+    first = run_cuda(c)
+    for _ in range(3):
+        again = run_cuda(c)
+        for a, b in zip(first, again):
+            np.testing.assert_array_equal(np.asarray(a.view(jnp.uint16) if a.dtype == jnp.bfloat16 else a),
+                                          np.asarray(b.view(jnp.uint16) if b.dtype == jnp.bfloat16 else b))
+
+
+@gpu
+@needs_kernels
+def test_auto_takes_the_kernels_on_hopper(case):
+    c = case(B=1, T=40, H=2, K=128, V=128, dtype="bfloat16", gate="bounded")
+    assert jax_kda.prefill_path(*c.args, **c.kwargs).startswith("cuda")
+    text = jax.jit(lambda *a: kda_prefill(*a, **c.kwargs)).lower(*c.args).as_text()
+    assert cuda.PREFILL_TARGET in text
+
+
+@gpu
+@needs_kernels
+def test_gradients_run_through_the_kernel_forward(case):
+    c = case(B=1, T=50, H=1, K=128, V=128, dtype="bfloat16", gate="softplus")
+    grad = jax.grad(lambda v: jnp.sum(kda_prefill(*c.args[:2], v, *c.args[3:], **c.kwargs)[0].astype(jnp.float32)))
+    ref = jax.grad(lambda v: jnp.sum(kda_prefill(*c.args[:2], v, *c.args[3:], impl="reference",
+                                                 **c.kwargs)[0].astype(jnp.float32)))
+    assert rel_err(grad(c.args[2]).astype(jnp.float32), ref(c.args[2]).astype(jnp.float32)) < 2e-2
+
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "gpu_small_case.py")
+
+
+@gpu
+@needs_kernels
+def test_cuda_graphs():
+    env = dict(os.environ, XLA_FLAGS="--xla_gpu_enable_command_buffer=CUSTOM_CALL --xla_gpu_graph_min_graph_size=1")
+    out = subprocess.run([sys.executable, SCRIPT, "check"], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "ok" in out.stdout
+
+
+@gpu
+@needs_kernels
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_compute_sanitizer(tool):
+    exe = "compute-sanitizer"
+    if subprocess.run(["which", exe], capture_output=True).returncode != 0:
+        pytest.skip("compute-sanitizer not on PATH")
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    cmd = [exe, f"--tool={tool}", "--kernel-name", "kns=kda_prefill_kernel", "--error-exitcode=3",
+           sys.executable, SCRIPT, "run"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "ERROR SUMMARY: 0 errors" in out.stdout or "0 hazards" in out.stdout, out.stdout[-2000:]
+
+
+@gpu
+@needs_kernels
+@pytest.mark.parametrize("gate", ["bounded", "softplus"])
+@pytest.mark.parametrize("seqlens", [[1000], [300, 0, 77, 600]], ids=["one", "packed"])
+def test_error_not_larger_than_fla(case, gate, seqlens):
+    """Same inputs through FLA's Triton chunk_kda (FLA_FLASH_KDA=0) and ours, both against float64."""
+    os.environ["FLA_FLASH_KDA"] = "0"
+    torch = pytest.importorskip("torch")
+    fla_kda = pytest.importorskip("fla.ops.kda").chunk_kda
+    c = case(seqlens=seqlens, H=4, K=128, V=128, dtype="bfloat16", gate=gate, state_v_first=True)
+    ours_o, ours_s = run_cuda(c)
+    t = lambda a: torch.from_dlpack(jnp.asarray(a)) if a is not None else None
+    kw = dict(c.kwargs)
+    kw.pop("output_final_state")
+    kw["dt_bias"] = t(kw["dt_bias"]).reshape(-1)
+    kw["A_log"], kw["initial_state"] = t(kw["A_log"]), t(kw["initial_state"])
+    kw["cu_seqlens"] = torch.as_tensor(kw["cu_seqlens"], dtype=torch.long, device="cuda")
+    with torch.inference_mode():
+        fla_o, fla_s = fla_kda(*map(t, c.args), output_final_state=True, **kw)
+    ref_o, ref_s = c.expected()
+    fla_o, fla_s = fla_o.float().cpu().numpy(), fla_s.float().cpu().numpy()
+    for ours, theirs, ref in ((ours_o, fla_o, ref_o), (ours_s, fla_s, ref_s)):
+        assert rel_err(ours, ref) <= rel_err(theirs, ref) * 1.05, (rel_err(ours, ref), rel_err(theirs, ref))
