@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import cuda
+from . import cuda, sharding
 from .activations import finish_state
 from .options import KDAOperands, KDAOptions
 from .primitive import kda_prefill_bind, xla_forward
@@ -19,7 +19,7 @@ def kda_prefill(
     q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
     use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False,
     allow_neg_eigval=False, safe_gate=False, lower_bound=None, A_log=None, dt_bias=None,
-    state_v_first=False, cu_seqlens=None, final_state_dtype=None, impl="auto",
+    state_v_first=False, cu_seqlens=None, final_state_dtype=None, impl="auto", axis_name=None,
 ):
     """Kimi Delta Attention prefill (forward), differentiable.
 
@@ -31,14 +31,27 @@ def kda_prefill(
     `final_state_dtype` (default float32) is the dtype of the returned state.
     `impl`: "auto" (CUDA kernels on a GPU when they take the call, else the chunked XLA path),
     "cuda", "xla" (chunked pure JAX) or "reference" (token-by-token scan).
+    `axis_name`: inside `shard_map`, the mesh axis (or axes) over which T is split, in order: the
+    devices run the sequence's segments in parallel (context parallelism). Under `jit`, a T axis
+    sharded over the mesh does the same without it.
 
     Returns `(o [B, T, HV, V] in q's dtype, final_state or None)`.
     """
-    x, opts = _normalize(**locals())
+    kwargs = dict(locals())
+    axis_name = kwargs.pop("axis_name")
+    x, opts = _normalize(**kwargs)
     if x.q.shape[0] == 0 or x.q.shape[1] == 0:
         return _no_tokens(x, opts)
-    if opts.impl == "reference":
-        return kda_reference(x, opts)
+    run = kda_reference if opts.impl == "reference" else _run_primitive
+    if axis_name is not None:
+        return sharding.context_parallel(x, opts, axis_name, jax.lax.axis_size(axis_name), run)
+    mesh = sharding.explicit_mesh_of(x)
+    if mesh is not None:
+        return sharding.explicit_mesh_prefill(x, opts, mesh, run)
+    return run(x, opts)
+
+
+def _run_primitive(x: KDAOperands, opts: KDAOptions):
     results = _differentiable(x.present(), opts)(*x.flatten())
     return results[0], (results[1] if opts.output_final_state else None)
 

@@ -72,6 +72,28 @@ def _decayed_scores(x, k, a):
     return full.reshape(*lead, n, c, c)
 
 
+def _unit_lower_inverse(l):
+    """(I + L)^-1 for strictly lower-triangular L `[..., n, n]` (n a power of two), by merging the
+    inverses of diagonal blocks of doubling size: [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]].
+
+    Batched matrix products only: unlike a triangular solve (LAPACK on the CPU) it runs inside loops
+    on several host devices at once, where XLA:CPU's LAPACK call hangs in jaxlib 0.10.
+    """
+    *lead, n, _ = l.shape
+    blocks = jnp.ones((*lead, n, 1, 1), l.dtype)  # inverses of the diagonal blocks, size 1 first
+    size = 1
+    while size < n:
+        pairs = n // (2 * size)
+        lr = l.reshape(*lead, pairs, 2, size, pairs, 2, size)
+        below = jnp.einsum("...jxjy->...jxy", lr[..., :, 1, :, :, 0, :])  # block under each diagonal pair
+        upper, lower = blocks[..., 0::2, :, :], blocks[..., 1::2, :, :]
+        corner = -_mm("...ab,...bc,...cd->...ad", lower, below, upper)
+        top = jnp.concatenate([upper, jnp.zeros_like(upper)], axis=-1)
+        blocks = jnp.concatenate([top, jnp.concatenate([corner, lower], axis=-1)], axis=-2)
+        size *= 2
+    return blocks[..., 0, :, :]
+
+
 def _chunk_step(state, q, k, v, a, beta):
     """One chunk for every (lane, head). state `[..., K, V]`; q, k, a `[..., C, K]`; v `[..., C, V]`;
     beta `[..., C]`. Returns (next state, output `[..., C, V]`)."""
@@ -80,10 +102,10 @@ def _chunk_step(state, q, k, v, a, beta):
     a_qk = scores[..., 0, :, :]
     l_kk = jnp.tril(scores[..., 1, :, :], -1) * beta[..., :, None]
 
-    # (I + L)^-1 applied to [β K exp Γ | β V] by forward substitution.
+    # (I + L)^-1 applied to [β K exp Γ | β V].
     decay = jnp.exp(jnp.cumsum(a, axis=-2))  # from the chunk's start
     rhs = jnp.concatenate([beta[..., None] * k * decay, beta[..., None] * v], axis=-1)
-    sol = jax.lax.linalg.triangular_solve(l_kk, rhs, left_side=True, lower=True, unit_diagonal=True)
+    sol = _mm("...ij,...jn->...in", _unit_lower_inverse(l_kk), rhs)
     w, u0 = sol[..., :kd], sol[..., kd:]
 
     u = u0 - _mm("...ck,...kv->...cv", w, state)

@@ -16,7 +16,7 @@ import numpy as np
 from jax.interpreters import mlir
 
 from .options import GATE_BOUNDED, GATE_GIVEN, GATE_SOFTPLUS, KDAOperands, KDAOptions
-from .primitive import kda_prefill_p, lower_xla
+from .primitive import kda_prefill_inner_p, lower_xla
 
 try:
     from . import _kda_ext
@@ -119,4 +119,4 @@ if available():
     for _name, _capsule in _kda_ext.cuda_registrations().items():
         jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
 # Registered without the kernels too, so that a GPU run says why it takes the XLA path.
-mlir.register_lowering(kda_prefill_p, _lower_cuda, platform="cuda")
+mlir.register_lowering(kda_prefill_inner_p, _lower_cuda, platform="cuda")

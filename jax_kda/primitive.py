@@ -1,9 +1,14 @@
-"""The `kda_prefill` primitive: abstract evaluation, batching, and the platform lowerings.
+"""The KDA prefill primitives: abstract evaluation, batching, and the platform lowerings.
 
-Operands cross the primitive as the present fields of `KDAOperands` (the `present` parameter says
-which); `opts` carries everything static. Results are `[o]`, or `[o, final_state]` when
-`opts.output_final_state`. Every platform lowers to the chunked pure-JAX path unless a platform
-lowering (the CUDA kernels, `jax_kda.cuda`) is registered and takes the call.
+As in TransformerEngine's JAX primitives there are two. The outer `kda_prefill` is what the API
+binds: it has the batching rule and lowers through `custom_partitioning` (`jax_kda.sharding`), which
+splits it over a mesh. The inner `kda_prefill_inner` is the per-device computation: every platform
+lowers it to the chunked pure-JAX path unless a platform lowering (the CUDA kernels, `jax_kda.cuda`)
+is registered and takes the call.
+
+Operands cross both as the present fields of `KDAOperands` (the `present` parameter says which);
+`opts` carries everything static. Results are `[o]`, or `[o, final_state]` when
+`opts.output_final_state`.
 """
 
 from __future__ import annotations
@@ -21,10 +26,16 @@ from .validation import check_operands
 
 kda_prefill_p = Primitive("kda_prefill")
 kda_prefill_p.multiple_results = True
+kda_prefill_inner_p = Primitive("kda_prefill_inner")
+kda_prefill_inner_p.multiple_results = True
 
 
 def kda_prefill_bind(x: KDAOperands, opts: KDAOptions) -> list[jax.Array]:
     return kda_prefill_p.bind(*x.flatten(), present=x.present(), opts=opts)
+
+
+def kda_prefill_inner_bind(x: KDAOperands, opts: KDAOptions) -> list[jax.Array]:
+    return kda_prefill_inner_p.bind(*x.flatten(), present=x.present(), opts=opts)
 
 
 def result_shapes(x: KDAOperands, opts: KDAOptions) -> list[jax.ShapeDtypeStruct]:
@@ -76,7 +87,8 @@ def _default_lowering(ctx, *args, present, opts):
 
 kda_prefill_p.def_impl(_eager)
 kda_prefill_p.def_abstract_eval(_abstract_eval)
-mlir.register_lowering(kda_prefill_p, _default_lowering)
+kda_prefill_inner_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(kda_prefill_inner_p, _default_lowering)
 
 
 # ---------------------------------------------------------------------------------------------

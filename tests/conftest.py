@@ -6,6 +6,11 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import jax  # noqa: E402
+
+# Eight CPU devices for the sharding tests; set before any computation initialises the backends.
+jax.config.update("jax_num_cpu_devices", 8)
+
 from inputs import make_case  # noqa: E402
 
 

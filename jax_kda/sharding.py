@@ -1,0 +1,238 @@
+"""KDA prefill over several devices: batch, heads and sequence (context) parallelism.
+
+- `jit` with sharded inputs (Auto mesh axes): the outer primitive lowers through `custom_partitioning`
+  with a Shardy rule. Batch and head shardings pass through to a per-device call of the inner
+  primitive, with no collective; a sharded T axis runs the context-parallel algorithm below.
+- Explicit mesh axes (`jax.make_mesh`'s default) and code inside `shard_map`: `kda_prefill` wraps
+  itself in `shard_map` (`explicit_mesh_prefill`), or, given `axis_name`, runs the context-parallel
+  algorithm over that axis of the surrounding `shard_map` (`context_parallel`).
+
+Context parallelism: a segment's effect on the state is affine, S_out = M S_in + S_local, with M the
+K x K transition of the segment. Each device computes (S_local, M) of its segment in one prefill
+(v padded with K zero columns, initial state [0 | I]), one all-gather shares them, each device folds
+the segments before it into its initial state, and a second prefill of its segment produces its
+outputs. Communication is N * HV * K * (V + K) floats per device, independent of T.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax._src import dispatch
+from jax.interpreters import mlir
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from .activations import finish_state
+from .options import KDAOperands, KDAOptions
+from .primitive import kda_prefill_inner_bind, kda_prefill_p
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+# ---------------------------------------------------------------------------------------------
+# Context parallelism
+
+
+def context_parallel(x: KDAOperands, opts: KDAOptions, axis_name, axis_size: int, run):
+    """This device's outputs of a sequence whose T axis is split over `axis_name` (in index order).
+
+    `x` holds the local segment; `run(x, opts) -> (o, final_state)` runs a prefill on local data.
+    Returns `(o, final_state or None)`; the final state is the whole sequence's, on every device.
+    """
+    if x.cu_seqlens is not None:
+        raise NotImplementedError("context parallelism over packed sequences (cu_seqlens) is not supported")
+    n, hv, vd, kd = x.num_sequences, x.v.shape[2], x.v.shape[3], x.q.shape[3]
+    if x.initial_state is None:
+        start = jnp.zeros((n, hv, kd, vd), jnp.float32)
+    else:
+        start = x.initial_state.astype(jnp.float32)
+        if opts.state_v_first:
+            start = jnp.swapaxes(start, -1, -2)
+
+    # 1. (S_local | M) of this segment: the final state of a run from [0 | I] with v padded by zeros.
+    v_padded = jnp.concatenate([x.v, jnp.zeros(x.v.shape[:3] + (kd,), x.v.dtype)], axis=-1)
+    eye = jnp.broadcast_to(jnp.eye(kd, dtype=jnp.float32), (n, hv, kd, kd))
+    from_zero_and_identity = jnp.concatenate([jnp.zeros((n, hv, kd, vd), jnp.float32), eye], axis=-1)
+    summary_opts = dataclasses.replace(opts, output_final_state=True, state_v_first=False, final_state_dtype="float32")
+    _, summary = run(x._replace(v=v_padded, initial_state=from_zero_and_identity), summary_opts)
+
+    # 2. Every segment's summary; fold those before this one into its initial state.
+    gathered = jax.lax.all_gather(summary, axis_name)  # [P, N, HV, K, V + K]
+    me = jax.lax.axis_index(axis_name)
+    state, entry = start, start
+    for j in range(axis_size):
+        local, transition = gathered[j, ..., :vd], gathered[j, ..., vd:]
+        state = jnp.einsum("nhij,nhjv->nhiv", transition, state, precision=_HIGHEST) + local
+        entry = jnp.where(j < me, state, entry)
+
+    # 3. This segment again, from its true initial state.
+    if opts.state_v_first:
+        entry = jnp.swapaxes(entry, -1, -2)
+    o, _ = run(x._replace(initial_state=entry), dataclasses.replace(opts, output_final_state=False))
+    return o, (finish_state(state, opts) if opts.output_final_state else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# custom_partitioning of the outer primitive
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    batch: object  # mesh axes of B (None: replicated)
+    tokens: object  # mesh axes of T: context parallel when not None
+    heads: object  # mesh axes of H and HV
+
+
+def _axes_size(mesh, axes) -> int:
+    if axes is None:
+        return 1
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _plan(mesh, q_sharding, x: KDAOperands) -> _Plan:
+    """How to split a call, from the sharding of q; an axis that does not divide evenly stays whole."""
+    spec = tuple(getattr(q_sharding, "spec", P())) + (None,) * 4
+    b, t, h, _ = x.q.shape
+    fits = lambda axes, size: axes if axes is not None and size % _axes_size(mesh, axes) == 0 else None
+    packed = x.cu_seqlens is not None
+    return _Plan(
+        batch=None if packed else fits(spec[0], b),
+        tokens=None if packed else fits(spec[1], t),
+        heads=fits(spec[2], math.gcd(h, x.v.shape[2])),
+    )
+
+
+def _specs(plan: _Plan, x: KDAOperands, opts: KDAOptions):
+    """PartitionSpecs of the present operands and of the results."""
+    b, t, h = plan.batch, plan.tokens, plan.heads
+    state = P(b, h, None, None)
+    per_field = dict(
+        q=P(b, t, h, None), k=P(b, t, h, None), v=P(b, t, h, None), g=P(b, t, h, None), beta=P(b, t, h),
+        A_log=P(h), dt_bias=P(h, None), initial_state=state, cu_seqlens=P(None),
+    )
+    operands = [per_field[f] for f, present in zip(KDAOperands._fields, x.present()) if present]
+    results = [P(b, t, h, None)] + ([state] if opts.output_final_state else [])
+    return operands, results
+
+
+def _run_inner(x: KDAOperands, opts: KDAOptions):
+    results = kda_prefill_inner_bind(x, opts)
+    return results[0], (results[1] if opts.output_final_state else None)
+
+
+@functools.lru_cache(maxsize=None)
+def partitioned(present: tuple[bool, ...], opts: KDAOptions):
+    """The inner primitive under `custom_partitioning`, for these operands and options."""
+
+    @custom_partitioning
+    def prefill(*args):
+        return tuple(kda_prefill_inner_bind(KDAOperands.unflatten(present, args), opts))
+
+    def split(mesh, arg_shapes):
+        x = KDAOperands.unflatten(present, arg_shapes)
+        plan = _plan(mesh, x.q.sharding, x)
+        operand_specs, result_specs = _specs(plan, x, opts)
+        return plan, [NamedSharding(mesh, s) for s in operand_specs], [NamedSharding(mesh, s) for s in result_specs]
+
+    def infer_sharding_from_operands(mesh, arg_shapes, result_shape):
+        return tuple(split(mesh, arg_shapes)[2])
+
+    def partition(mesh, arg_shapes, result_shape):
+        plan, operand_shardings, result_shardings = split(mesh, arg_shapes)
+
+        def per_device(*args):
+            x = KDAOperands.unflatten(present, args)
+            if plan.tokens is None:
+                return tuple(kda_prefill_inner_bind(x, opts))
+            o, final = context_parallel(x, opts, plan.tokens, _axes_size(mesh, plan.tokens), _run_inner)
+            return (o,) if final is None else (o, final)
+
+        return mesh, per_device, tuple(result_shardings), tuple(operand_shardings)
+
+    def sharding_rule(mesh, operand_types, result_types):
+        """Shardy: B, T and the heads may be split; K and V may not. The value-head axis is the q/k
+        head axis times the group of value heads per q/k head."""
+        shapes = [mlir.ir.RankedTensorType(t).shape for t in operand_types]
+        x = KDAOperands.unflatten(present, shapes)
+        group = x[2][2] // x[0][2]  # HV // H
+        heads = "(h g)" if group > 1 else "h"
+        seq = "n" if x.cu_seqlens is not None else "b"
+        state = f"{seq} {heads} d k" if opts.state_v_first else f"{seq} {heads} k d"
+        per_field = dict(
+            q="b t h k", k="b t h k", v=f"b t {heads} d", g=f"b t {heads} k", beta=f"b t {heads}",
+            A_log=heads, dt_bias=f"{heads} k", initial_state=state, cu_seqlens="c",
+        )
+        operands = [per_field[f] for f, p in zip(KDAOperands._fields, present) if p]
+        results = [f"b t {heads} d"] + ([state] if opts.output_final_state else [])
+        # Shardy wants the special factors in the order the factors first appear in the rule.
+        replicated = tuple(f for f in "btkdc" if f in "kd" or (x.cu_seqlens is not None and f in "tc"))
+        sizes = {"g": group} if group > 1 else {}
+        return f"{', '.join(operands)} -> {', '.join(results)}", dict(need_replication_factors=replicated, **sizes)
+
+    prefill.def_partition(
+        partition=partition,
+        infer_sharding_from_operands=infer_sharding_from_operands,
+        sharding_rule=sharding_rule,
+    )
+    return prefill
+
+
+def _lower_outer(ctx, *args, present, opts):
+    # A computation on one device (or not yet placed) has nothing to partition.
+    axis_context = ctx.module_context.axis_context
+    devices = getattr(axis_context, "device_assignment", ())
+    if devices is None or (devices != () and len(devices) <= 1):
+        inner = lambda *a: kda_prefill_inner_bind(KDAOperands.unflatten(present, a), opts)
+        return mlir.lower_fun(inner, multiple_results=True)(ctx, *args)
+    return mlir.lower_fun(partitioned(present, opts), multiple_results=True)(ctx, *args)
+
+
+mlir.register_lowering(kda_prefill_p, _lower_outer)
+# custom_partitioning needs the device assignment when lowering; JAX's cuDNN attention (also under
+# custom_partitioning) registers its primitives the same way.
+dispatch.prim_requires_devices_during_lowering.add(kda_prefill_p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Explicit mesh axes
+
+
+def explicit_mesh_of(x: KDAOperands):
+    """The mesh of q's type when it has Explicit axes (sharding in types), else None."""
+    try:
+        sharding = jax.typeof(x.q).sharding
+    except (AttributeError, TypeError):
+        return None
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty:
+        return None
+    explicit = jax.sharding.AxisType.Explicit
+    return mesh if any(t == explicit for t in mesh.axis_types) else None
+
+
+def explicit_mesh_prefill(x: KDAOperands, opts: KDAOptions, mesh, run):
+    """`run` on each device's shard through `shard_map`, with the split read off q's type."""
+    plan = _plan(mesh, jax.typeof(x.q).sharding, x)
+    operand_specs, result_specs = _specs(plan, x, opts)
+
+    def per_device(*args):
+        local = KDAOperands.unflatten(x.present(), args)
+        if plan.tokens is None:
+            o, final = run(local, opts)
+        else:
+            o, final = context_parallel(local, opts, plan.tokens, _axes_size(mesh, plan.tokens), run)
+        return (o,) if final is None else (o, final)
+
+    mapped = jax.shard_map(per_device, mesh=mesh, in_specs=tuple(operand_specs), out_specs=tuple(result_specs),
+                           check_vma=False)
+    # With sharding in types the operands must already be laid out as the specs say (the per-head
+    # parameters and the state typically arrive replicated).
+    operands = [jax.sharding.reshard(a, NamedSharding(mesh, spec)) for a, spec in zip(x.flatten(), operand_specs)]
+    results = mapped(*operands)
+    return results[0], (results[1] if opts.output_final_state else None)
