@@ -2,6 +2,7 @@
 
 from . import cuda as _cuda  # registers the CUDA lowering and, when built, the FFI kernels
 from .api import kda_prefill, prefill_path
+from .decode import kda_decode_step
 
-__all__ = ["kda_prefill", "prefill_path"]
+__all__ = ["kda_decode_step", "kda_prefill", "prefill_path"]
 __version__ = "0.1.0"

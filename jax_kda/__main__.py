@@ -3,6 +3,9 @@
 Inputs follow FlashKDA's benchmark recipe (bf16 l2-normalised q, k; raw gate, beta logits fused in the
 kernel; bounded gate with lower_bound -5). A GPU runs Kimi-Linear-sized heads (case A of ANCHORS.md:
 8192 tokens x 96 heads); a CPU a smaller problem so that the run stays short.
+
+`python -m jax_kda --model`: a small Kimi-Linear-style stack with random weights (jax_kda.kimi_linear)
+prefills a prompt and decodes greedily; prints both throughputs (needs flax).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ FLAGS = dict(
 def main(argv=None) -> int:
     on_gpu = jax.default_backend() == "gpu"
     p = argparse.ArgumentParser(prog="python -m jax_kda", description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=8192 if on_gpu else 2048)
+    p.add_argument("--tokens", type=int, help="prompt length (default 8192 on a GPU; 2048, or 512 with --model, on a CPU)")
     p.add_argument("--heads", type=int, default=96 if on_gpu else 8)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--head-dim", type=int, default=128)
@@ -55,7 +58,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10 if on_gpu else 3)
     p.add_argument("--check-tokens", type=int, default=512, help="prefix checked against the reference")
     p.add_argument("--check-heads", type=int, default=2)
+    p.add_argument("--model", action="store_true", help="prefill and decode with a small Kimi-Linear stack")
+    p.add_argument("--decode-tokens", type=int, default=64 if on_gpu else 16)
     args = p.parse_args(argv)
+    if args.model:
+        args.tokens = args.tokens or (8192 if on_gpu else 512)
+        return run_model(args, on_gpu)
+    args.tokens = args.tokens or (8192 if on_gpu else 2048)
 
     x = make_inputs(jax.random.key(0), args.batch, args.tokens, args.heads, args.head_dim)
     run = jax.jit(lambda x: kda_prefill(**x, **FLAGS, impl=args.impl))
@@ -89,6 +98,44 @@ def main(argv=None) -> int:
     print(f"check        rel. RMS error {err:.2e} vs the reference on {nt} tokens x {nh} heads "
           f"({'ok' if err < 5e-3 else 'FAILED'})")
     return 0 if err < 5e-3 else 1
+
+
+def run_model(args, on_gpu) -> int:
+    from flax import nnx
+
+    from .kimi_linear import KimiLinearStack, decode_step, prefill
+
+    size = dict(vocab=32000, hidden=2048, layers=4, heads=16, head_dim=128, mlp_hidden=5632) if on_gpu else dict(
+        vocab=4096, hidden=256, layers=2, heads=2, head_dim=64, mlp_hidden=512)
+    tokens = args.tokens
+    model = KimiLinearStack(**size, rngs=nnx.Rngs(0))
+    prompt = jax.random.randint(jax.random.key(1), (args.batch, tokens), 0, size["vocab"])
+
+    logits, caches = prefill(model, prompt, model.init_cache(args.batch))  # compile
+    jax.block_until_ready(logits)
+    start = time.perf_counter()
+    logits, caches = prefill(model, prompt, model.init_cache(args.batch))
+    jax.block_until_ready(logits)
+    prefill_s = time.perf_counter() - start
+
+    token = jnp.argmax(logits, axis=-1)
+    token, caches = decode_step(model, token, caches)  # compile
+    jax.block_until_ready(token)
+    start = time.perf_counter()
+    for _ in range(args.decode_tokens):
+        token, caches = decode_step(model, token, caches)
+    jax.block_until_ready(token)
+    decode_s = time.perf_counter() - start
+
+    device = jax.devices()[0]
+    print(f"backend      {jax.default_backend()} ({device.device_kind})")
+    print(f"model        {size['layers']} KDA layers, hidden {size['hidden']}, {size['heads']} heads x "
+          f"{size['head_dim']}, vocab {size['vocab']}, random weights, bf16")
+    print(f"prefill      {args.batch} x {tokens} tokens in {prefill_s * 1e3:.1f} ms: "
+          f"{args.batch * tokens / prefill_s:,.0f} tokens/s")
+    print(f"decode       {args.decode_tokens} greedy steps of {args.batch} sequences in {decode_s * 1e3:.1f} ms: "
+          f"{args.batch * args.decode_tokens / decode_s:,.0f} tokens/s ({decode_s / args.decode_tokens * 1e3:.2f} ms/step)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ why; for `impl="cuda"` it is an error.
 from __future__ import annotations
 
 import functools
+import importlib.machinery
+import importlib.util
+import os
+import sys
 import warnings
 
 import jax
@@ -18,10 +22,31 @@ from jax.interpreters import mlir
 from .options import GATE_BOUNDED, GATE_GIVEN, GATE_SOFTPLUS, KDAOperands, KDAOptions
 from .primitive import kda_prefill_inner_p, lower_xla
 
-try:
-    from . import _kda_ext
-except ImportError:  # source tree or CPU-only install without the extension
-    _kda_ext = None
+def _load_extension():
+    """The compiled extension: beside this file when installed; when the package is imported from a
+    source checkout (`python -m jax_kda` in the repository), the copy that `pip install .` built."""
+    try:
+        from . import _kda_ext
+
+        return _kda_ext
+    except ImportError:
+        pass
+    here = os.path.dirname(os.path.abspath(__file__))
+    for entry in sys.path:
+        folder = os.path.join(entry or os.getcwd(), "jax_kda")
+        if os.path.abspath(folder) == here or not os.path.isdir(folder):
+            continue
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            path = os.path.join(folder, "_kda_ext" + suffix)
+            if os.path.exists(path):
+                spec = importlib.util.spec_from_file_location(f"{__package__}._kda_ext", path)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                return module
+    return None
+
+
+_kda_ext = _load_extension()
 
 PREFILL_TARGET = "jax_kda_prefill_cuda"
 _GATE_CODES = {GATE_GIVEN: 0, GATE_SOFTPLUS: 1, GATE_BOUNDED: 2}

@@ -10,11 +10,14 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("name", ["sharded_prefill.ipynb"])
+@pytest.mark.parametrize("name", ["sharded_prefill.ipynb", "kimi_linear_prefill.ipynb"])
 def test_notebook_runs(name):
     runner = os.path.join(ROOT, "notebooks", "run_notebook.py")
     out = subprocess.run([sys.executable, runner, os.path.join(ROOT, "notebooks", name)], capture_output=True,
                          text=True, timeout=1200, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    errors = [float(e) for e in re.findall(r"rel\. difference o ([-+.e\d]+)", out.stdout)]
-    assert errors and max(errors) < 5e-3, out.stdout
+    if name == "sharded_prefill.ipynb":
+        errors = [float(e) for e in re.findall(r"rel\. difference o ([-+.e\d]+)", out.stdout)]
+        assert errors and max(errors) < 5e-3, out.stdout
+    else:
+        assert "equals one full prefill at 100%" in out.stdout, out.stdout

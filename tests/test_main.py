@@ -1,0 +1,23 @@
+"""The README's main job, `python -m jax_kda`, in both modes (small sizes)."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args):
+    out = subprocess.run([sys.executable, "-m", "jax_kda", *args], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_prefill_job():
+    text = run("--tokens", "256", "--heads", "2", "--head-dim", "64", "--repeats", "1", "--check-tokens", "128")
+    assert "tokens/s" in text and "(ok)" in text and "path         xla" in text
+
+
+def test_model_job():
+    pytest.importorskip("flax")
+    text = run("--model", "--tokens", "64", "--decode-tokens", "4")
+    assert "prefill      1 x 64 tokens" in text and "decode       4 greedy steps" in text
