@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
 os.environ["FLA_FLASH_KDA"] = "0"  # FLA's own Triton kernels, not its FlashKDA backend
@@ -35,6 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from jax_kda import kda_prefill  # noqa: E402
 from report import plot, table  # noqa: E402
+from timing import time_jax  # noqa: E402
 
 CASES = {  # name: (sequence lengths, heads)
     "A": ([8192], 96),
@@ -69,23 +69,6 @@ def make_inputs(seqlens, heads, seed=0):
 
 def to_jax(t):
     return jax.dlpack.from_dlpack(t.contiguous())
-
-
-def time_jax(fn, *args, budget_s=0.25, repeats=5):
-    jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    once = time.perf_counter() - start
-    calls = int(max(1, min(50, budget_s / max(once, 1e-6))))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = None
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / calls)
-    return float(np.median(samples)) * 1e3
 
 
 def time_torch(fn):

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One session on a lent Hopper GPU (see ../.library/device): install the carried wheels (.whl/), build
 # jax_kda with its kernels, then run what is asked: `test` (the GPU test suite), `bench` (the prefill
-# benchmark; BENCH_ARGS are passed to it), `profile` (Nsight Compute on one case), in any order. Logs, the benchmark table (JSON) and plot go to $OUT.
+# benchmark; BENCH_ARGS are passed to it), `profile` (Nsight Compute on one case), `decode` (the decode
+# step against its bytes), `sharded` (time against the number of GPUs), `notebook` (runs NOTEBOOK,
+# returned with outputs), in any order. Logs, the benchmark tables (JSON) and plot go to $OUT.
 #   BENCH_ARGS="--cases AEF" bash benchmarks/gpu_session.sh test bench
+#   TESTS=tests/test_sharding_gpu.py NOTEBOOK=sharded_prefill bash benchmarks/gpu_session.sh test sharded notebook
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,7 +27,8 @@ status=0
 for step in "$@"; do
   case "$step" in
     test)
-      (cd /tmp && python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 "$repo/tests" 2>&1 | tee "$out/gpu_tests.log" \
+      (cd /tmp && python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 "$repo/${TESTS:-tests}" 2>&1 \
+        | tee "$out/gpu_tests.log" \
         | tail -25) || status=1 ;;
     bench)
       (cd /tmp && python3 "$repo/benchmarks/bench_prefill.py" --json "$out/bench.json" --plot "$out/bench.png" \
@@ -37,6 +41,15 @@ for step in "$@"; do
         || { tail -20 "$out/ncu.log"; status=1; }
       grep -E "Duration|Registers Per|Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput" \
         "$out/ncu_details.txt" | head -12 ;;
+    sharded)
+      (cd /tmp && python3 "$repo/benchmarks/bench_sharded.py" --json "$out/sharded.json" 2>&1 | tee "$out/sharded.log" \
+        | tail -12) || status=1 ;;
+    decode)
+      (cd /tmp && python3 "$repo/benchmarks/bench_decode.py" 2>&1 | tee "$out/decode.log" | tail -8) || status=1 ;;
+    notebook)  # runs NOTEBOOK (default kimi_linear_prefill) and returns it with its outputs
+      nb=${NOTEBOOK:-kimi_linear_prefill}.ipynb
+      cp "$repo/notebooks/$nb" "$out/$nb"
+      (cd /tmp && python3 "$repo/notebooks/run_notebook.py" "$out/$nb" --write 2>&1 | tail -8) || status=1 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

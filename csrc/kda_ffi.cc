@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "kda_correct.h"
 #include "kda_prefill.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -29,7 +30,7 @@ ffi::Error PrefillImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, 
                        ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> final_state, float scale,
                        int32_t gate, float lower_bound, bool l2norm, bool beta_sigmoid, bool allow_neg_eigval,
                        bool state_v_first, bool has_A_log, bool has_dt_bias, bool has_initial_state,
-                       bool has_cu_seqlens, bool write_final_state) {
+                       bool has_cu_seqlens, bool write_final_state, bool transition_columns) {
   auto qd = q.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || vd.size() != 4) {
     return ffi::Error::InvalidArgument("jax_kda prefill: q must be [B, T, H, K] and v [B, T, HV, V], got " +
@@ -41,10 +42,15 @@ ffi::Error PrefillImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, 
   p.heads = int32_t(qd[2]);
   p.head_dim_k = int32_t(qd[3]);
   p.value_heads = int32_t(vd[2]);
-  p.head_dim_v = int32_t(vd[3]);
+  p.v_columns = int32_t(vd[3]);
+  p.head_dim_v = p.v_columns + (transition_columns ? p.head_dim_k : 0);
   p.num_sequences = has_cu_seqlens ? int32_t(cu_seqlens.dimensions()[0]) - 1 : p.batch;
   if (const char *why = prefill_unsupported(p.head_dim_k, p.head_dim_v)) {
     return ffi::Error::InvalidArgument(std::string("jax_kda prefill: ") + why);
+  }
+  if (o->dimensions().size() != 4 || o->dimensions()[3] != p.head_dim_v) {
+    return ffi::Error::InvalidArgument("jax_kda prefill: o must be [B, T, HV, " + std::to_string(p.head_dim_v) +
+                                       "], got " + dims_str(*o));
   }
   if (q.element_type() != ffi::DataType::BF16 || k.element_type() != ffi::DataType::BF16 ||
       v.element_type() != ffi::DataType::BF16 || o->element_type() != ffi::DataType::BF16) {
@@ -99,7 +105,61 @@ ffi::Error PrefillImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, 
   return ffi::Error::Success();
 }
 
+ffi::Error CorrectImpl(cudaStream_t stream, ffi::AnyBuffer o_aug, ffi::AnyBuffer entry_hi, ffi::AnyBuffer entry_lo,
+                       ffi::AnyBuffer cu_seqlens, ffi::Result<ffi::AnyBuffer> o) {
+  auto ad = o_aug.dimensions(), sd = entry_hi.dimensions(), od = o->dimensions();
+  if (ad.size() != 4 || sd.size() != 4 || od.size() != 4 || cu_seqlens.dimensions().size() != 1) {
+    return ffi::Error::InvalidArgument("jax_kda segment correction: expected o_aug [B, T, HV, V + K], entry "
+                                       "[N, HV, V, K], cu_seqlens [N + 1], o [B, T, HV, V]; got " +
+                                       dims_str(o_aug) + ", " + dims_str(entry_hi) + ", " +
+                                       dims_str(cu_seqlens) + ", " + dims_str(*o));
+  }
+  CorrectParams p{};
+  p.tokens = int32_t(ad[0] * ad[1]);
+  p.value_heads = int32_t(ad[2]);
+  p.head_dim_k = int32_t(sd[3]);
+  p.head_dim_v = int32_t(sd[2]);
+  p.num_segments = int32_t(cu_seqlens.dimensions()[0]) - 1;
+  bool shapes_agree = ad[3] == p.head_dim_v + p.head_dim_k && sd[0] == p.num_segments && sd[1] == p.value_heads &&
+                      entry_lo.dimensions().size() == 4 && od[0] * od[1] == p.tokens && od[2] == p.value_heads &&
+                      od[3] == p.head_dim_v && p.num_segments >= 1;
+  for (size_t i = 0; shapes_agree && i < 4; ++i) shapes_agree = entry_lo.dimensions()[i] == sd[i];
+  if (!shapes_agree) {
+    return ffi::Error::InvalidArgument("jax_kda segment correction: inconsistent shapes " + dims_str(o_aug) + ", " +
+                                       dims_str(entry_hi) + ", " + dims_str(entry_lo) + ", " +
+                                       dims_str(cu_seqlens) + ", " + dims_str(*o));
+  }
+  if (const char *why = correct_unsupported(p.head_dim_k, p.head_dim_v)) {
+    return ffi::Error::InvalidArgument(std::string("jax_kda segment correction: ") + why);
+  }
+  if (o_aug.element_type() != ffi::DataType::BF16 || entry_hi.element_type() != ffi::DataType::BF16 ||
+      entry_lo.element_type() != ffi::DataType::BF16 || o->element_type() != ffi::DataType::BF16 ||
+      cu_seqlens.element_type() != ffi::DataType::S32) {
+    return ffi::Error::InvalidArgument("jax_kda segment correction: bf16 arrays and int32 cu_seqlens expected");
+  }
+  p.o_aug = o_aug.untyped_data();
+  p.entry_hi = entry_hi.untyped_data();
+  p.entry_lo = entry_lo.untyped_data();
+  p.cu_seqlens = static_cast<const int32_t *>(cu_seqlens.untyped_data());
+  p.o = o->untyped_data();
+  cudaError_t err = correct_launch(p, stream);
+  if (err != cudaSuccess) {
+    return ffi::Error::Internal(std::string("jax_kda segment correction launch failed: ") + cudaGetErrorString(err));
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdaSegmentCorrectCuda, CorrectImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // o_aug
+                                  .Arg<ffi::AnyBuffer>()  // entry_hi
+                                  .Arg<ffi::AnyBuffer>()  // entry_lo
+                                  .Arg<ffi::AnyBuffer>()  // cu_seqlens
+                                  .Ret<ffi::AnyBuffer>(),  // o
+                              {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KdaPrefillCuda, PrefillImpl,
                               ffi::Ffi::Bind()
@@ -126,7 +186,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KdaPrefillCuda, PrefillImpl,
                                   .Attr<bool>("has_dt_bias")
                                   .Attr<bool>("has_initial_state")
                                   .Attr<bool>("has_cu_seqlens")
-                                  .Attr<bool>("write_final_state"),
+                                  .Attr<bool>("write_final_state")
+                                  .Attr<bool>("transition_columns"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace jax_kda

@@ -11,4 +11,10 @@ inline constexpr const char *kPrefillTarget = "jax_kda_prefill_cuda";
 // flagged by the has_* attributes). Results: o, final_state (empty unless write_final_state).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(KdaPrefillCuda);
 
+inline constexpr const char *kSegmentCorrectTarget = "jax_kda_segment_correct_cuda";
+
+// Operands: o_aug (a prefill's output with transition columns), entry_hi, entry_lo (the state entering
+// each segment as a bf16 pair, V-first), cu_seqlens of the segments. Result: o.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(KdaSegmentCorrectCuda);
+
 }  // namespace jax_kda

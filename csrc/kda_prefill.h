@@ -23,6 +23,9 @@ struct PrefillParams {
   bool final_is_f32;
 
   int32_t batch, tokens, heads, value_heads, head_dim_k, head_dim_v, num_sequences;
+  // Columns of v; head_dim_v (o and the states) exceeds it by K with transition columns: value
+  // columns v_columns.. read zeros and their state starts as the identity (see jax_kda/segments.py).
+  int32_t v_columns;
   float scale;
   GateMode gate;
   float lower_bound;

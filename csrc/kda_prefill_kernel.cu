@@ -254,9 +254,9 @@ struct Producer {
     const int v_pieces = v_slice * 2 / 16;
     for (int i = tid; i < kChunk * v_pieces; i += kGroupThreads) {
       const int r = i / v_pieces, piece = i % v_pieces;
-      const bool ok = r < valid;
-      const int64_t row = ok ? (t0 + r) * hv + vhead : 0;
-      copy(static_cast<const char *>(p.v) + (row * p.head_dim_v + v_begin) * 2 + piece * 16,
+      const bool ok = r < valid && v_begin + piece * 8 < p.v_columns;  // transition columns read zeros
+      const int64_t at = ok ? ((t0 + r) * hv + vhead) * p.v_columns + v_begin + piece * 8 : 0;
+      copy(static_cast<const char *>(p.v) + at * 2,
            st + lay.v + (r * lay.v_row) * 2 + piece * 16, ok);
     }
     Prefetch<K> f;
@@ -501,9 +501,13 @@ struct Consumer {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         int v = v_row0 + gid + (e >> 1) * 8, d = nt * 8 + tq * 2 + (e & 1);
-        state[nt][e] = p.initial_state != nullptr
-                           ? load_scalar(p.initial_state, state_index(n, v, d), p.initial_is_f32)
-                           : 0.f;
+        if (v >= p.v_columns) {
+          state[nt][e] = v - p.v_columns == d ? 1.f : 0.f;  // transition columns start as the identity
+        } else {
+          state[nt][e] = p.initial_state != nullptr
+                             ? load_scalar(p.initial_state, state_index(n, v, d), p.initial_is_f32)
+                             : 0.f;
+        }
       }
     }
   }

@@ -20,6 +20,7 @@ NB_MODULE(_kda_ext, m) {
     nb::dict targets;
 #ifdef JAX_KDA_WITH_CUDA
     targets[jax_kda::kPrefillTarget] = nb::capsule(reinterpret_cast<void *>(jax_kda::KdaPrefillCuda));
+    targets[jax_kda::kSegmentCorrectTarget] = nb::capsule(reinterpret_cast<void *>(jax_kda::KdaSegmentCorrectCuda));
 #endif
     return targets;
   }, "FFI target name -> handler capsule, for the CUDA platform.");

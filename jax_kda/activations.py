@@ -68,16 +68,20 @@ def prepare(x: KDAOperands, opts: KDAOptions) -> Prepared:
     if group > 1:  # value head hv reads q/k head hv // group
         q, k = jnp.repeat(q, group, axis=2), jnp.repeat(k, group, axis=2)
     n, hv, kd, vd = x.num_sequences, x.v.shape[2], x.q.shape[3], x.v.shape[3]
+    v = x.v.astype(jnp.float32)
     if x.initial_state is None:
         s0 = jnp.zeros((n, hv, kd, vd), jnp.float32)
     else:
         s0 = x.initial_state.astype(jnp.float32)
         if opts.state_v_first:
             s0 = jnp.swapaxes(s0, -1, -2)
+    if opts.transition_columns:
+        v = jnp.concatenate([v, jnp.zeros(v.shape[:3] + (kd,), v.dtype)], axis=-1)
+        s0 = jnp.concatenate([s0, jnp.broadcast_to(jnp.eye(kd, dtype=jnp.float32), (n, hv, kd, kd))], axis=-1)
     return Prepared(
         q=q * opts.scale,
         k=k,
-        v=x.v.astype(jnp.float32),
+        v=v,
         a=log_decay(x.g, x.A_log, x.dt_bias, opts),
         beta=write_strength(x.beta, opts),
         initial_state=s0,

@@ -20,7 +20,8 @@ import numpy as np
 from jax.interpreters import mlir
 
 from .options import GATE_BOUNDED, GATE_GIVEN, GATE_SOFTPLUS, KDAOperands, KDAOptions
-from .primitive import kda_prefill_inner_p, lower_xla
+from .primitive import kda_prefill_inner_p, kda_prefill_inner_run, lower_xla
+from . import segments
 
 def _load_extension():
     """The compiled extension: beside this file when installed; when the package is imported from a
@@ -49,6 +50,7 @@ def _load_extension():
 _kda_ext = _load_extension()
 
 PREFILL_TARGET = "jax_kda_prefill_cuda"
+SEGMENT_CORRECT_TARGET = "jax_kda_segment_correct_cuda"
 _GATE_CODES = {GATE_GIVEN: 0, GATE_SOFTPLUS: 1, GATE_BOUNDED: 2}
 _KERNEL_DTYPES = (jnp.bfloat16, jnp.float32)
 
@@ -67,6 +69,8 @@ def unsupported_reason(x: KDAOperands, opts: KDAOptions) -> str | None:
         return f"the kernels take K = 64 or 128, got K = {kd}"
     if vd % 64 or not 64 <= vd <= 512:
         return f"the kernels take V = 64, 128, ..., 512, got V = {vd}"
+    if opts.transition_columns and vd + kd > 512:
+        return f"the kernels take V + K <= 512 with transition columns, got {vd} + {kd}"
     if x.q.dtype != jnp.bfloat16:
         return f"the kernels take bfloat16 q, k, v, got {x.q.dtype}"
     for name in ("g", "beta", "initial_state"):
@@ -90,6 +94,84 @@ def _local_gpu_compute_capabilities() -> tuple[str, ...]:
         return ()
 
 
+def kernels_take(x: KDAOperands, opts: KDAOptions) -> bool:
+    """Whether a call traced now for the default backend runs on the kernels."""
+    return opts.impl in ("auto", "cuda") and jax.default_backend() == "gpu" and unsupported_reason(x, opts) is None
+
+
+# Cutting sequences into segments (jax_kda.segments) when few (sequence, head) chains leave most
+# multiprocessors idle. The kernels run one chain per CTA, one CTA per multiprocessor, at about this
+# much time per 16-token chunk on an H100 (docs/PERFLOG.md); the cut costs its transition columns
+# (V + K columns instead of V) and a correction pass over o (`correct_segments`).
+_CHUNK = 16
+_CHUNK_SECONDS = 2.3e-6
+_BANDWIDTH = 3.0e12  # bytes / s
+_MAX_PIECES = 4  # each cut adds rounding to the joined state; past 4 the gains are small
+_MIN_PIECE_TOKENS = 256
+
+
+def _kernel_ctas(sequences: int, value_heads: int, width: int, multiprocessors: int) -> int:
+    """CTAs of one launch over `width` value columns, sliced as `choose_v_slices` in csrc does."""
+    v_slice = 128 if width % 128 == 0 else 64
+    if v_slice == 128 and sequences * value_heads * (width // 128) * 2 <= multiprocessors:
+        v_slice = 64
+    return sequences * value_heads * (width // v_slice)
+
+
+def _kernel_seconds(sequences, tokens, value_heads, width, multiprocessors) -> float:
+    waves = -(-_kernel_ctas(sequences, value_heads, width, multiprocessors) // multiprocessors)
+    return waves * -(-tokens // _CHUNK) * _CHUNK_SECONDS
+
+
+def sequence_pieces(x: KDAOperands, opts: KDAOptions) -> int:
+    """Into how many segments the kernels' path cuts each sequence of this call (1: none).
+
+    With `opts.transition_columns` the call already pays for them (context parallelism), so only the
+    kernel time counts."""
+    if x.cu_seqlens is not None:
+        return 1
+    b, t, hv, vd = x.v.shape
+    kd = x.q.shape[3]
+    width = vd + kd
+    if width > 512:
+        return 1
+    sms = _multiprocessors()
+    best, best_s = 1, _kernel_seconds(b, t, hv, width if opts.transition_columns else vd, sms)
+    correction_s = 0.0 if opts.transition_columns else b * t * hv * (width + vd) * 2 / _BANDWIDTH
+    for pieces in range(2, _MAX_PIECES + 1):
+        if t < pieces * _MIN_PIECE_TOKENS:
+            break
+        seconds = _kernel_seconds(b * pieces, -(-t // pieces), hv, width, sms) + correction_s
+        if seconds < 0.8 * best_s:
+            best, best_s = pieces, seconds
+    return best
+
+
+def correct_segments(o_aug: jax.Array, entries: jax.Array, bounds: tuple[int, ...]) -> jax.Array:
+    """`segments.correct_xla` as one memory-bound kernel (bf16 outputs, K = 64 or 128, V % 64 == 0)."""
+    b, t, hv, width = o_aug.shape
+    vd = entries.shape[-1]
+    if o_aug.dtype != jnp.bfloat16 or width - vd not in (64, 128) or vd % 64:
+        return segments.correct_xla(o_aug, entries, bounds)
+    # The entering states V-first as an exact bf16 pair, hi + lo.
+    state = jnp.swapaxes(entries, -1, -2).reshape(b * (len(bounds) - 1), hv, vd, width - vd)
+    hi = state.astype(jnp.bfloat16)
+    lo = (state - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+    cu = jnp.asarray(segments.packed_bounds(bounds, b, t))
+    call = jax.ffi.ffi_call(SEGMENT_CORRECT_TARGET, jax.ShapeDtypeStruct((b, t, hv, vd), o_aug.dtype),
+                            vmap_method="sequential")
+    return call(o_aug, hi, lo, cu)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors() -> int:
+    """Multiprocessors of this process's first GPU (an H100's 132 when lowering without one)."""
+    try:
+        return int(getattr(jax.devices("gpu")[0], "core_count", 0) or 132)
+    except RuntimeError:
+        return 132
+
+
 @functools.lru_cache(maxsize=None)
 def _warn_once(reason: str) -> None:
     warnings.warn(f"jax_kda: running the XLA path instead of the CUDA kernels: {reason}", stacklevel=2)
@@ -104,6 +186,15 @@ def _lower_cuda(ctx, *args, present, opts):
         if reason is not None:
             _warn_once(reason)
         return lower_xla(ctx, *args, present=present, opts=opts)
+    pieces = 1 if opts.transition_columns else sequence_pieces(x, opts)
+    if pieces > 1:  # one launch over the segments of every sequence (their cu_seqlens end the recursion)
+
+        def split(*flat):
+            x = KDAOperands.unflatten(present, flat)
+            o, final = segments.split_prefill(x, opts, kda_prefill_inner_run, pieces, correct_segments)
+            return [o] if final is None else [o, final]
+
+        return mlir.lower_fun(split, multiple_results=True)(ctx, *args)
 
     # Absent optional operands travel as empty arrays; so does the final state when not asked for.
     values = iter(args)
@@ -136,6 +227,7 @@ def _lower_cuda(ctx, *args, present, opts):
         has_initial_state=x.initial_state is not None,
         has_cu_seqlens=x.cu_seqlens is not None,
         write_final_state=opts.output_final_state,
+        transition_columns=opts.transition_columns,
     )
     return results[: len(ctx.avals_out)]
 

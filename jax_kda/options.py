@@ -31,6 +31,9 @@ class KDAOptions:
     output_final_state: bool
     final_state_dtype: str
     impl: str
+    # Internal (jax_kda.segments): v gains K zero columns whose state starts as the identity, so that
+    # o and the final state also carry the effective queries and the transition of the sequence.
+    transition_columns: bool = False
 
 
 class KDAOperands(NamedTuple):

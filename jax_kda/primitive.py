@@ -8,7 +8,7 @@ is registered and takes the call.
 
 Operands cross both as the present fields of `KDAOperands` (the `present` parameter says which);
 `opts` carries everything static. Results are `[o]`, or `[o, final_state]` when
-`opts.output_final_state`.
+`opts.output_final_state`; with `opts.transition_columns` their V axis is V + K (`jax_kda.segments`).
 """
 
 from __future__ import annotations
@@ -38,9 +38,17 @@ def kda_prefill_inner_bind(x: KDAOperands, opts: KDAOptions) -> list[jax.Array]:
     return kda_prefill_inner_p.bind(*x.flatten(), present=x.present(), opts=opts)
 
 
+def kda_prefill_inner_run(x: KDAOperands, opts: KDAOptions):
+    """The inner primitive as `(o, final_state or None)`."""
+    results = kda_prefill_inner_bind(x, opts)
+    return results[0], (results[1] if opts.output_final_state else None)
+
+
 def result_shapes(x: KDAOperands, opts: KDAOptions) -> list[jax.ShapeDtypeStruct]:
     b, t, hv, vd = x.v.shape
     kd = x.q.shape[3]
+    if opts.transition_columns:
+        vd += kd
     out = [jax.ShapeDtypeStruct((b, t, hv, vd), x.q.dtype)]
     if opts.output_final_state:
         state = (vd, kd) if opts.state_v_first else (kd, vd)
@@ -51,6 +59,8 @@ def result_shapes(x: KDAOperands, opts: KDAOptions) -> list[jax.ShapeDtypeStruct
 def _abstract_eval(*avals, present, opts):
     x = KDAOperands.unflatten(present, avals)
     check_operands(x, state_v_first=opts.state_v_first)
+    if opts.transition_columns and x.initial_state is not None:
+        raise ValueError("transition columns start from a zero state: initial_state must be None")
     return [jax.core.ShapedArray(s.shape, s.dtype) for s in result_shapes(x, opts)]
 
 

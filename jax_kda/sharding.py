@@ -7,11 +7,11 @@
   itself in `shard_map` (`explicit_mesh_prefill`), or, given `axis_name`, runs the context-parallel
   algorithm over that axis of the surrounding `shard_map` (`context_parallel`).
 
-Context parallelism: a segment's effect on the state is affine, S_out = M S_in + S_local, with M the
-K x K transition of the segment. Each device computes (S_local, M) of its segment in one prefill
-(v padded with K zero columns, initial state [0 | I]), one all-gather shares them, each device folds
-the segments before it into its initial state, and a second prefill of its segment produces its
-outputs. Communication is N * HV * K * (V + K) floats per device, independent of T.
+Context parallelism (`jax_kda.segments`): a segment's effect on the state is affine, S_out = Φ S_in +
+S_local. Each device runs one prefill of its segment with transition columns, giving (S_local, Φ)
+and its outputs up to a correction; one all-gather shares the summaries, each device folds those
+before it into the state entering it, and corrects its outputs with that state (a matrix product,
+not a second prefill). Communication is N * HV * K * (V + K) floats per device, independent of T.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +28,10 @@ from jax._src import dispatch
 from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from . import cuda, segments
 from .activations import finish_state
 from .options import KDAOperands, KDAOptions
-from .primitive import kda_prefill_inner_bind, kda_prefill_p
-
-_HIGHEST = jax.lax.Precision.HIGHEST
-
+from .primitive import kda_prefill_inner_bind, kda_prefill_inner_run, kda_prefill_p
 
 # ---------------------------------------------------------------------------------------------
 # Context parallelism
@@ -46,34 +45,25 @@ def context_parallel(x: KDAOperands, opts: KDAOptions, axis_name, axis_size: int
     """
     if x.cu_seqlens is not None:
         raise NotImplementedError("context parallelism over packed sequences (cu_seqlens) is not supported")
-    n, hv, vd, kd = x.num_sequences, x.v.shape[2], x.v.shape[3], x.q.shape[3]
-    if x.initial_state is None:
-        start = jnp.zeros((n, hv, kd, vd), jnp.float32)
-    else:
-        start = x.initial_state.astype(jnp.float32)
-        if opts.state_v_first:
-            start = jnp.swapaxes(start, -1, -2)
+    vd = x.v.shape[3]
+    # 1. One prefill of the local segment (cut further when that fills the GPU better) from zero,
+    #    with the transition columns: local outputs, effective queries and the summary (S_local, Φ).
+    summary_opts = dataclasses.replace(opts, transition_columns=True)
+    on_kernels = cuda.kernels_take(x, summary_opts)
+    pieces = cuda.sequence_pieces(x, summary_opts) if on_kernels else 1
+    s = segments.summarize(x._replace(initial_state=None), opts, run, pieces)
+    local, transition = segments.combined(s)
 
-    # 1. (S_local | M) of this segment: the final state of a run from [0 | I] with v padded by zeros.
-    v_padded = jnp.concatenate([x.v, jnp.zeros(x.v.shape[:3] + (kd,), x.v.dtype)], axis=-1)
-    eye = jnp.broadcast_to(jnp.eye(kd, dtype=jnp.float32), (n, hv, kd, kd))
-    from_zero_and_identity = jnp.concatenate([jnp.zeros((n, hv, kd, vd), jnp.float32), eye], axis=-1)
-    summary_opts = dataclasses.replace(opts, output_final_state=True, state_v_first=False, final_state_dtype="float32")
-    _, summary = run(x._replace(v=v_padded, initial_state=from_zero_and_identity), summary_opts)
-
-    # 2. Every segment's summary; fold those before this one into its initial state.
-    gathered = jax.lax.all_gather(summary, axis_name)  # [P, N, HV, K, V + K]
+    # 2. Every device's summary; fold those before this one into the state entering it.
+    gathered = jax.lax.all_gather(jnp.concatenate([local, transition], axis=-1), axis_name)  # [P, N, HV, K, V + K]
     me = jax.lax.axis_index(axis_name)
-    state, entry = start, start
+    state = entry = segments.entry_state(x, opts)
     for j in range(axis_size):
-        local, transition = gathered[j, ..., :vd], gathered[j, ..., vd:]
-        state = jnp.einsum("nhij,nhjv->nhiv", transition, state, precision=_HIGHEST) + local
-        entry = jnp.where(j < me, state, entry)
+        state = segments.advance(gathered[j, ..., vd:], gathered[j, ..., :vd], state)
+        entry = jnp.where(j + 1 == me, state, entry)  # the state after device j enters device j + 1
 
-    # 3. This segment again, from its true initial state.
-    if opts.state_v_first:
-        entry = jnp.swapaxes(entry, -1, -2)
-    o, _ = run(x._replace(initial_state=entry), dataclasses.replace(opts, output_final_state=False))
+    # 3. The outputs from the true entry state, without running the segment again.
+    o, _ = segments.finish(s, entry, cuda.correct_segments if on_kernels else segments.correct_xla)
     return o, (finish_state(state, opts) if opts.output_final_state else None)
 
 
@@ -121,11 +111,6 @@ def _specs(plan: _Plan, x: KDAOperands, opts: KDAOptions):
     return operands, results
 
 
-def _run_inner(x: KDAOperands, opts: KDAOptions):
-    results = kda_prefill_inner_bind(x, opts)
-    return results[0], (results[1] if opts.output_final_state else None)
-
-
 @functools.lru_cache(maxsize=None)
 def partitioned(present: tuple[bool, ...], opts: KDAOptions):
     """The inner primitive under `custom_partitioning`, for these operands and options."""
@@ -150,7 +135,7 @@ def partitioned(present: tuple[bool, ...], opts: KDAOptions):
             x = KDAOperands.unflatten(present, args)
             if plan.tokens is None:
                 return tuple(kda_prefill_inner_bind(x, opts))
-            o, final = context_parallel(x, opts, plan.tokens, _axes_size(mesh, plan.tokens), _run_inner)
+            o, final = context_parallel(x, opts, plan.tokens, _axes_size(mesh, plan.tokens), kda_prefill_inner_run)
             return (o,) if final is None else (o, final)
 
         return mesh, per_device, tuple(result_shardings), tuple(operand_shardings)
@@ -163,17 +148,21 @@ def partitioned(present: tuple[bool, ...], opts: KDAOptions):
         group = x[2][2] // x[0][2]  # HV // H
         heads = "(h g)" if group > 1 else "h"
         seq = "n" if x.cu_seqlens is not None else "b"
-        state = f"{seq} {heads} d k" if opts.state_v_first else f"{seq} {heads} k d"
+        state = lambda d: f"{seq} {heads} {d} k" if opts.state_v_first else f"{seq} {heads} k {d}"
         per_field = dict(
             q="b t h k", k="b t h k", v=f"b t {heads} d", g=f"b t {heads} k", beta=f"b t {heads}",
-            A_log=heads, dt_bias=f"{heads} k", initial_state=state, cu_seqlens="c",
+            A_log=heads, dt_bias=f"{heads} k", initial_state=state("d"), cu_seqlens="c",
         )
         operands = [per_field[f] for f, p in zip(KDAOperands._fields, present) if p]
-        results = [f"b t {heads} d"] + ([state] if opts.output_final_state else [])
+        out = "e" if opts.transition_columns else "d"  # V + K result columns
+        results = [f"b t {heads} {out}"] + ([state(out)] if opts.output_final_state else [])
         # Shardy wants the special factors in the order the factors first appear in the rule.
-        replicated = tuple(f for f in "btkdc" if f in "kd" or (x.cu_seqlens is not None and f in "tc"))
+        rule = f"{', '.join(operands)} -> {', '.join(results)}"
+        whole = "kde" + ("tc" if x.cu_seqlens is not None else "")
+        used = set(re.findall(r"[a-z]", rule))
+        replicated = tuple(f for f in "btkdce" if f in whole and f in used)
         sizes = {"g": group} if group > 1 else {}
-        return f"{', '.join(operands)} -> {', '.join(results)}", dict(need_replication_factors=replicated, **sizes)
+        return rule, dict(need_replication_factors=replicated, **sizes)
 
     prefill.def_partition(
         partition=partition,

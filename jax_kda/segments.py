@@ -1,0 +1,132 @@
+"""Splitting a sequence into segments that run in parallel: the affine segment summary.
+
+A segment's effect on the recurrent state is affine: S_out = Φ S_in + S_local, with Φ the K x K
+product of the segment's per-token transitions and S_local the state it reaches from zero. One
+prefill with *transition columns* (`KDAOptions.transition_columns`: v gains K zero columns whose
+state starts from the identity) yields both for every segment at once, and its outputs carry, beside
+the outputs from a zero state, the "effective queries" scale * q̂_tᵀ Φ_t (Φ_t: the transitions from
+the segment's start to token t). The true outputs follow without a second pass:
+
+    o_t = o_local_t + (scale q̂_tᵀ Φ_t) S_entry,
+
+where S_entry, the state entering the segment, comes from folding the summaries of the segments
+before it (a short serial loop of K x K products, independent of T).
+
+The correction is a kernel on GPUs (`jax_kda.cuda.correct_segments`) and XLA elsewhere. Used two ways: on one GPU, when a few long sequences would leave most multiprocessors idle (one
+kernel chain per (sequence, head)), each sequence is cut into pieces packed as `cu_seqlens`; and for
+context parallelism (`jax_kda.sharding`), where the segments live on different devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .activations import finish_state
+from .options import KDAOperands, KDAOptions
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_ALIGN = 16  # the kernels' chunk: segment boundaries on chunk boundaries keep every chunk full
+
+
+class Summaries(NamedTuple):
+    """A prefill of every sequence cut into `len(bounds) - 1` segments, each from a zero state."""
+
+    o_aug: jax.Array  # [B, T, HV, V + K]: outputs from a zero state, then the effective queries
+    local: jax.Array  # [B, P, HV, K, V] float32, state reached from zero
+    transition: jax.Array  # [B, P, HV, K, K] float32, Φ of the whole segment
+    bounds: tuple[int, ...]  # token offsets of the segments within each sequence, 0 ... T
+
+
+def segment_bounds(tokens: int, pieces: int) -> tuple[int, ...]:
+    """Offsets cutting `tokens` into at most `pieces` segments of whole chunks (the last may be short)."""
+    step = -(-tokens // pieces)
+    step = -(-step // _ALIGN) * _ALIGN
+    cuts = sorted({min(i * step, tokens) for i in range(pieces)} | {tokens})
+    return tuple(cuts)
+
+
+def summarize(x: KDAOperands, opts: KDAOptions, run, pieces: int) -> Summaries:
+    """One prefill of the `pieces` segments of each of the B sequences of `x` (no `cu_seqlens`, no
+    initial state), all starting from zero, through `run(x, opts) -> (o, final_state)`."""
+    if x.cu_seqlens is not None or x.initial_state is not None:
+        raise ValueError("segment summaries take unpacked sequences without an initial state")
+    b, t, hv, vd = x.v.shape
+    kd = x.q.shape[3]
+    bounds = segment_bounds(t, pieces)
+    p = len(bounds) - 1
+    run_opts = dataclasses.replace(opts, transition_columns=True, output_final_state=True, state_v_first=False,
+                                   final_state_dtype="float32")
+    if p == 1:
+        o, final = run(x, run_opts)
+    else:  # the segments of all sequences as one packed batch
+        flat = lambda a: a.reshape((1, b * t) + a.shape[2:])
+        packed = x._replace(q=flat(x.q), k=flat(x.k), v=flat(x.v), g=flat(x.g), beta=flat(x.beta),
+                            cu_seqlens=jnp.asarray(packed_bounds(bounds, b, t)))
+        o, final = run(packed, run_opts)
+        o = o.reshape((b, t) + o.shape[2:])
+    final = final.reshape(b, p, hv, kd, vd + kd)
+    return Summaries(o, final[..., :vd], final[..., vd:], bounds)
+
+
+def packed_bounds(bounds: tuple[int, ...], batch: int, tokens: int) -> np.ndarray:
+    """`cu_seqlens` (int32) of the segments of `batch` sequences of `tokens` tokens laid end to end."""
+    starts = np.asarray(bounds[:-1])[None, :] + tokens * np.arange(batch)[:, None]
+    return np.append(starts.reshape(-1), batch * tokens).astype(np.int32)
+
+
+def entry_state(x: KDAOperands, opts: KDAOptions) -> jax.Array:
+    """The state entering each sequence as float32 `[N, HV, K, V]`: x's initial state, or zeros."""
+    if x.initial_state is None:
+        return jnp.zeros((x.num_sequences, x.v.shape[2], x.q.shape[3], x.v.shape[3]), jnp.float32)
+    state = x.initial_state.astype(jnp.float32)
+    return jnp.swapaxes(state, -1, -2) if opts.state_v_first else state
+
+
+def advance(transition: jax.Array, local: jax.Array, state: jax.Array) -> jax.Array:
+    """The state after a segment entered with `state`: Φ S + S_local (per sequence and head)."""
+    return jnp.einsum("...ij,...jv->...iv", transition, state, precision=_HIGHEST) + local
+
+
+def combined(s: Summaries) -> tuple[jax.Array, jax.Array]:
+    """(local, transition) of all segments of each sequence taken as one: `[B, HV, K, V]`, `[B, HV, K, K]`."""
+    local, transition = s.local[:, 0], s.transition[:, 0]
+    for j in range(1, s.local.shape[1]):
+        local = advance(s.transition[:, j], s.local[:, j], local)
+        transition = jnp.einsum("...ij,...jk->...ik", s.transition[:, j], transition, precision=_HIGHEST)
+    return local, transition
+
+
+def correct_xla(o_aug: jax.Array, entries: jax.Array, bounds: tuple[int, ...]) -> jax.Array:
+    """o = o_local + q_eff S_entry per segment, in XLA. o_aug `[B, T, HV, V + K]`; entries, the state
+    entering each segment, `[B, P, HV, K, V]` float32. Returns `[B, T, HV, V]` in o_aug's dtype."""
+    vd = entries.shape[-1]
+    pieces = []
+    for j, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        # Default precision: TF32 on Hopper, finer than the bf16 the queries arrive in.
+        queries = o_aug[:, start:stop, :, vd:].astype(jnp.float32)
+        correction = jnp.einsum("bthk,bhkv->bthv", queries, entries[:, j])
+        pieces.append((o_aug[:, start:stop, :, :vd].astype(jnp.float32) + correction).astype(o_aug.dtype))
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
+
+
+def finish(s: Summaries, entry: jax.Array, correct=correct_xla) -> tuple[jax.Array, jax.Array]:
+    """The outputs `[B, T, HV, V]` and the final state `[B, HV, K, V]` (float32) when the sequences
+    enter their first segment with state `entry` `[B, HV, K, V]` (float32). `correct` is `correct_xla`
+    or a kernel with its signature."""
+    states = [entry]
+    for j in range(s.local.shape[1]):
+        states.append(advance(s.transition[:, j], s.local[:, j], states[-1]))
+    return correct(s.o_aug, jnp.stack(states[:-1], axis=1), s.bounds), states[-1]
+
+
+def split_prefill(x: KDAOperands, opts: KDAOptions, run, pieces: int, correct=correct_xla):
+    """A prefill of unpacked sequences cut into `pieces` segments each, all run at once through `run`;
+    returns `(o, final_state or None)` as the uncut prefill would."""
+    s = summarize(x._replace(initial_state=None), opts, run, pieces)
+    o, final = finish(s, entry_state(x, opts), correct)
+    return o, (finish_state(final, opts) if opts.output_final_state else None)

@@ -1,0 +1,102 @@
+"""Sequences cut into segments joined through their affine summaries (jax_kda.segments), on the CPU."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_kda import api, cuda, segments
+from jax_kda.chunked import kda_chunked
+from jax_kda.primitive import kda_prefill_inner_run
+from oracle import kda_oracle, rel_err
+
+
+def normalized(case):
+    return api._normalize(*case.args, **case.kwargs)
+
+
+@pytest.mark.parametrize("tokens,pieces", [(100, 1), (100, 2), (257, 3), (64, 5), (20, 4), (1, 3)])
+def test_bounds_cover_the_sequence_in_whole_chunks(tokens, pieces):
+    bounds = segments.segment_bounds(tokens, pieces)
+    assert bounds[0] == 0 and bounds[-1] == tokens and len(bounds) - 1 <= pieces
+    assert all(b - a > 0 for a, b in zip(bounds, bounds[1:]))
+    assert all(b % 16 == 0 for b in bounds[1:-1])
+
+
+FEATURES = [
+    dict(gate="bounded"),
+    dict(gate="softplus", state_v_first=True),
+    dict(gate="given", HV=4, initial_state="bfloat16"),
+    dict(gate="bounded", initial_state=None, output_final_state=False),
+    dict(gate="softplus", K=16, V=48, allow_neg_eigval=True),
+]
+
+
+@pytest.mark.parametrize("features", FEATURES, ids=repr)
+@pytest.mark.parametrize("pieces", [2, 3, 7])
+def test_split_prefill_equals_one_prefill(case, features, pieces):
+    c = case(**{**dict(B=2, T=150, H=2, K=32, V=32), **features})
+    x, opts = normalized(c)
+    want_o, want_s = kda_chunked(x, opts)
+    got_o, got_s = segments.split_prefill(x, opts, kda_chunked, pieces)
+    assert rel_err(got_o, want_o) < 1e-5
+    assert (got_s is None) == (want_s is None)
+    if want_s is not None:
+        assert got_s.dtype == want_s.dtype and rel_err(got_s, want_s) < 1e-5
+
+
+def test_split_prefill_of_bf16_inputs_within_the_bf16_tolerance(case):
+    c = case(B=1, T=400, H=2, HV=4, K=32, V=32, dtype="bfloat16", gate="softplus", state_v_first=True)
+    x, opts = normalized(c)
+    o, s = segments.split_prefill(x, opts, kda_chunked, 5)
+    ref_o, ref_s = c.expected()
+    assert o.dtype == jnp.bfloat16
+    assert rel_err(o, ref_o) < 5e-3 and rel_err(s, ref_s) < 5e-3
+
+
+def test_transition_columns_carry_the_affine_summary(case, rng):
+    """The columns after V hold Φ: the final state from any S_in is Φ S_in + S_local."""
+    c = case(B=2, T=70, H=2, K=16, V=24, gate="softplus", initial_state=None)
+    x, opts = normalized(c)
+    opts = dataclasses.replace(opts, transition_columns=True, output_final_state=True)
+    o, final = jax.jit(kda_prefill_inner_run, static_argnums=1)(x, opts)  # lowered to the chunked path
+    assert o.shape == (2, 70, 2, 24 + 16) and final.shape == (2, 2, 16, 24 + 16)
+    s_in = rng.standard_normal((2, 2, 16, 24))
+    want_o, want_s = kda_oracle(*(np.asarray(a, np.float64) for a in c.args), **{**c.kwargs, "initial_state": s_in})
+    local, transition = np.asarray(final[..., :24], np.float64), np.asarray(final[..., 24:], np.float64)
+    assert rel_err(transition @ s_in + local, want_s) < 1e-5
+    queries = np.asarray(o[..., 24:], np.float64)
+    corrected = np.asarray(o[..., :24], np.float64) + np.einsum("bthk,bhkv->bthv", queries, s_in)
+    assert rel_err(corrected, want_o) < 1e-5
+
+
+def test_transition_columns_refuse_an_initial_state(case):
+    c = case(B=1, T=20, H=1, K=16, V=16, gate="given")
+    x, opts = normalized(c)
+    with pytest.raises(ValueError, match="initial_state must be None"):
+        jax.jit(kda_prefill_inner_run, static_argnums=1)(x, dataclasses.replace(opts, transition_columns=True))
+
+
+def shapes(B, T, HV, K=128, V=128, H=None):
+    spec = jax.ShapeDtypeStruct
+    H = H or HV
+    return api.KDAOperands(spec((B, T, H, K), jnp.bfloat16), spec((B, T, H, K), jnp.bfloat16),
+                           spec((B, T, HV, V), jnp.bfloat16), spec((B, T, HV, K), jnp.bfloat16),
+                           spec((B, T, HV), jnp.bfloat16))
+
+
+@pytest.mark.parametrize("B,T,HV,want", [
+    (1, 8192, 96, 1),  # case A: 96 chains already fill an H100
+    (1, 8192, 64, 1),  # case B
+    (1, 32768, 32, 2),  # case E
+    (1, 2048, 32, 2),  # case F
+    (1, 131072, 32, 2),  # case G
+    (1, 65536, 1, 4),  # one long sequence, one head: as many pieces as allowed
+    (1, 300, 1, 1),  # too short to be worth a cut
+])
+def test_kernel_path_cuts_few_long_sequences(monkeypatch, B, T, HV, want):
+    monkeypatch.setattr(cuda, "_multiprocessors", lambda: 132)  # an H100's
+    _, opts = api._normalize(*shapes(B, T, HV)[:5], use_gate_in_kernel=True, lower_bound=-5.0)
+    assert cuda.sequence_pieces(shapes(B, T, HV), opts) == want
