@@ -12,9 +12,10 @@ the segment's start to token t). The true outputs follow without a second pass:
 where S_entry, the state entering the segment, comes from folding the summaries of the segments
 before it (a short serial loop of K x K products, independent of T).
 
-The correction is a kernel on GPUs (`jax_kda.cuda.correct_segments`) and XLA elsewhere. Used two ways: on one GPU, when a few long sequences would leave most multiprocessors idle (one
-kernel chain per (sequence, head)), each sequence is cut into pieces packed as `cu_seqlens`; and for
-context parallelism (`jax_kda.sharding`), where the segments live on different devices.
+The correction is a kernel on GPUs (`jax_kda.cuda.correct_segments`) and XLA elsewhere. Used two
+ways: on one GPU, when a few long sequences would leave most multiprocessors idle (one kernel chain
+per (sequence, head)), each sequence is cut into pieces packed as `cu_seqlens`; and for context
+parallelism (`jax_kda.sharding`), where the segments live on different devices.
 """
 
 from __future__ import annotations
