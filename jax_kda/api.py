@@ -32,8 +32,10 @@ def kda_prefill(
     `impl`: "auto" (CUDA kernels on a GPU when they take the call, else the chunked XLA path),
     "cuda", "xla" (chunked pure JAX) or "reference" (token-by-token scan).
     `axis_name`: inside `shard_map`, the mesh axis (or axes) over which T is split, in order: the
-    devices run the sequence's segments in parallel (context parallelism). Under `jit`, a T axis
-    sharded over the mesh does the same without it.
+    devices run the sequence's segments in parallel (context parallelism); the final state is the whole
+    sequence's on every device, which `shard_map` cannot infer through the all-gather (give it
+    `check_vma=False` for an `out_specs` of `P()`). Under `jit`, a T axis sharded over the mesh does
+    the same without it.
 
     Returns `(o [B, T, HV, V] in q's dtype, final_state or None)`.
     """
