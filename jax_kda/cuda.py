@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.interpreters import mlir
 
+from . import segments
 from .options import GATE_BOUNDED, GATE_GIVEN, GATE_SOFTPLUS, KDAOperands, KDAOptions
 from .primitive import kda_prefill_inner_p, kda_prefill_inner_run, lower_xla
-from . import segments
+
 
 def _load_extension():
     """The compiled extension: beside this file when installed; when the package is imported from a
@@ -108,6 +109,7 @@ _CHUNK_SECONDS = 2.3e-6
 _BANDWIDTH = 3.0e12  # bytes / s
 _MAX_PIECES = 4  # each cut adds rounding to the joined state; past 4 the gains are small
 _MIN_PIECE_TOKENS = 256
+_WORTH_IT = 0.8  # a cut must promise at least 20% less time than the next best choice
 
 
 def _kernel_ctas(sequences: int, value_heads: int, width: int, multiprocessors: int) -> int:
@@ -142,7 +144,7 @@ def sequence_pieces(x: KDAOperands, opts: KDAOptions) -> int:
         if t < pieces * _MIN_PIECE_TOKENS:
             break
         seconds = _kernel_seconds(b * pieces, -(-t // pieces), hv, width, sms) + correction_s
-        if seconds < 0.8 * best_s:
+        if seconds < _WORTH_IT * best_s:
             best, best_s = pieces, seconds
     return best
 
