@@ -67,14 +67,9 @@ def prepare(x: KDAOperands, opts: KDAOptions) -> Prepared:
     group = x.v.shape[2] // x.q.shape[2]
     if group > 1:  # value head hv reads q/k head hv // group
         q, k = jnp.repeat(q, group, axis=2), jnp.repeat(k, group, axis=2)
-    n, hv, kd, vd = x.num_sequences, x.v.shape[2], x.q.shape[3], x.v.shape[3]
+    n, hv, kd = x.num_sequences, x.v.shape[2], x.q.shape[3]
     v = x.v.astype(jnp.float32)
-    if x.initial_state is None:
-        s0 = jnp.zeros((n, hv, kd, vd), jnp.float32)
-    else:
-        s0 = x.initial_state.astype(jnp.float32)
-        if opts.state_v_first:
-            s0 = jnp.swapaxes(s0, -1, -2)
+    s0 = initial_state_kv(x, opts)
     if opts.transition_columns:
         v = jnp.concatenate([v, jnp.zeros(v.shape[:3] + (kd,), v.dtype)], axis=-1)
         s0 = jnp.concatenate([s0, jnp.broadcast_to(jnp.eye(kd, dtype=jnp.float32), (n, hv, kd, kd))], axis=-1)
@@ -86,6 +81,14 @@ def prepare(x: KDAOperands, opts: KDAOptions) -> Prepared:
         beta=write_strength(x.beta, opts),
         initial_state=s0,
     )
+
+
+def initial_state_kv(x: KDAOperands, opts: KDAOptions) -> jax.Array:
+    """The state entering each sequence as float32 `[N, HV, K, V]`: x's initial state, or zeros."""
+    if x.initial_state is None:
+        return jnp.zeros((x.num_sequences, x.v.shape[2], x.q.shape[3], x.v.shape[3]), jnp.float32)
+    state = x.initial_state.astype(jnp.float32)
+    return jnp.swapaxes(state, -1, -2) if opts.state_v_first else state
 
 
 def finish_state(s: jax.Array, opts: KDAOptions) -> jax.Array:

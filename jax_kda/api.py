@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from . import cuda, sharding
-from .activations import finish_state
+from .activations import finish_state, initial_state_kv
 from .options import KDAOperands, KDAOptions
 from .primitive import kda_prefill_bind, xla_forward
 from .reference import kda_reference
@@ -120,10 +120,7 @@ def _no_tokens(x: KDAOperands, opts: KDAOptions):
     o = jnp.zeros(x.v.shape, x.q.dtype)
     if not opts.output_final_state:
         return o, None
-    n, hv, kd, vd = x.num_sequences, x.v.shape[2], x.q.shape[3], x.v.shape[3]
-    if x.initial_state is None:
-        return o, finish_state(jnp.zeros((n, hv, kd, vd), jnp.float32), opts)
-    return o, x.initial_state.astype(opts.final_state_dtype)
+    return o, finish_state(initial_state_kv(x, opts), opts)  # the state passes through unchanged
 
 
 @functools.lru_cache(maxsize=None)

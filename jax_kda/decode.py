@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .activations import prepare
+from .activations import finish_state, prepare
 from .options import KDAOperands, KDAOptions
 from .reference import _token_step
 from .validation import check_operands, check_options
@@ -49,7 +49,5 @@ def kda_decode_step(
     )
     p = prepare(x, opts)
     new_state, o = _token_step(p.initial_state, p.q[:, 0], p.k[:, 0], p.v[:, 0], p.a[:, 0], p.beta[:, 0])
-    if state_v_first:
-        new_state = jnp.swapaxes(new_state, -1, -2)
-    return o.astype(q.dtype), new_state.astype(state.dtype)
+    return o.astype(q.dtype), finish_state(new_state, opts)
 

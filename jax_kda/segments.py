@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .activations import finish_state
+from .activations import finish_state, initial_state_kv
 from .options import KDAOperands, KDAOptions
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -80,14 +80,6 @@ def packed_bounds(bounds: tuple[int, ...], batch: int, tokens: int) -> np.ndarra
     return np.append(starts.reshape(-1), batch * tokens).astype(np.int32)
 
 
-def entry_state(x: KDAOperands, opts: KDAOptions) -> jax.Array:
-    """The state entering each sequence as float32 `[N, HV, K, V]`: x's initial state, or zeros."""
-    if x.initial_state is None:
-        return jnp.zeros((x.num_sequences, x.v.shape[2], x.q.shape[3], x.v.shape[3]), jnp.float32)
-    state = x.initial_state.astype(jnp.float32)
-    return jnp.swapaxes(state, -1, -2) if opts.state_v_first else state
-
-
 def advance(transition: jax.Array, local: jax.Array, state: jax.Array) -> jax.Array:
     """The state after a segment entered with `state`: Φ S + S_local (per sequence and head)."""
     return jnp.einsum("...ij,...jv->...iv", transition, state, precision=_HIGHEST) + local
@@ -129,5 +121,5 @@ def split_prefill(x: KDAOperands, opts: KDAOptions, run, pieces: int, correct=co
     """A prefill of unpacked sequences cut into `pieces` segments each, all run at once through `run`;
     returns `(o, final_state or None)` as the uncut prefill would."""
     s = summarize(x._replace(initial_state=None), opts, run, pieces)
-    o, final = finish(s, entry_state(x, opts), correct)
+    o, final = finish(s, initial_state_kv(x, opts), correct)
     return o, (finish_state(final, opts) if opts.output_final_state else None)

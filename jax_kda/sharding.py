@@ -29,7 +29,7 @@ from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import cuda, segments
-from .activations import finish_state
+from .activations import finish_state, initial_state_kv
 from .options import KDAOperands, KDAOptions
 from .primitive import kda_prefill_inner_bind, kda_prefill_inner_run, kda_prefill_p
 
@@ -57,7 +57,7 @@ def context_parallel(x: KDAOperands, opts: KDAOptions, axis_name, axis_size: int
     # 2. Every device's summary; fold those before this one into the state entering it.
     gathered = jax.lax.all_gather(jnp.concatenate([local, transition], axis=-1), axis_name)  # [P, N, HV, K, V + K]
     me = jax.lax.axis_index(axis_name)
-    state = entry = segments.entry_state(x, opts)
+    state = entry = initial_state_kv(x, opts)
     for j in range(axis_size):
         state = segments.advance(gathered[j, ..., vd:], gathered[j, ..., :vd], state)
         entry = jnp.where(j + 1 == me, state, entry)  # the state after device j enters device j + 1

@@ -1,7 +1,6 @@
 """Sharded prefill on 8 CPU devices: batch, heads and sequence splits equal the single-device result."""
 
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -13,9 +12,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jax_kda import kda_prefill
+from hlo import collectives
 from oracle import rel_err
-
-COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
 
 pytestmark = pytest.mark.skipif(len(jax.devices("cpu")) < 8, reason="needs 8 CPU devices")
 
@@ -39,11 +37,6 @@ def place(mesh, case, spec):
 def single_device(case):
     with jax.default_device(jax.devices("cpu")[0]):
         return kda_prefill(*case.args, **case.kwargs)
-
-
-def collectives(fn, *args):
-    hlo = jax.jit(fn).lower(*args).compile().as_text()
-    return {name: len(re.findall(rf"\b{name}(-start)?\(", hlo)) for name in COLLECTIVES}
 
 
 @pytest.fixture

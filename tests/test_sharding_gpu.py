@@ -1,19 +1,16 @@
 """Sharded prefill over the GPUs of one host, on the CUDA kernels (skipped with fewer than 2 GPUs)."""
 
-import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jax_kda import cuda, kda_prefill
+from hlo import collectives
 from oracle import rel_err
 
 BF16_TOL = 5e-3
-COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
-
 
 def _gpus():
     try:
@@ -48,11 +45,6 @@ def place(mesh, c, split):
     args = [put(a, (b, t, h, None)) for a in c.args[:4]] + [put(c.args[4], (b, t, h))]
     kwargs = dict(c.kwargs, initial_state=put(c.kwargs["initial_state"], (b, h, None, None)))
     return args, kwargs
-
-
-def collectives(fn, *args):
-    hlo = jax.jit(fn).lower(*args).compile().as_text()
-    return {name: len(re.findall(rf"\b{name}(-start)?\(", hlo)) for name in COLLECTIVES}
 
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
