@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "kda_contract.h"
+
 namespace jax_kda {
 
 // o[t, h, v] = o_aug[t, h, v] + Σ_k o_aug[t, h, V + k] S[seg(t), h, v, k] for the tokens t of a packed
@@ -16,9 +18,6 @@ struct CorrectParams {
   void *o;                    // [T, HV, V] bf16
   int32_t tokens, value_heads, head_dim_k, head_dim_v, num_segments;
 };
-
-// Why the correction kernel cannot take these sizes, or nullptr when it can.
-const char *correct_unsupported(int head_dim_k, int head_dim_v);
 
 cudaError_t correct_launch(const CorrectParams &params, cudaStream_t stream);
 

@@ -8,11 +8,7 @@
 // shared memory; each warp stages 16-token tiles of queries and outputs there and multiplies with
 // mma.sync (bf16 operands, fp32 accumulation).
 
-#include <cuda_bf16.h>
-
-#include <cute/arch/copy_sm75.hpp>
-#include <cute/arch/mma_sm80.hpp>
-
+#include "device_helpers.cuh"
 #include "kda_correct.h"
 
 namespace jax_kda {
@@ -21,20 +17,13 @@ namespace {
 constexpr int kTile = 16;          // tokens per warp tile
 constexpr int kWarps = 4;
 constexpr int kTilesPerWarp = 4;   // a CTA covers kWarps * kTilesPerWarp * kTile = 256 tokens
-constexpr int kColumns = 64;       // value columns per CTA
+constexpr int kColumns = kValueStep;  // value columns per CTA: V in steps of 64 (kda_contract.h)
 constexpr int kPad = 8;            // bf16 elements of row padding: rows 16 bytes apart in banks
 
-using bf16 = __nv_bfloat16;
+using device::bf16;
+using device::ldsm_x4;
+using device::mma;
 using cute::uint128_t;
-
-__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  cute::SM80_16x8x16_F32BF16BF16F32_TN::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], b0, b1, d[0], d[1],
-                                             d[2], d[3]);
-}
-
-__device__ __forceinline__ void ldsm_x4(const bf16 *row_ptr, uint32_t (&r)[4]) {
-  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const uint128_t *>(row_ptr), r[0], r[1], r[2], r[3]);
-}
 
 // The segment holding token t: the last s < n with cu[s] <= t (empty segments are skipped).
 __device__ int segment_of(const int32_t *cu, int n, int t) {
@@ -165,12 +154,6 @@ cudaError_t launch(const CorrectParams &p, cudaStream_t stream) {
 }
 
 }  // namespace
-
-const char *correct_unsupported(int head_dim_k, int head_dim_v) {
-  if (head_dim_k != 64 && head_dim_k != 128) return "the correction takes K = 64 or 128";
-  if (head_dim_v % kColumns != 0 || head_dim_v == 0) return "the correction takes V a multiple of 64";
-  return nullptr;
-}
 
 cudaError_t correct_launch(const CorrectParams &p, cudaStream_t stream) {
   if (correct_unsupported(p.head_dim_k, p.head_dim_v) != nullptr) return cudaErrorInvalidValue;

@@ -4,9 +4,9 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
-namespace jax_kda {
+#include "kda_contract.h"
 
-enum class GateMode : int32_t { kGiven = 0, kSoftplus = 1, kBounded = 2 };
+namespace jax_kda {
 
 struct PrefillParams {
   // Inputs. q, k: [B, T, H, K] bf16; v: [B, T, HV, V] bf16; g: [B, T, HV, K]; beta: [B, T, HV].
@@ -31,9 +31,6 @@ struct PrefillParams {
   float lower_bound;
   bool l2norm, beta_sigmoid, allow_neg_eigval, state_v_first;
 };
-
-// Why the kernels cannot take a call with these sizes, or nullptr when they can.
-const char *prefill_unsupported(int head_dim_k, int head_dim_v);
 
 cudaError_t prefill_launch(const PrefillParams &params, cudaStream_t stream);
 

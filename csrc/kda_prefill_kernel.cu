@@ -19,14 +19,12 @@
 //     (bf16 operands, fp32 accumulation; the accumulators turn into A operands in registers).
 //   - Producers and consumers meet on mbarriers over a ring of kStages chunk buffers.
 
-#include <cuda_bf16.h>
-
-#include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/copy_sm80.hpp>
-#include <cute/arch/mma_sm80.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 
+#include "device_helpers.cuh"
+#include "kda_contract.h"
 #include "kda_prefill.h"
 
 namespace jax_kda {
@@ -43,7 +41,11 @@ constexpr float kMaxLogDecay = 10.f;
 
 constexpr int kLmatRow = 20;  // fp32 row of L: 16-byte aligned, rows 4 banks apart
 
-using bf16 = __nv_bfloat16;
+using device::bf16;
+using device::ldsm_x4;
+using device::ldsm_x4_trans;
+using device::mma;
+using device::pack_bf16;
 using cute::uint128_t;
 using Barrier = cutlass::arch::ClusterBarrier;
 
@@ -51,24 +53,6 @@ using Barrier = cutlass::arch::ClusterBarrier;
 
 // Named barrier of one producer group (id 0 is __syncthreads).
 __device__ __forceinline__ void group_sync(int group) { asm volatile("bar.sync %0, %1;" ::"r"(group + 1), "n"(kGroupThreads)); }
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t *>(&v);
-}
-
-__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  cute::SM80_16x8x16_F32BF16BF16F32_TN::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], b0, b1, d[0], d[1],
-                                             d[2], d[3]);
-}
-
-// Four 8x8 b16 matrices from shared memory; `row_ptr` is this lane's row address.
-__device__ __forceinline__ void ldsm_x4(const bf16 *row_ptr, uint32_t (&r)[4]) {
-  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const uint128_t *>(row_ptr), r[0], r[1], r[2], r[3]);
-}
-__device__ __forceinline__ void ldsm_x4_trans(const bf16 *row_ptr, uint32_t (&r)[4]) {
-  cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const uint128_t *>(row_ptr), r[0], r[1], r[2], r[3]);
-}
 
 // A operand (16 x 16) of a row-major tile: rows r0.., cols c0..
 __device__ __forceinline__ void load_a(const bf16 *tile, int stride, int c0, int lane, uint32_t (&a)[4]) {
@@ -281,7 +265,7 @@ struct Producer {
   __device__ float log_decay(float x, float channel_bias) const {
     if (p.gate == GateMode::kGiven) return x;
     x += channel_bias;
-    if (p.gate == GateMode::kSoftplus) return -a_scale * (x > 20.f ? x : log_ftz(1.f + exp_ftz(x)));
+    if (p.gate == GateMode::kSoftplus) return -a_scale * (x > kSoftplusThreshold ? x : log_ftz(1.f + exp_ftz(x)));
     return __fdividef(p.lower_bound, 1.f + exp_ftz(-a_scale * x));
   }
 
@@ -329,7 +313,7 @@ struct Producer {
       }
       ss += __shfl_xor_sync(0xffffffffu, ss, 1);
       ss += __shfl_xor_sync(0xffffffffu, ss, 2);
-      if (quarter == 0) norms[r] = p.l2norm ? rsqrtf(ss + 1e-6f) : 1.f;
+      if (quarter == 0) norms[r] = p.l2norm ? rsqrtf(ss + kL2NormEps) : 1.f;
       if (tid < kChunk) {
         float b = in.beta;
         if (p.beta_sigmoid) b = __fdividef(p.allow_neg_eigval ? 2.f : 1.f, 1.f + exp_ftz(-b));
@@ -675,23 +659,14 @@ __global__ void __launch_bounds__(kProducerThreads + kMaxConsumerWarps * 32, 1)
   }
 }
 
-// Slices of V per (sequence, head): a CTA owns 128 or 64 state rows (one or two consumer warpgroups);
-// 64 when 128 would leave most of the GPU's multiprocessors idle.
-int choose_v_slices(const PrefillParams &p, int multiprocessors) {
-  const int V = p.head_dim_v;
-  int v_slice = V % 128 == 0 ? 128 : 64;
-  if (v_slice == 128 && int64_t(p.num_sequences) * p.value_heads * (V / 128) * 2 <= multiprocessors) v_slice = 64;
-  return V / v_slice;
-}
-
 template <int K>
 cudaError_t launch(const PrefillParams &p, cudaStream_t stream) {
   int device = 0, multiprocessors = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
-  const int slices = choose_v_slices(p, multiprocessors);
-  const int v_slice = p.head_dim_v / slices;
+  const int v_slice = prefill_v_slice(p.num_sequences, p.value_heads, p.head_dim_v, multiprocessors);
+  const int slices = p.head_dim_v / v_slice;
   const Layout<K> lay(v_slice);
   err = cudaFuncSetAttribute(kda_prefill_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, lay.total);
   if (err != cudaSuccess) return err;
@@ -702,12 +677,6 @@ cudaError_t launch(const PrefillParams &p, cudaStream_t stream) {
 }
 
 }  // namespace
-
-const char *prefill_unsupported(int head_dim_k, int head_dim_v) {
-  if (head_dim_k != 64 && head_dim_k != 128) return "the kernels take K = 64 or 128";
-  if (head_dim_v % 64 != 0 || head_dim_v > 512) return "the kernels take V = 64, 128, ..., 512";
-  return nullptr;
-}
 
 cudaError_t prefill_launch(const PrefillParams &p, cudaStream_t stream) {
   if (prefill_unsupported(p.head_dim_k, p.head_dim_v) != nullptr) return cudaErrorInvalidValue;

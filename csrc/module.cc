@@ -1,7 +1,10 @@
-// The Python extension: hands the XLA FFI handlers to jax_kda as capsules (see jax_kda/cuda.py).
-// Built without CUDA it registers nothing, and jax_kda runs its pure-JAX paths.
+// The Python extension (jax_kda._kda_ext): the kernels' contract (kda_contract.h) and, when built with
+// CUDA, the XLA FFI handlers as capsules. jax_kda/contract.py is its only reader. Built without CUDA it
+// still exports the contract, and jax_kda runs its pure-JAX paths.
 
 #include <nanobind/nanobind.h>
+
+#include "kda_contract.h"
 
 #ifdef JAX_KDA_WITH_CUDA
 #include "kda_ffi.h"
@@ -10,17 +13,41 @@
 namespace nb = nanobind;
 
 NB_MODULE(_kda_ext, m) {
-  m.doc() = "jax_kda native extension";
+  using namespace jax_kda;
+  m.doc() = "jax_kda native extension: the kernels' contract and their XLA FFI handlers";
 #ifdef JAX_KDA_WITH_CUDA
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;
 #endif
+
+  m.attr("prefill_target") = kPrefillTarget;
+  m.attr("segment_correct_target") = kSegmentCorrectTarget;
+  nb::dict gates;
+  gates["given"] = int32_t(GateMode::kGiven);
+  gates["softplus"] = int32_t(GateMode::kSoftplus);
+  gates["bounded"] = int32_t(GateMode::kBounded);
+  m.attr("gate_codes") = gates;
+  m.attr("l2norm_eps") = kL2NormEps;
+  m.attr("softplus_threshold") = kSoftplusThreshold;
+  m.attr("value_step") = kValueStep;
+  m.attr("max_value_columns") = kMaxValueColumns;
+
+  auto reason = [](const char *why) -> nb::object { return why ? nb::object(nb::str(why)) : nb::none(); };
+  m.def("prefill_unsupported", [reason](int k, int v) { return reason(prefill_unsupported(k, v)); },
+        nb::arg("head_dim_k"), nb::arg("head_dim_v"),
+        "Why the prefill kernel cannot take these head sizes, or None.");
+  m.def("correct_unsupported", [reason](int k, int v) { return reason(correct_unsupported(k, v)); },
+        nb::arg("head_dim_k"), nb::arg("head_dim_v"),
+        "Why the segment correction kernel cannot take these head sizes, or None.");
+  m.def("prefill_v_slice", &prefill_v_slice, nb::arg("sequences"), nb::arg("value_heads"), nb::arg("head_dim_v"),
+        nb::arg("multiprocessors"), "Value columns one CTA of the prefill owns (64 or 128).");
+
   m.def("cuda_registrations", []() {
     nb::dict targets;
 #ifdef JAX_KDA_WITH_CUDA
-    targets[jax_kda::kPrefillTarget] = nb::capsule(reinterpret_cast<void *>(jax_kda::KdaPrefillCuda));
-    targets[jax_kda::kSegmentCorrectTarget] = nb::capsule(reinterpret_cast<void *>(jax_kda::KdaSegmentCorrectCuda));
+    targets[kPrefillTarget] = nb::capsule(reinterpret_cast<void *>(KdaPrefillCuda));
+    targets[kSegmentCorrectTarget] = nb::capsule(reinterpret_cast<void *>(KdaSegmentCorrectCuda));
 #endif
     return targets;
   }, "FFI target name -> handler capsule, for the CUDA platform.");

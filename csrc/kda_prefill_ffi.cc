@@ -5,7 +5,7 @@
 
 #include <string>
 
-#include "kda_correct.h"
+#include "ffi_helpers.h"
 #include "kda_prefill.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -14,15 +14,9 @@ namespace ffi = xla::ffi;
 namespace jax_kda {
 namespace {
 
-std::string dims_str(const ffi::AnyBuffer &b) {
-  std::string s = "[";
-  for (auto d : b.dimensions()) s += (s.size() > 1 ? ", " : "") + std::to_string(d);
-  return s + "]";
-}
-
-bool is_float(ffi::DataType t, bool allow_f32) {
-  return t == ffi::DataType::BF16 || (allow_f32 && t == ffi::DataType::F32);
-}
+using ffi_helpers::dims_str;
+using ffi_helpers::is_bf16_or;
+using ffi_helpers::launch_result;
 
 ffi::Error PrefillImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                        ffi::AnyBuffer g, ffi::AnyBuffer beta, ffi::AnyBuffer A_log, ffi::AnyBuffer dt_bias,
@@ -56,21 +50,21 @@ ffi::Error PrefillImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, 
       v.element_type() != ffi::DataType::BF16 || o->element_type() != ffi::DataType::BF16) {
     return ffi::Error::InvalidArgument("jax_kda prefill: q, k, v and o must be bfloat16");
   }
-  if (!is_float(g.element_type(), true) || !is_float(beta.element_type(), true)) {
+  if (!is_bf16_or(g.element_type(), true) || !is_bf16_or(beta.element_type(), true)) {
     return ffi::Error::InvalidArgument("jax_kda prefill: g and beta must be bfloat16 or float32");
   }
   if ((has_A_log && A_log.element_type() != ffi::DataType::F32) ||
       (has_dt_bias && dt_bias.element_type() != ffi::DataType::F32)) {
     return ffi::Error::InvalidArgument("jax_kda prefill: A_log and dt_bias must be float32");
   }
-  if ((has_initial_state && !is_float(initial_state.element_type(), true)) ||
-      (write_final_state && !is_float(final_state->element_type(), true))) {
+  if ((has_initial_state && !is_bf16_or(initial_state.element_type(), true)) ||
+      (write_final_state && !is_bf16_or(final_state->element_type(), true))) {
     return ffi::Error::InvalidArgument("jax_kda prefill: states must be float32 or bfloat16");
   }
   if (has_cu_seqlens && cu_seqlens.element_type() != ffi::DataType::S32) {
     return ffi::Error::InvalidArgument("jax_kda prefill: cu_seqlens must be int32");
   }
-  if (gate < 0 || gate > 2 || p.heads == 0 || p.value_heads % p.heads != 0) {
+  if (gate < int(GateMode::kGiven) || gate > int(GateMode::kBounded) || p.heads == 0 || p.value_heads % p.heads != 0) {
     return ffi::Error::InvalidArgument("jax_kda prefill: bad gate mode or head counts");
   }
 
@@ -98,68 +92,10 @@ ffi::Error PrefillImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, 
   p.state_v_first = state_v_first;
   if (p.tokens == 0 || p.batch == 0) return ffi::Error::Success();
 
-  cudaError_t err = prefill_launch(p, stream);
-  if (err != cudaSuccess) {
-    return ffi::Error::Internal(std::string("jax_kda prefill kernel launch failed: ") + cudaGetErrorString(err));
-  }
-  return ffi::Error::Success();
-}
-
-ffi::Error CorrectImpl(cudaStream_t stream, ffi::AnyBuffer o_aug, ffi::AnyBuffer entry_hi, ffi::AnyBuffer entry_lo,
-                       ffi::AnyBuffer cu_seqlens, ffi::Result<ffi::AnyBuffer> o) {
-  auto ad = o_aug.dimensions(), sd = entry_hi.dimensions(), od = o->dimensions();
-  if (ad.size() != 4 || sd.size() != 4 || od.size() != 4 || cu_seqlens.dimensions().size() != 1) {
-    return ffi::Error::InvalidArgument("jax_kda segment correction: expected o_aug [B, T, HV, V + K], entry "
-                                       "[N, HV, V, K], cu_seqlens [N + 1], o [B, T, HV, V]; got " +
-                                       dims_str(o_aug) + ", " + dims_str(entry_hi) + ", " +
-                                       dims_str(cu_seqlens) + ", " + dims_str(*o));
-  }
-  CorrectParams p{};
-  p.tokens = int32_t(ad[0] * ad[1]);
-  p.value_heads = int32_t(ad[2]);
-  p.head_dim_k = int32_t(sd[3]);
-  p.head_dim_v = int32_t(sd[2]);
-  p.num_segments = int32_t(cu_seqlens.dimensions()[0]) - 1;
-  bool shapes_agree = ad[3] == p.head_dim_v + p.head_dim_k && sd[0] == p.num_segments && sd[1] == p.value_heads &&
-                      entry_lo.dimensions().size() == 4 && od[0] * od[1] == p.tokens && od[2] == p.value_heads &&
-                      od[3] == p.head_dim_v && p.num_segments >= 1;
-  for (size_t i = 0; shapes_agree && i < 4; ++i) shapes_agree = entry_lo.dimensions()[i] == sd[i];
-  if (!shapes_agree) {
-    return ffi::Error::InvalidArgument("jax_kda segment correction: inconsistent shapes " + dims_str(o_aug) + ", " +
-                                       dims_str(entry_hi) + ", " + dims_str(entry_lo) + ", " +
-                                       dims_str(cu_seqlens) + ", " + dims_str(*o));
-  }
-  if (const char *why = correct_unsupported(p.head_dim_k, p.head_dim_v)) {
-    return ffi::Error::InvalidArgument(std::string("jax_kda segment correction: ") + why);
-  }
-  if (o_aug.element_type() != ffi::DataType::BF16 || entry_hi.element_type() != ffi::DataType::BF16 ||
-      entry_lo.element_type() != ffi::DataType::BF16 || o->element_type() != ffi::DataType::BF16 ||
-      cu_seqlens.element_type() != ffi::DataType::S32) {
-    return ffi::Error::InvalidArgument("jax_kda segment correction: bf16 arrays and int32 cu_seqlens expected");
-  }
-  p.o_aug = o_aug.untyped_data();
-  p.entry_hi = entry_hi.untyped_data();
-  p.entry_lo = entry_lo.untyped_data();
-  p.cu_seqlens = static_cast<const int32_t *>(cu_seqlens.untyped_data());
-  p.o = o->untyped_data();
-  cudaError_t err = correct_launch(p, stream);
-  if (err != cudaSuccess) {
-    return ffi::Error::Internal(std::string("jax_kda segment correction launch failed: ") + cudaGetErrorString(err));
-  }
-  return ffi::Error::Success();
+  return launch_result(prefill_launch(p, stream), "jax_kda prefill kernel");
 }
 
 }  // namespace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KdaSegmentCorrectCuda, CorrectImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // o_aug
-                                  .Arg<ffi::AnyBuffer>()  // entry_hi
-                                  .Arg<ffi::AnyBuffer>()  // entry_lo
-                                  .Arg<ffi::AnyBuffer>()  // cu_seqlens
-                                  .Ret<ffi::AnyBuffer>(),  // o
-                              {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KdaPrefillCuda, PrefillImpl,
                               ffi::Ffi::Bind()

@@ -1,0 +1,37 @@
+// Device helpers shared by the kernels: bf16 packing and the sm_80 warp-level tensor-core path
+// (ldmatrix, mma.sync m16n8k16 with bf16 operands and fp32 accumulation).
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cute/arch/copy_sm75.hpp>
+#include <cute/arch/mma_sm80.hpp>
+
+namespace jax_kda {
+namespace device {
+
+using bf16 = __nv_bfloat16;
+
+// Two floats as one register of bf16 pair (lo in the low half).
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t *>(&v);
+}
+
+// d += a b for one 16x8x16 tile: a the A fragment (4 registers), b0, b1 the B fragment.
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  cute::SM80_16x8x16_F32BF16BF16F32_TN::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], b0, b1, d[0], d[1],
+                                             d[2], d[3]);
+}
+
+// Four 8x8 b16 matrices from shared memory; `row_ptr` is this lane's row address.
+__device__ __forceinline__ void ldsm_x4(const bf16 *row_ptr, uint32_t (&r)[4]) {
+  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t *>(row_ptr), r[0], r[1], r[2], r[3]);
+}
+// The same, each 8x8 matrix transposed.
+__device__ __forceinline__ void ldsm_x4_trans(const bf16 *row_ptr, uint32_t (&r)[4]) {
+  cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t *>(row_ptr), r[0], r[1], r[2], r[3]);
+}
+
+}  // namespace device
+}  // namespace jax_kda

@@ -1,0 +1,53 @@
+// The kernels' contract with jax_kda's Python side, stated once: FFI target names, the gate enum, the
+// shapes the kernels take, how a launch slices V, and the numeric constants of SPEC's pre-processing.
+// module.cc exports all of it to Python (jax_kda/contract.py); tests/test_contract.py checks that the
+// pure-JAX path and the kernels agree on it. Plain C++17, so the CPU-only extension carries it too.
+#pragma once
+
+#include <cstdint>
+
+namespace jax_kda {
+
+inline constexpr const char *kPrefillTarget = "jax_kda_prefill_cuda";
+inline constexpr const char *kSegmentCorrectTarget = "jax_kda_segment_correct_cuda";
+
+// The gate modes of SPEC.md (jax_kda.options.GATE_*).
+enum class GateMode : int32_t { kGiven = 0, kSoftplus = 1, kBounded = 2 };
+
+// q̂ = q / sqrt(Σ q² + kL2NormEps); softplus(x) = x above kSoftplusThreshold (PyTorch's default).
+inline constexpr float kL2NormEps = 1e-6f;
+inline constexpr float kSoftplusThreshold = 20.f;
+
+// Head sizes of the prefill kernel: K in {64, 128}; V (value columns, transition columns included) a
+// multiple of kValueStep up to kMaxValueColumns. The correction takes K in {64, 128} and any multiple
+// of kValueStep.
+inline constexpr int kValueStep = 64;
+inline constexpr int kMaxValueColumns = 512;
+
+constexpr bool kernel_takes_head_dim_k(int head_dim_k) { return head_dim_k == 64 || head_dim_k == 128; }
+
+// Why the prefill kernel cannot take these sizes, or nullptr when it can.
+constexpr const char *prefill_unsupported(int head_dim_k, int head_dim_v) {
+  if (!kernel_takes_head_dim_k(head_dim_k)) return "the kernels take K = 64 or 128";
+  if (head_dim_v <= 0 || head_dim_v % kValueStep != 0 || head_dim_v > kMaxValueColumns) {
+    return "the kernels take V = 64, 128, ..., 512";
+  }
+  return nullptr;
+}
+
+// Why the segment correction cannot take these sizes, or nullptr when it can.
+constexpr const char *correct_unsupported(int head_dim_k, int head_dim_v) {
+  if (!kernel_takes_head_dim_k(head_dim_k)) return "the correction takes K = 64 or 128";
+  if (head_dim_v <= 0 || head_dim_v % kValueStep != 0) return "the correction takes V a multiple of 64";
+  return nullptr;
+}
+
+// Value columns one CTA of the prefill owns (128 or 64 state rows: one or two consumer warpgroups);
+// 64 when 128 would leave most of the GPU's multiprocessors idle. The launch runs
+// sequences x value_heads x (head_dim_v / slice) CTAs.
+constexpr int prefill_v_slice(int64_t sequences, int64_t value_heads, int head_dim_v, int multiprocessors) {
+  if (head_dim_v % 128 != 0) return 64;
+  return sequences * value_heads * (head_dim_v / 128) * 2 <= multiprocessors ? 64 : 128;
+}
+
+}  // namespace jax_kda
