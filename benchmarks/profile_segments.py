@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from bench_prefill import CASES, make_inputs, to_jax
-from jax_kda import api, cuda, segments
+from jax_kda import api, cuda, paths, segments
 from jax_kda.primitive import kda_prefill_inner_run
 from timing import time_jax
 
@@ -27,8 +27,8 @@ def main(name="E"):
     args = dict(A_log=j["A_log"], dt_bias=j["dt_bias"], initial_state=j["h0"], **FUSED)
     call = lambda q, k, v, g, b: api.kda_prefill(q, k, v, g, b, **args)
     qkvgb = [j[n] for n in ("q", "k", "v", "g", "beta")]
-    xs, opts = api._normalize(*qkvgb, **args)
-    pieces = cuda.sequence_pieces(xs, opts)
+    xs, opts = api.prefill_call(*qkvgb, **args)
+    pieces = paths.sequence_pieces(xs, opts)
     print(f"case {name}: {pieces} pieces")
     print(f"whole call        {time_jax(jax.jit(call), *qkvgb):.3f} ms")
     summarize = jax.jit(lambda *a: segments.summarize(
@@ -42,7 +42,7 @@ def main(name="E"):
     print(f"xla correction    {time_jax(xla, s.o_aug, entries):.3f} ms")
     a, b = kernel(s.o_aug, entries), xla(s.o_aug, entries)
     print(f"corrections differ by {float(jnp.sqrt(jnp.mean((a.astype(float) - b.astype(float)) ** 2) / jnp.mean(b.astype(float) ** 2))):.1e}")
-    cuda._MAX_PIECES = 1
+    paths._MAX_PIECES = 1
     print(f"uncut call        {time_jax(jax.jit(lambda *a: call(*a)), *qkvgb):.3f} ms")
 
 

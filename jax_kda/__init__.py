@@ -1,6 +1,5 @@
 """jax_kda: Kimi Delta Attention prefill for JAX, with CUDA kernels for Hopper GPUs."""
 
-from . import cuda as _cuda  # registers the CUDA lowering and, when built, the FFI kernels
 from .api import kda_prefill, prefill_path
 from .decode import kda_decode_step
 

@@ -12,10 +12,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .contract import L2NORM_EPS, SOFTPLUS_THRESHOLD
 from .options import GATE_BOUNDED, GATE_GIVEN, GATE_SOFTPLUS, KDAOperands, KDAOptions
-
-L2NORM_EPS = 1e-6
-SOFTPLUS_THRESHOLD = 20.0
 
 
 class Prepared(NamedTuple):

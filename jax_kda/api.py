@@ -1,18 +1,20 @@
-"""`kda_prefill`: FLA's `chunk_kda` contract (../shared/SPEC.md) as a JAX function."""
+"""`kda_prefill`: FLA's `chunk_kda` contract (docs/CONTRACT.md) as a JAX function, and `prefill_path`."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
 
-from . import cuda, sharding
+from . import paths, sharding
 from .activations import finish_state, initial_state_kv
+from .call import build_call
 from .options import KDAOperands, KDAOptions
 from .primitive import kda_prefill_bind, xla_forward
 from .reference import kda_reference
-from .validation import check_cu_seqlens_values, check_operands, check_options
 
 
 def kda_prefill(
@@ -37,16 +39,22 @@ def kda_prefill(
     `check_vma=False` for an `out_specs` of `P()`). Under `jit`, a T axis sharded over the mesh does
     the same without it.
 
-    Returns `(o [B, T, HV, V] in q's dtype, final_state or None)`.
+    Returns `(o [B, T, HV, V] in q's dtype, final_state or None)`. Differentiable in reverse mode
+    (`jax.grad`); forward mode (`jax.jvp`) is not supported.
     """
-    kwargs = dict(locals())
-    axis_name = kwargs.pop("axis_name")
-    x, opts = _normalize(**kwargs)
+    x, opts = build_call(
+        q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_gate_in_kernel=use_gate_in_kernel,
+        use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
+        safe_gate=safe_gate, lower_bound=lower_bound, A_log=A_log, dt_bias=dt_bias, state_v_first=state_v_first,
+        cu_seqlens=cu_seqlens, final_state_dtype=final_state_dtype, impl=impl,
+    )
     if x.q.shape[0] == 0 or x.q.shape[1] == 0:
         return _no_tokens(x, opts)
     run = kda_reference if opts.impl == "reference" else _run_primitive
     if axis_name is not None:
-        return sharding.context_parallel(x, opts, axis_name, jax.lax.axis_size(axis_name), run)
+        return sharding.context_parallel(x, opts, axis_name, jax.lax.axis_size(axis_name), run,
+                                         paths.default_platform())
     mesh = sharding.explicit_mesh_of(x)
     if mesh is not None:
         return sharding.explicit_mesh_prefill(x, opts, mesh, run)
@@ -58,62 +66,39 @@ def _run_primitive(x: KDAOperands, opts: KDAOptions):
     return results[0], (results[1] if opts.output_final_state else None)
 
 
+_PREFILL_SIGNATURE = inspect.signature(kda_prefill)
+
+
+def prefill_call(q, k, v, g, beta, **kwargs) -> tuple[KDAOperands, KDAOptions]:
+    """The operands and options of `kda_prefill(q, k, v, g, beta, **kwargs)` (`axis_name` aside)."""
+    bound = _PREFILL_SIGNATURE.bind(q, k, v, g, beta, **kwargs)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    del arguments["axis_name"]
+    return build_call(**arguments)
+
+
 def prefill_path(q, k, v, g, beta, **kwargs) -> str:
-    """Which implementation `kda_prefill` with these arguments runs on the default backend, and why.
+    """Which implementation `kda_prefill` with these arguments runs, and why: the kernels (and whether
+    each sequence is cut into segments), the chunked XLA path or the token scan, and context
+    parallelism when T is split over devices.
 
-    Takes the arguments of `kda_prefill` (arrays or `jax.ShapeDtypeStruct`s)."""
-    x, opts = _normalize(q, k, v, g, beta, **kwargs)
-    if opts.impl == "reference":
-        return "reference (token-by-token scan)"
-    xla = "xla (chunked pure JAX)"
-    if opts.impl == "xla":
-        return xla
-    if jax.default_backend() != "gpu":
-        return f"{xla}: the default backend is {jax.default_backend()}"
-    reason = cuda.unsupported_reason(x, opts)
-    return f"{xla}: {reason}" if reason else "cuda (jax_kda CUTLASS kernels, sm_90a)"
+    Takes the arguments of `kda_prefill` (arrays or `jax.ShapeDtypeStruct`s, sharded or not) and
+    answers for the platform of q's devices (the default backend for abstract values)."""
+    x, opts = prefill_call(q, k, v, g, beta, **kwargs)
+    platform = _platform_of(x.q)
+    devices = sharding.token_split(x)
+    axis_name = kwargs.get("axis_name")
+    if axis_name is not None or devices > 1:
+        split = f"T split over {devices} devices" if devices > 1 else f"T split over mesh axis {axis_name!r}"
+        cp_opts = dataclasses.replace(opts, transition_columns=True)
+        return f"context parallel ({split}), each segment on {paths.choose_path(x, cp_opts, platform).describe()}"
+    return paths.choose_path(x, opts, platform).describe()
 
 
-def _normalize(
-    q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-    use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False,
-    allow_neg_eigval=False, safe_gate=False, lower_bound=None, A_log=None, dt_bias=None,
-    state_v_first=False, cu_seqlens=None, final_state_dtype=None, impl="auto",
-):
-    """Checks every argument and splits the call into its arrays and its static options."""
-    gate = check_options(
-        use_gate_in_kernel=use_gate_in_kernel, lower_bound=lower_bound, safe_gate=safe_gate, A_log=A_log,
-        dt_bias=dt_bias, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
-        allow_neg_eigval=allow_neg_eigval, scale=scale, impl=impl, final_state_dtype=final_state_dtype,
-    )
-    as_array = lambda a: a if a is None or hasattr(a, "shape") and hasattr(a, "dtype") else jnp.asarray(a)
-    q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens = map(
-        as_array, (q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens)
-    )
-    if dt_bias is not None and len(dt_bias.shape) == 1 and len(v.shape) == 4 and len(q.shape) == 4:
-        if dt_bias.shape[0] == v.shape[2] * q.shape[3]:  # FLA's flat [HV * K]
-            dt_bias = dt_bias.reshape(v.shape[2], q.shape[3])
-    x = KDAOperands(q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens)
-    check_operands(x, state_v_first=state_v_first)
-    if cu_seqlens is not None:
-        check_cu_seqlens_values(cu_seqlens, q.shape[1])
-        if cu_seqlens.dtype != jnp.int32:
-            x = x._replace(cu_seqlens=cu_seqlens.astype(jnp.int32))
-
-    opts = KDAOptions(
-        scale=float(q.shape[3] ** -0.5 if scale is None else scale),
-        use_qk_l2norm=bool(use_qk_l2norm_in_kernel),
-        gate=gate,
-        lower_bound=None if lower_bound is None else float(lower_bound),
-        safe_gate=bool(safe_gate),
-        use_beta_sigmoid=bool(use_beta_sigmoid_in_kernel),
-        allow_neg_eigval=bool(allow_neg_eigval),
-        state_v_first=bool(state_v_first),
-        output_final_state=bool(output_final_state),
-        final_state_dtype=jnp.dtype(final_state_dtype or jnp.float32).name,
-        impl=impl,
-    )
-    return x, opts
+def _platform_of(a) -> str:
+    device_set = getattr(getattr(a, "sharding", None), "device_set", None)
+    return paths.platform_of(next(iter(device_set))) if device_set else paths.default_platform()
 
 
 def _no_tokens(x: KDAOperands, opts: KDAOptions):

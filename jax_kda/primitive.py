@@ -1,10 +1,11 @@
-"""The KDA prefill primitives: abstract evaluation, batching, and the platform lowerings.
+"""The KDA prefill primitives, and every rule they have, registered in one place (the end of this module).
 
 As in TransformerEngine's JAX primitives there are two. The outer `kda_prefill` is what the API
-binds: it has the batching rule and lowers through `custom_partitioning` (`jax_kda.sharding`), which
-splits it over a mesh. The inner `kda_prefill_inner` is the per-device computation: every platform
-lowers it to the chunked pure-JAX path unless a platform lowering (the CUDA kernels, `jax_kda.cuda`)
-is registered and takes the call.
+binds: it has an eager implementation, abstract evaluation and a batching rule, and lowers through
+`custom_partitioning` with a Shardy rule (`jax_kda.sharding`), which splits it over a mesh. The inner
+`kda_prefill_inner` is the per-device computation: its lowering asks `jax_kda.paths.choose_path` for the
+platform it lowers for, and emits the CUDA kernels (`jax_kda.cuda`: one FFI custom call, or a call cut
+into segments and joined by a correction kernel), the chunked pure-JAX path or the token scan.
 
 Operands cross both as the present fields of `KDAOperands` (the `present` parameter says which);
 `opts` carries everything static. Results are `[o]`, or `[o, final_state]` when
@@ -17,11 +18,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax._src import dispatch
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
+from . import contract, cuda, paths, sharding
 from .chunked import kda_chunked
 from .options import KDAOperands, KDAOptions
+from .reference import kda_reference
 from .validation import check_operands
 
 kda_prefill_p = Primitive("kda_prefill")
@@ -70,6 +74,12 @@ def xla_forward(*args, present, opts):
     return [o] if final is None else [o, final]
 
 
+def scan_forward(*args, present, opts):
+    """The token-by-token scan on flat operands, returning flat results."""
+    o, final = kda_reference(KDAOperands.unflatten(present, args), opts)
+    return [o] if final is None else [o, final]
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled(present, opts):
     return jax.jit(functools.partial(kda_prefill_p.bind, present=present, opts=opts))
@@ -77,28 +87,6 @@ def _compiled(present, opts):
 
 def _eager(*args, present, opts):
     return _compiled(present, opts)(*args)
-
-
-def lower_xla(ctx, *args, present, opts):
-    return mlir.lower_fun(functools.partial(xla_forward, present=present, opts=opts), multiple_results=True)(
-        ctx, *args
-    )
-
-
-def _default_lowering(ctx, *args, present, opts):
-    if opts.impl == "cuda":
-        platforms = getattr(ctx.module_context, "platforms", None) or ["this platform"]
-        raise ValueError(
-            f"impl='cuda' runs jax_kda's CUDA kernels, which need a CUDA GPU; this call is lowered for "
-            f"{', '.join(platforms)}. Use impl='auto' or impl='xla'."
-        )
-    return lower_xla(ctx, *args, present=present, opts=opts)
-
-
-kda_prefill_p.def_impl(_eager)
-kda_prefill_p.def_abstract_eval(_abstract_eval)
-kda_prefill_inner_p.def_abstract_eval(_abstract_eval)
-mlir.register_lowering(kda_prefill_inner_p, _default_lowering)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,4 +170,52 @@ def _batch_by_map(args, dims, *, present, opts, size):
     return jax.lax.map(lambda xs: kda_prefill_p.bind(*xs, present=present, opts=opts), moved)
 
 
+# ---------------------------------------------------------------------------------------------
+# Lowerings
+
+
+def _lower_outer(ctx, *args, present, opts):
+    # A computation on one device (or not yet placed) has nothing to partition.
+    axis_context = ctx.module_context.axis_context
+    devices = getattr(axis_context, "device_assignment", ())
+    if devices is None or (devices != () and len(devices) <= 1):
+        inner = lambda *a: kda_prefill_inner_bind(KDAOperands.unflatten(present, a), opts)
+        return mlir.lower_fun(inner, multiple_results=True)(ctx, *args)
+    prefill = sharding.partitioned(present, opts, kda_prefill_inner_bind, kda_prefill_inner_run)
+    return mlir.lower_fun(prefill, multiple_results=True)(ctx, *args)
+
+
+def _lower_inner(ctx, *args, present, opts, platform=None):
+    """The per-device prefill on `platform` (for the default rule: the one platform lowered for)."""
+    if platform is None:
+        platform = ctx.module_context.platforms[0]
+    path = paths.choose_path(KDAOperands.unflatten(present, ctx.avals_in), opts, platform)
+    if path.impl == paths.CUDA and path.pieces > 1:
+        return cuda.lower_segmented(ctx, *args, present=present, opts=opts, pieces=path.pieces,
+                                    run=kda_prefill_inner_run)
+    if path.impl == paths.CUDA:
+        return cuda.lower_prefill_ffi(ctx, *args, present=present, opts=opts)
+    if path.fallback:
+        cuda.warn_fallback(path.reason)
+    forward = scan_forward if path.impl == paths.SCAN else xla_forward
+    return mlir.lower_fun(functools.partial(forward, present=present, opts=opts), multiple_results=True)(ctx, *args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: every rule of both primitives.
+
+kda_prefill_p.def_impl(_eager)
+kda_prefill_p.def_abstract_eval(_abstract_eval)
 batching.primitive_batchers[kda_prefill_p] = _batch
+mlir.register_lowering(kda_prefill_p, _lower_outer)
+# custom_partitioning needs the device assignment when lowering; JAX's cuDNN attention (also under
+# custom_partitioning) registers its primitives the same way.
+dispatch.prim_requires_devices_during_lowering.add(kda_prefill_p)
+
+kda_prefill_inner_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(kda_prefill_inner_p, _lower_inner)
+for _platform in ("cpu", "cuda"):
+    mlir.register_lowering(kda_prefill_inner_p, functools.partial(_lower_inner, platform=_platform),
+                           platform=_platform)
+for _target, _capsule in contract.cuda_registrations().items():
+    jax.ffi.register_ffi_target(_target, _capsule, platform="CUDA")

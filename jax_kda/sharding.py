@@ -1,7 +1,7 @@
 """KDA prefill over several devices: batch, heads and sequence (context) parallelism.
 
 - `jit` with sharded inputs (Auto mesh axes): the outer primitive lowers through `custom_partitioning`
-  with a Shardy rule. Batch and head shardings pass through to a per-device call of the inner
+  with a Shardy rule (`partitioned`; `jax_kda.primitive` registers the lowering). Batch and head shardings pass through to a per-device call of the inner
   primitive, with no collective; a sharded T axis runs the context-parallel algorithm below.
 - Explicit mesh axes (`jax.make_mesh`'s default) and code inside `shard_map`: `kda_prefill` wraps
   itself in `shard_map` (`explicit_mesh_prefill`), or, given `axis_name`, runs the context-parallel
@@ -24,24 +24,23 @@ import re
 import jax
 import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
-from jax._src import dispatch
 from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from . import cuda, segments
+from . import cuda, paths, segments
 from .activations import finish_state, initial_state_kv
 from .options import KDAOperands, KDAOptions
-from .primitive import kda_prefill_inner_bind, kda_prefill_inner_run, kda_prefill_p
 
 # ---------------------------------------------------------------------------------------------
 # Context parallelism
 
 
-def context_parallel(x: KDAOperands, opts: KDAOptions, axis_name, axis_size: int, run):
+def context_parallel(x: KDAOperands, opts: KDAOptions, axis_name, axis_size: int, run, platform: str):
     """This device's outputs of a sequence whose T axis is split over `axis_name` (in index order).
 
-    `x` holds the local segment; `run(x, opts) -> (o, final_state)` runs a prefill on local data.
-    Returns `(o, final_state or None)`; the final state is the whole sequence's, on every device.
+    `x` holds the local segment; `run(x, opts) -> (o, final_state)` runs a prefill on local data;
+    `platform` is the devices' (`jax_kda.paths`). Returns `(o, final_state or None)`; the final state is
+    the whole sequence's, on every device.
     """
     if x.cu_seqlens is not None:
         raise NotImplementedError("context parallelism over packed sequences (cu_seqlens) is not supported")
@@ -49,8 +48,9 @@ def context_parallel(x: KDAOperands, opts: KDAOptions, axis_name, axis_size: int
     # 1. One prefill of the local segment (cut further when that fills the GPU better) from zero,
     #    with the transition columns: local outputs, effective queries and the summary (S_local, Φ).
     summary_opts = dataclasses.replace(opts, transition_columns=True)
-    on_kernels = cuda.kernels_take(x, summary_opts)
-    pieces = cuda.sequence_pieces(x, summary_opts) if on_kernels else 1
+    path = paths.choose_path(x, summary_opts, platform)
+    on_kernels = path.impl == paths.CUDA
+    pieces = path.pieces if on_kernels else 1
     s = segments.summarize(x._replace(initial_state=None), opts, run, pieces)
     local, transition = segments.combined(s)
 
@@ -98,6 +98,15 @@ def _plan(mesh, q_sharding, x: KDAOperands) -> _Plan:
     )
 
 
+def token_split(x: KDAOperands) -> int:
+    """Over how many devices the sharding of q (an array or `jax.ShapeDtypeStruct`) splits T."""
+    sharding = getattr(x.q, "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or not hasattr(sharding, "spec"):
+        return 1
+    return _axes_size(mesh, _plan(mesh, sharding, x).tokens)
+
+
 def _specs(plan: _Plan, x: KDAOperands, opts: KDAOptions):
     """PartitionSpecs of the present operands and of the results."""
     b, t, h = plan.batch, plan.tokens, plan.heads
@@ -112,12 +121,13 @@ def _specs(plan: _Plan, x: KDAOperands, opts: KDAOptions):
 
 
 @functools.lru_cache(maxsize=None)
-def partitioned(present: tuple[bool, ...], opts: KDAOptions):
-    """The inner primitive under `custom_partitioning`, for these operands and options."""
+def partitioned(present: tuple[bool, ...], opts: KDAOptions, bind, run):
+    """`bind(x, opts) -> results` (the inner primitive) under `custom_partitioning`, for these operands
+    and options; `run(x, opts) -> (o, final_state)` is the same call for context parallelism."""
 
     @custom_partitioning
     def prefill(*args):
-        return tuple(kda_prefill_inner_bind(KDAOperands.unflatten(present, args), opts))
+        return tuple(bind(KDAOperands.unflatten(present, args), opts))
 
     def split(mesh, arg_shapes):
         x = KDAOperands.unflatten(present, arg_shapes)
@@ -134,8 +144,9 @@ def partitioned(present: tuple[bool, ...], opts: KDAOptions):
         def per_device(*args):
             x = KDAOperands.unflatten(present, args)
             if plan.tokens is None:
-                return tuple(kda_prefill_inner_bind(x, opts))
-            o, final = context_parallel(x, opts, plan.tokens, _axes_size(mesh, plan.tokens), kda_prefill_inner_run)
+                return tuple(bind(x, opts))
+            o, final = context_parallel(x, opts, plan.tokens, _axes_size(mesh, plan.tokens), run,
+                                        paths.mesh_platform(mesh))
             return (o,) if final is None else (o, final)
 
         return mesh, per_device, tuple(result_shardings), tuple(operand_shardings)
@@ -172,22 +183,6 @@ def partitioned(present: tuple[bool, ...], opts: KDAOptions):
     return prefill
 
 
-def _lower_outer(ctx, *args, present, opts):
-    # A computation on one device (or not yet placed) has nothing to partition.
-    axis_context = ctx.module_context.axis_context
-    devices = getattr(axis_context, "device_assignment", ())
-    if devices is None or (devices != () and len(devices) <= 1):
-        inner = lambda *a: kda_prefill_inner_bind(KDAOperands.unflatten(present, a), opts)
-        return mlir.lower_fun(inner, multiple_results=True)(ctx, *args)
-    return mlir.lower_fun(partitioned(present, opts), multiple_results=True)(ctx, *args)
-
-
-mlir.register_lowering(kda_prefill_p, _lower_outer)
-# custom_partitioning needs the device assignment when lowering; JAX's cuDNN attention (also under
-# custom_partitioning) registers its primitives the same way.
-dispatch.prim_requires_devices_during_lowering.add(kda_prefill_p)
-
-
 # ---------------------------------------------------------------------------------------------
 # Explicit mesh axes
 
@@ -215,7 +210,8 @@ def explicit_mesh_prefill(x: KDAOperands, opts: KDAOptions, mesh, run):
         if plan.tokens is None:
             o, final = run(local, opts)
         else:
-            o, final = context_parallel(local, opts, plan.tokens, _axes_size(mesh, plan.tokens), run)
+            o, final = context_parallel(local, opts, plan.tokens, _axes_size(mesh, plan.tokens), run,
+                                        paths.mesh_platform(mesh))
         return (o,) if final is None else (o, final)
 
     mapped = jax.shard_map(per_device, mesh=mesh, in_specs=tuple(operand_specs), out_specs=tuple(result_specs),

@@ -1,18 +1,19 @@
 """Checks of a KDA call: clear `ValueError`/`TypeError`s that name the argument and the expected shape.
 
 `check_operands` looks only at shapes and dtypes, so it serves both the public function and the
-primitive's abstract evaluation; `check_options` and `check_cu_seqlens_values` are the caller-side
-checks of flags and of concrete sequence boundaries.
+primitive's abstract evaluation; `check_options` and `check_cu_seqlens` are the caller-side checks of
+flags and of sequence boundaries, and `int32_cu_seqlens` the one cast (`jax_kda.call` runs them).
 """
 
 from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .options import GATE_GIVEN, GATE_SOFTPLUS, IMPLS, KDAOperands
+from .options import GATE_BOUNDED, GATE_GIVEN, GATE_SOFTPLUS, IMPLS, KDAOperands
 
 STATE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 QKV_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -74,8 +75,8 @@ def check_operands(x: KDAOperands, *, state_v_first: bool) -> None:
 
     if x.cu_seqlens is not None:
         cu = x.cu_seqlens
-        if not jnp.issubdtype(cu.dtype, jnp.integer):
-            raise TypeError(f"cu_seqlens must be an int32 or int64 array, got dtype {cu.dtype}")
+        if cu.dtype != jnp.int32:  # int32_cu_seqlens casts at the edge; nothing after it casts again
+            raise TypeError(f"cu_seqlens must be int32 past the public functions, got {cu.dtype}")
         if len(_shape(cu)) != 1 or cu.shape[0] < 1:
             raise ValueError(f"cu_seqlens must have shape [N + 1], got {_shape(cu)}")
         if b != 1:
@@ -125,14 +126,30 @@ def check_options(
         if A_log is None:
             raise ValueError("the softplus gate (use_gate_in_kernel=True, lower_bound=None) needs A_log of shape [HV]")
         return GATE_SOFTPLUS
-    return "bounded"
+    return GATE_BOUNDED
+
+
+def int32_cu_seqlens(cu_seqlens, num_tokens: int):
+    """cu_seqlens (an array, tracer or `jax.ShapeDtypeStruct` of integers) as int32: the one cast."""
+    cu = cu_seqlens
+    if not jnp.issubdtype(cu.dtype, jnp.integer):
+        raise TypeError(f"cu_seqlens must be an int32 or int64 array, got dtype {cu.dtype}")
+    if num_tokens >= 2**31:
+        raise ValueError(f"packed batches take fewer than 2**31 tokens (int32 cu_seqlens), got T = {num_tokens}")
+    if cu.dtype == jnp.int32:
+        return cu
+    if isinstance(cu, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(cu.shape, jnp.int32, sharding=cu.sharding)
+    return cu.astype(jnp.int32)
 
 
 def check_cu_seqlens_values(cu_seqlens, num_tokens: int) -> None:
-    """Boundary checks that need the values; skipped when cu_seqlens is traced."""
+    """Boundary checks that need the values; skipped when cu_seqlens is traced or abstract."""
     try:
         cu = np.asarray(cu_seqlens)
     except Exception:  # a tracer: values unknown until run time
+        return
+    if cu.ndim != 1 or cu.size == 0 or not np.issubdtype(cu.dtype, np.integer):  # a ShapeDtypeStruct
         return
     if cu[0] != 0 or cu[-1] != num_tokens:
         raise ValueError(f"cu_seqlens must start at 0 and end at T = {num_tokens}, got {cu[0]} ... {cu[-1]}")

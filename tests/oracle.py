@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# SPEC.md's constants of the pre-processing.
+L2NORM_EPS = 1e-6
+SOFTPLUS_THRESHOLD = 20.0
+
 
 def _f64(x):
     return None if x is None else np.asarray(x, dtype=np.float64)
@@ -14,7 +18,7 @@ def _f64(x):
 
 def _softplus(x):
     with np.errstate(over="ignore"):
-        return np.where(x > 20.0, x, np.log1p(np.exp(np.minimum(x, 20.0))))
+        return np.where(x > SOFTPLUS_THRESHOLD, x, np.log1p(np.exp(np.minimum(x, SOFTPLUS_THRESHOLD))))
 
 
 def _sigmoid(x):
@@ -37,8 +41,8 @@ def kda_oracle(
 
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         if use_qk_l2norm_in_kernel:
-            q = q / np.sqrt((q * q).sum(-1, keepdims=True) + 1e-6)
-            k = k / np.sqrt((k * k).sum(-1, keepdims=True) + 1e-6)
+            q = q / np.sqrt((q * q).sum(-1, keepdims=True) + L2NORM_EPS)
+            k = k / np.sqrt((k * k).sum(-1, keepdims=True) + L2NORM_EPS)
         if use_beta_sigmoid_in_kernel:
             beta = _sigmoid(beta) * (2.0 if allow_neg_eigval else 1.0)
         if use_gate_in_kernel:

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 import jax_kda
-from jax_kda import cuda, kda_prefill
+from jax_kda import contract, kda_prefill, paths
 from oracle import kda_oracle, rel_err
 
-needs_kernels = pytest.mark.skipif(not cuda.available(), reason="jax_kda built without its CUDA kernels")
+needs_kernels = pytest.mark.skipif(not contract.WITH_CUDA, reason="jax_kda built without its CUDA kernels")
 gpu = pytest.mark.gpu
 BF16_TOL = 5e-3  # FLA's forward tolerance for bf16 inputs (SPEC.md)
 
@@ -33,7 +33,7 @@ def test_lowers_to_the_custom_call_without_a_gpu():
             spec(B, HV, K, K, dtype=jnp.float32))
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
-    assert len(calls) == 1 and f"@{cuda.PREFILL_TARGET}(" in calls[0]
+    assert len(calls) == 1 and f"@{contract.PREFILL_TARGET}(" in calls[0]
     for attr in ("gate = 2 : i32", "lower_bound = -5.000000e+00 : f32", "scale = 2.500000e-01 : f32",
                  "l2norm = true", "beta_sigmoid = true", "state_v_first = true", "has_initial_state = true",
                  "has_cu_seqlens = false", "write_final_state = true"):
@@ -43,12 +43,12 @@ def test_lowers_to_the_custom_call_without_a_gpu():
                  for a in args[:5]) + (spec(B, HV, 60, 60, dtype=jnp.float32),)
     with pytest.warns(UserWarning, match="K = 64 or 128"):
         text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert cuda.PREFILL_TARGET not in text
+    assert contract.PREFILL_TARGET not in text
 
 
 @needs_kernels
 def test_few_long_sequences_lower_to_segments_and_a_correction(monkeypatch):
-    monkeypatch.setattr(cuda, "_multiprocessors", lambda: 132)  # an H100's
+    monkeypatch.setattr(paths, "multiprocessors", lambda: 132)  # an H100's
     T, H, K = 32768, 32, 128  # case E of ANCHORS.md
     f = lambda q, k, v, g, b, s: kda_prefill(q, k, v, g, b, initial_state=s, output_final_state=True,
                                              use_gate_in_kernel=True, lower_bound=-5.0, state_v_first=True)
@@ -58,7 +58,7 @@ def test_few_long_sequences_lower_to_segments_and_a_correction(monkeypatch):
     assert len(calls) == 2, calls
     assert "transition_columns = true" in calls[0] and "has_cu_seqlens = true" in calls[0]
     assert f"tensor<1x{T}x{H}x{2 * K}xbf16>" in calls[0]  # the V + K columns
-    assert f"@{cuda.SEGMENT_CORRECT_TARGET}(" in calls[1]
+    assert f"@{contract.SEGMENT_CORRECT_TARGET}(" in calls[1]
 
 
 @needs_kernels
@@ -247,7 +247,7 @@ def test_auto_takes_the_kernels_on_hopper(case):
     c = case(B=1, T=40, H=2, K=128, V=128, dtype="bfloat16", gate="bounded")
     assert jax_kda.prefill_path(*c.args, **c.kwargs).startswith("cuda")
     text = jax.jit(lambda *a: kda_prefill(*a, **c.kwargs)).lower(*c.args).as_text()
-    assert cuda.PREFILL_TARGET in text
+    assert contract.PREFILL_TARGET in text
 
 
 @gpu
@@ -294,7 +294,7 @@ def test_transition_columns_in_the_kernel(case, rng):
 
     c = case(seqlens=[5, 0, 33, 16, 300], H=2, HV=2, K=128, V=64, dtype="bfloat16", gate="softplus",
              initial_state=None)
-    x, opts = jax_kda.api._normalize(*c.args, **c.kwargs)
+    x, opts = jax_kda.api.prefill_call(*c.args, **c.kwargs)
     opts = dataclasses.replace(opts, transition_columns=True, impl="cuda")
     fn = lambda q, k, v, g, beta: kda_prefill_inner_run(x._replace(q=q, k=k, v=v, g=g, beta=beta), opts)
     (o, final), poisoned = _poisoned(fn, *c.args)

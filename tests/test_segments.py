@@ -7,14 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_kda import api, cuda, segments
+from jax_kda import api, paths, segments
 from jax_kda.chunked import kda_chunked
 from jax_kda.primitive import kda_prefill_inner_run
 from oracle import kda_oracle, rel_err
 
 
 def normalized(case):
-    return api._normalize(*case.args, **case.kwargs)
+    return api.prefill_call(*case.args, **case.kwargs)
 
 
 @pytest.mark.parametrize("tokens,pieces", [(100, 1), (100, 2), (257, 3), (64, 5), (20, 4), (1, 3)])
@@ -97,6 +97,6 @@ def shapes(B, T, HV, K=128, V=128, H=None):
     (1, 300, 1, 1),  # too short to be worth a cut
 ])
 def test_kernel_path_cuts_few_long_sequences(monkeypatch, B, T, HV, want):
-    monkeypatch.setattr(cuda, "_multiprocessors", lambda: 132)  # an H100's
-    _, opts = api._normalize(*shapes(B, T, HV)[:5], use_gate_in_kernel=True, lower_bound=-5.0)
-    assert cuda.sequence_pieces(shapes(B, T, HV), opts) == want
+    monkeypatch.setattr(paths, "multiprocessors", lambda: 132)  # an H100's
+    _, opts = api.prefill_call(*shapes(B, T, HV)[:5], use_gate_in_kernel=True, lower_bound=-5.0)
+    assert paths.sequence_pieces(shapes(B, T, HV), opts) == want

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from jax_kda import cuda, kda_prefill
+from jax_kda import contract, kda_prefill
 from hlo import collectives
 from oracle import rel_err
 
@@ -22,7 +22,7 @@ def _gpus():
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(len(_gpus()) < 2, reason="needs 2 or more GPUs"),
-    pytest.mark.skipif(not cuda.available(), reason="jax_kda built without its CUDA kernels"),
+    pytest.mark.skipif(not contract.WITH_CUDA, reason="jax_kda built without its CUDA kernels"),
 ]
 
 

@@ -1,0 +1,33 @@
+"""The kernels' contract, as the compiled extension states it (csrc/kda_contract.h).
+
+Everything C++ and Python must agree on is defined once, in that header, and read here: the FFI target
+names, the gate enum, the head sizes the kernels take, how a launch slices V, and the numeric constants
+of the pre-processing (the L2-norm epsilon, the softplus threshold) that the pure-JAX paths use too.
+The extension is always built (without CUDA it carries the contract and no kernels).
+"""
+
+from __future__ import annotations
+
+try:
+    from . import _kda_ext
+except ImportError as error:  # a source tree that was never built
+    raise ImportError(
+        "jax_kda's compiled extension (jax_kda._kda_ext) is missing: this jax_kda was imported from a source "
+        "tree that was not built. Install the package (`pip install .`, or `pip install -e .` to work on it)."
+    ) from error
+
+WITH_CUDA: bool = bool(_kda_ext.with_cuda)
+PREFILL_TARGET: str = _kda_ext.prefill_target
+SEGMENT_CORRECT_TARGET: str = _kda_ext.segment_correct_target
+GATE_CODES: dict[str, int] = dict(_kda_ext.gate_codes)
+L2NORM_EPS: float = float(_kda_ext.l2norm_eps)
+SOFTPLUS_THRESHOLD: float = float(_kda_ext.softplus_threshold)
+
+prefill_unsupported = _kda_ext.prefill_unsupported  # (head_dim_k, head_dim_v) -> reason or None
+correct_unsupported = _kda_ext.correct_unsupported  # (head_dim_k, head_dim_v) -> reason or None
+prefill_v_slice = _kda_ext.prefill_v_slice  # (sequences, value_heads, head_dim_v, multiprocessors) -> 64 or 128
+
+
+def cuda_registrations() -> dict:
+    """FFI target name -> handler capsule for the CUDA platform (empty without the kernels)."""
+    return _kda_ext.cuda_registrations()

@@ -1,0 +1,163 @@
+"""Which implementation runs a KDA prefill: one decision, for a call's operands, options and platform.
+
+`choose_path` is asked by the primitive's lowering (which knows the platform it lowers for), by
+context parallelism (which knows its mesh) and by `jax_kda.prefill_path` (which reports it). It returns
+the implementation, the reason, and the segment plan: into how many pieces the kernels' path cuts each
+sequence (`jax_kda.segments`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from . import contract
+from .options import KDAOperands, KDAOptions
+
+CUDA, XLA, SCAN = "cuda", "xla", "scan"  # the kernels, the chunked pure-JAX path, the token-by-token scan
+DESCRIPTIONS = {
+    CUDA: "cuda (jax_kda CUTLASS kernels, sm_90a)",
+    XLA: "xla (chunked pure JAX)",
+    SCAN: "scan (token-by-token pure JAX)",
+}
+
+
+class Path(NamedTuple):
+    impl: str  # CUDA, XLA or SCAN
+    reason: str  # why this path, in words
+    pieces: int = 1  # segments each sequence is cut into on the kernels (1: none)
+    fallback: bool = False  # the kernels would have run on this platform but cannot take the call
+
+    def describe(self) -> str:
+        cut = f", each sequence cut into {self.pieces} segments" if self.pieces > 1 else ""
+        return f"{DESCRIPTIONS[self.impl]}{cut}: {self.reason}"
+
+
+def choose_path(x: KDAOperands, opts: KDAOptions, platform: str) -> Path:
+    """The path of a call lowered for `platform` ("cuda", "rocm", "cpu", "tpu", ...); shapes and dtypes
+    may be avals. Raises ValueError where `impl="cuda"` cannot be honoured."""
+    if opts.impl == "reference":
+        return Path(SCAN, "impl='reference'")
+    if opts.impl == "xla":
+        return Path(XLA, "impl='xla'")
+    if platform != "cuda":
+        if opts.impl == "cuda":
+            raise ValueError(
+                f"impl='cuda' runs jax_kda's CUDA kernels, which need a CUDA GPU; this call is lowered for "
+                f"{platform}. Use impl='auto' or impl='xla'."
+            )
+        return Path(XLA, f"the platform is {platform}")
+    reason = kernel_unsupported_reason(x, opts)
+    if reason is not None:
+        if opts.impl == "cuda":
+            raise ValueError(f"impl='cuda' cannot run this call: {reason}")
+        return Path(XLA, reason, fallback=True)
+    return Path(CUDA, "the kernels take this call", pieces=sequence_pieces(x, opts))
+
+
+def platform_of(device) -> str:
+    """The lowering platform of a device: "cuda" or "rocm" for GPUs, else the device's platform."""
+    if device.platform == "gpu":
+        return "rocm" if "rocm" in getattr(device.client, "platform_version", "").lower() else "cuda"
+    return device.platform
+
+
+def default_platform() -> str:
+    return platform_of(jax.devices()[0])
+
+
+def mesh_platform(mesh) -> str:
+    """The platform of a mesh's devices (the default backend's for an abstract mesh)."""
+    devices = getattr(mesh, "devices", None)
+    return default_platform() if devices is None else platform_of(devices.flat[0])
+
+
+_KERNEL_DTYPES = (jnp.bfloat16, jnp.float32)
+
+
+def kernel_unsupported_reason(x: KDAOperands, opts: KDAOptions) -> str | None:
+    """Why the kernels cannot run this call (shapes and dtypes may be avals), or None if they can."""
+    if not contract.WITH_CUDA:
+        return "jax_kda was built without its CUDA kernels (JAX_KDA_CUDA=0 or no nvcc at build time)"
+    kd, vd = x.q.shape[3], x.v.shape[3]
+    width = vd + kd if opts.transition_columns else vd
+    why = contract.prefill_unsupported(kd, width)
+    if why is not None:
+        sizes = f"K = {kd}, V = {vd}" + (f" (+ K transition columns = {width})" if opts.transition_columns else "")
+        return f"{why}, got {sizes}"
+    if x.q.dtype != jnp.bfloat16:
+        return f"the kernels take bfloat16 q, k, v, got {x.q.dtype}"
+    for name in ("g", "beta", "initial_state"):
+        arr = getattr(x, name)
+        if arr is not None and arr.dtype not in _KERNEL_DTYPES:
+            return f"the kernels take {name} in bfloat16 or float32, got {arr.dtype}"
+    if jnp.dtype(opts.final_state_dtype) not in _KERNEL_DTYPES:
+        return f"the kernels write the final state in float32 or bfloat16, not {opts.final_state_dtype}"
+    sms = _local_gpu_compute_capabilities()
+    if sms and not all(cc.startswith("9.") for cc in sms):
+        return f"the kernels need Hopper (compute capability 9.x), found {', '.join(sorted(set(sms)))}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _local_gpu_compute_capabilities() -> tuple[str, ...]:
+    """Compute capabilities of this process's GPUs; empty when it has none (lowering ahead of time)."""
+    try:
+        return tuple(str(d.compute_capability) for d in jax.devices("gpu"))
+    except RuntimeError:
+        return ()
+
+
+# ---------------------------------------------------------------------------------------------
+# The segment plan: cut few long sequences when their (sequence, head) chains leave most
+# multiprocessors idle. The kernels run one chain per CTA, one CTA per multiprocessor, at about this
+# much time per 16-token chunk on an H100 (docs/PERFLOG.md); the cut costs its transition columns
+# (V + K columns instead of V) and a correction pass over o.
+_CHUNK = 16
+_CHUNK_SECONDS = 2.3e-6
+_BANDWIDTH = 3.0e12  # bytes / s
+_MAX_PIECES = 4  # each cut adds rounding to the joined state; past 4 the gains are small
+_MIN_PIECE_TOKENS = 256
+_WORTH_IT = 0.8  # a cut must promise at least 20% less time than the next best choice
+
+
+def _kernel_seconds(sequences, tokens, value_heads, width, multiprocessors) -> float:
+    ctas = sequences * value_heads * (width // contract.prefill_v_slice(sequences, value_heads, width, multiprocessors))
+    waves = -(-ctas // multiprocessors)
+    return waves * -(-tokens // _CHUNK) * _CHUNK_SECONDS
+
+
+def sequence_pieces(x: KDAOperands, opts: KDAOptions) -> int:
+    """Into how many segments the kernels' path cuts each sequence of this call (1: none).
+
+    With `opts.transition_columns` the call already pays for them (context parallelism), so only the
+    kernel time counts."""
+    if x.cu_seqlens is not None:
+        return 1
+    b, t, hv, vd = x.v.shape
+    kd = x.q.shape[3]
+    width = vd + kd
+    if contract.prefill_unsupported(kd, width) is not None:
+        return 1
+    sms = multiprocessors()
+    best, best_s = 1, _kernel_seconds(b, t, hv, width if opts.transition_columns else vd, sms)
+    correction_s = 0.0 if opts.transition_columns else b * t * hv * (width + vd) * 2 / _BANDWIDTH
+    for pieces in range(2, _MAX_PIECES + 1):
+        if t < pieces * _MIN_PIECE_TOKENS:
+            break
+        seconds = _kernel_seconds(b * pieces, -(-t // pieces), hv, width, sms) + correction_s
+        if seconds < _WORTH_IT * best_s:
+            best, best_s = pieces, seconds
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessors() -> int:
+    """Multiprocessors of this process's first GPU (an H100's 132 when lowering without one)."""
+    try:
+        return int(getattr(jax.devices("gpu")[0], "core_count", 0) or 132)
+    except RuntimeError:
+        return 132

@@ -1,0 +1,72 @@
+"""The kernels' contract (csrc/kda_contract.h, exported by the extension) against the Python side."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import oracle
+from jax_kda import contract, options, paths
+from jax_kda.activations import l2_normalize, softplus
+
+
+def test_gate_enum_names_the_gate_modes():
+    assert set(contract.GATE_CODES) == {options.GATE_GIVEN, options.GATE_SOFTPLUS, options.GATE_BOUNDED}
+    assert len(set(contract.GATE_CODES.values())) == 3
+
+
+def test_numeric_constants_are_the_contracts():
+    # The C++ constants (float32) are SPEC.md's, which the independent float64 oracle writes down.
+    assert contract.L2NORM_EPS == np.float32(oracle.L2NORM_EPS)
+    assert contract.SOFTPLUS_THRESHOLD == oracle.SOFTPLUS_THRESHOLD
+
+
+def test_pure_jax_preprocessing_uses_the_contracts_constants():
+    # A tiny vector's norm is dominated by the epsilon.
+    x = jnp.full((4,), 1e-5, jnp.float32)
+    want = 1e-5 / np.sqrt(4 * 1e-10 + contract.L2NORM_EPS)
+    np.testing.assert_allclose(np.asarray(l2_normalize(x)), want, rtol=1e-6)
+    assert float(softplus(jnp.float32(contract.SOFTPLUS_THRESHOLD + 0.5))) == contract.SOFTPLUS_THRESHOLD + 0.5
+
+
+def test_target_names():
+    assert contract.PREFILL_TARGET == "jax_kda_prefill_cuda"
+    assert contract.SEGMENT_CORRECT_TARGET == "jax_kda_segment_correct_cuda"
+    assert set(contract.cuda_registrations()) == (
+        {contract.PREFILL_TARGET, contract.SEGMENT_CORRECT_TARGET} if contract.WITH_CUDA else set())
+
+
+@pytest.mark.parametrize("K,V,takes", [(128, 128, True), (64, 512, True), (128, 576, False), (60, 128, False),
+                                       (128, 96, False), (256, 128, False)])
+def test_supported_head_sizes(K, V, takes):
+    assert (contract.prefill_unsupported(K, V) is None) == takes
+
+
+def test_correction_head_sizes():
+    assert contract.correct_unsupported(128, 1024) is None
+    assert contract.correct_unsupported(96, 128) is not None
+
+
+@pytest.mark.parametrize("sequences,heads,V,sms,want", [
+    (1, 96, 128, 132, 128),  # case A: 96 CTAs of 128 rows
+    (1, 32, 128, 132, 64),  # case E: 64 CTAs of 64 rows fill more of the chip
+    (1, 32, 192, 132, 64),  # V not a multiple of 128
+    (2, 33, 128, 132, 64),  # 132 CTAs of 64 rows still fit one wave
+    (2, 34, 128, 132, 128),
+])
+def test_v_slice_choice(sequences, heads, V, sms, want):
+    assert contract.prefill_v_slice(sequences, heads, V, sms) == want
+
+
+def test_kernel_reasons_come_from_the_contract(monkeypatch):
+    monkeypatch.setattr(contract, "WITH_CUDA", True)
+    monkeypatch.setattr(paths, "_local_gpu_compute_capabilities", lambda: ())
+    spec = jax.ShapeDtypeStruct
+    x = options.KDAOperands(spec((1, 64, 2, 60), jnp.bfloat16), spec((1, 64, 2, 60), jnp.bfloat16),
+                            spec((1, 64, 2, 128), jnp.bfloat16), spec((1, 64, 2, 60), jnp.bfloat16),
+                            spec((1, 64, 2), jnp.bfloat16))
+    opts = options.KDAOptions(scale=0.1, use_qk_l2norm=False, gate=options.GATE_GIVEN, lower_bound=None,
+                              safe_gate=False, use_beta_sigmoid=False, allow_neg_eigval=False, state_v_first=False,
+                              output_final_state=False, final_state_dtype="float32", impl="auto")
+    reason = paths.kernel_unsupported_reason(x, opts)
+    assert reason.startswith(contract.prefill_unsupported(60, 128)) and "K = 60" in reason

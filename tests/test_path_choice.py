@@ -1,0 +1,108 @@
+"""One path decision (`jax_kda.paths.choose_path`) behind the lowering, `impl="auto"` and `prefill_path`;
+the decode step's errors in its own layout and names."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jax_kda import contract, kda_decode_step, paths, prefill_path
+
+FUSED = dict(use_gate_in_kernel=True, lower_bound=-5.0, use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True)
+
+
+def shapes(T, H, K=128, V=128, dtype=jnp.bfloat16, sharding=None):
+    spec = lambda *s: jax.ShapeDtypeStruct(s, dtype, sharding=sharding)
+    beta = jax.ShapeDtypeStruct((1, T, H), dtype, sharding=None if sharding is None else NamedSharding(
+        sharding.mesh, P(*sharding.spec[:3])))
+    return spec(1, T, H, K), spec(1, T, H, K), spec(1, T, H, V), spec(1, T, H, K), beta
+
+
+@pytest.fixture
+def on_a_gpu(monkeypatch):
+    """Answers as if this process had one Hopper GPU of 132 multiprocessors (the kernels built)."""
+    if not contract.WITH_CUDA:
+        pytest.skip("jax_kda built without its CUDA kernels")
+    monkeypatch.setattr(paths, "default_platform", lambda: "cuda")
+    monkeypatch.setattr(paths, "multiprocessors", lambda: 132)
+    monkeypatch.setattr(paths, "_local_gpu_compute_capabilities", lambda: ("9.0",))
+
+
+def test_cpu_runs_the_xla_path():
+    assert prefill_path(*shapes(256, 4), **FUSED).startswith("xla (chunked pure JAX): the platform is cpu")
+    assert prefill_path(*shapes(256, 4), impl="reference", **FUSED).startswith("scan")
+
+
+def test_impl_cuda_on_a_cpu_names_the_platform():
+    with pytest.raises(ValueError, match="lowered for cpu"):
+        prefill_path(*shapes(256, 4), impl="cuda", **FUSED)
+
+
+def test_gpu_reports_the_kernels_and_their_cut(on_a_gpu):
+    assert prefill_path(*shapes(8192, 96), **FUSED) == "cuda (jax_kda CUTLASS kernels, sm_90a): the kernels take this call"
+    described = prefill_path(*shapes(32768, 32), **FUSED)  # case E: 32 chains on 132 multiprocessors
+    assert described.startswith("cuda (jax_kda CUTLASS kernels, sm_90a), each sequence cut into 2 segments")
+
+
+def test_gpu_fallback_says_why(on_a_gpu):
+    described = prefill_path(*shapes(256, 4, K=96, V=96), **FUSED)
+    assert described.startswith("xla (chunked pure JAX): the kernels take K = 64 or 128")
+
+
+def test_context_parallelism_is_reported():
+    mesh = jax.make_mesh((4,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    described = prefill_path(*shapes(1024, 4, sharding=NamedSharding(mesh, P(None, "d"))), **FUSED)
+    assert described.startswith("context parallel (T split over 4 devices), each segment on xla")
+    assert prefill_path(*shapes(1024, 4), axis_name="d", **FUSED).startswith(
+        "context parallel (T split over mesh axis 'd')")
+
+
+def test_lowering_asks_its_own_platform_not_the_default_backend():
+    # On this CPU-only process, lowering for CUDA still emits the kernels (when built with them).
+    if not contract.WITH_CUDA:
+        pytest.skip("jax_kda built without its CUDA kernels")
+    from jax_kda import kda_prefill
+
+    text = jax.jit(lambda *a: kda_prefill(*a, **FUSED)).trace(*shapes(64, 2)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert f"@{contract.PREFILL_TARGET}(" in text
+    text = jax.jit(lambda *a: kda_prefill(*a, **FUSED)).trace(*shapes(64, 2)).lower(
+        lowering_platforms=("cpu",)).as_text()
+    assert contract.PREFILL_TARGET not in text
+
+
+def decode_args(rng, N=2, H=2, HV=4, K=8, V=6):
+    r = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    return dict(q=r(N, H, K), k=r(N, H, K), v=r(N, HV, V), g=-jnp.abs(r(N, HV, K)), beta=r(N, HV),
+                state=r(N, HV, K, V))
+
+
+@pytest.mark.parametrize("name,bad,words", [
+    ("state", (2, 4, 6, 8), "state must have shape [N, HV, K, V] = (2, 4, 8, 6)"),
+    ("k", (2, 2, 9), "k must have shape [N, H, K]"),
+    ("beta", (2, 4, 1), "beta must have shape [N, HV]"),
+    ("g", (2, 2, 8), "g must have shape [N, HV, K]"),
+])
+def test_decode_step_errors_in_its_own_names(rng, name, bad, words):
+    args = decode_args(rng)
+    args[name] = jnp.zeros(bad, jnp.float32)
+    with pytest.raises(ValueError) as info:
+        kda_decode_step(*args.values())
+    assert words in str(info.value)
+
+
+def test_decode_step_names_a_bad_dt_bias(rng):
+    with pytest.raises(ValueError, match=r"dt_bias must have shape \[HV, K\] = \(4, 8\) or \[HV \* K\] = \(32,\)"):
+        kda_decode_step(*decode_args(rng).values(), use_gate_in_kernel=True, A_log=jnp.zeros(4),
+                        dt_bias=jnp.zeros(30))
+
+
+def test_decode_step_takes_a_flat_dt_bias(rng):
+    args = decode_args(rng)
+    flags = dict(use_gate_in_kernel=True, A_log=jnp.zeros(4))
+    dt = jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)
+    o_flat, s_flat = kda_decode_step(*args.values(), dt_bias=dt.reshape(-1), **flags)
+    o, s = kda_decode_step(*args.values(), dt_bias=dt, **flags)
+    np.testing.assert_array_equal(np.asarray(o_flat), np.asarray(o))
+    np.testing.assert_array_equal(np.asarray(s_flat), np.asarray(s))
