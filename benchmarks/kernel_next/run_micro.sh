@@ -55,7 +55,9 @@ if [[ -z "${SKIP_SANITIZER:-}" ]] && command -v compute-sanitizer > /dev/null; t
     rc_factor=$?
     echo "$tool: state_chain rc $rc_chain, factor_build rc $rc_factor ($(grep -h 'ERROR SUMMARY' \
       "$out/${tool}_state_chain.log" "$out/${tool}_factor_build.log" | tr '\n' ' '))"
-    [[ $rc_chain -ne 0 || $rc_factor -ne 0 ]] && status=1
+    # memcheck failures fail the run; racecheck is reported only (it does not see the copy engine's
+    # writes, so hazards it names need reading before they are believed).
+    [[ $tool == memcheck && ( $rc_chain -ne 0 || $rc_factor -ne 0 ) ]] && status=1
   done
 fi
 
