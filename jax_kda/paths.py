@@ -71,8 +71,9 @@ def default_platform() -> str:
 
 def mesh_platform(mesh) -> str:
     """The platform of a mesh's devices (the default backend's for an abstract mesh)."""
-    devices = getattr(mesh, "devices", None)
-    return default_platform() if devices is None else platform_of(devices.flat[0])
+    if isinstance(mesh, jax.sharding.Mesh):
+        return platform_of(mesh.devices.flat[0])
+    return default_platform()
 
 
 _KERNEL_DTYPES = (jnp.bfloat16, jnp.float32)
