@@ -22,7 +22,11 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+
+try:
+    from flax import nnx
+except ImportError as error:
+    raise ImportError("jax_kda.flax needs flax: pip install 'jax-kda[flax]'") from error
 
 from .api import kda_prefill
 from .decode import kda_decode_step
@@ -145,7 +149,12 @@ class KimiDeltaAttention(nnx.Module):
         return KDACache(state, hist(self.key_dim), hist(self.key_dim), hist(self.value_dim))
 
     def __call__(self, x, *, cache: Optional[KDACache] = None, cu_seqlens=None, mask=None):
-        b, t, _ = x.shape
+        x = jnp.asarray(x)
+        if x.ndim != 3:
+            raise ValueError(f"x must be [B, T, hidden_size], got shape {x.shape}")
+        b, t, hidden = x.shape
+        if hidden != self.hidden_size:
+            raise ValueError(f"x has hidden size {hidden}, the layer {self.hidden_size}")
         x = x.astype(self.dtype)
         packed = cu_seqlens is not None
         if packed and (b != 1 or mask is not None):
@@ -153,7 +162,7 @@ class KimiDeltaAttention(nnx.Module):
         n = cu_seqlens.shape[0] - 1 if packed else b
         if cache is not None and cache.state.shape[0] != n:
             raise ValueError(f"the cache holds {cache.state.shape[0]} sequences, the input {n}")
-        valid = jnp.ones((b, t), bool) if mask is None else jnp.asarray(mask, bool)
+        valid = jnp.ones((b, t), bool) if mask is None else _mask_of_real_tokens(mask, b, t)
         carry = self.init_cache(n) if cache is None else cache
 
         # Each token's sequence (a row of the cache) and its position within it.
@@ -200,6 +209,15 @@ class KimiDeltaAttention(nnx.Module):
         history = lambda inputs, previous: _last_inputs(inputs, previous, valid, cu_seqlens, self.conv_size - 1)
         return out, KDACache(state, history(q_in, carry.conv_q), history(k_in, carry.conv_k),
                              history(v_in, carry.conv_v))
+
+
+def _mask_of_real_tokens(mask, batch, length):
+    mask = jnp.asarray(mask)
+    if mask.shape != (batch, length):
+        raise ValueError(f"mask must be [B, T] = {(batch, length)}, got shape {mask.shape}")
+    if mask.dtype != jnp.bool_ and not jnp.issubdtype(mask.dtype, jnp.integer):
+        raise ValueError(f"mask must be boolean (True on real tokens), got {mask.dtype}")
+    return mask.astype(bool)
 
 
 def _last_inputs(inputs, previous, valid, cu_seqlens, width):

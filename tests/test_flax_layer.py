@@ -1,6 +1,9 @@
 """The Flax KimiDeltaAttention layer: forward against float64 NumPy, cache and decode, import, Linen."""
 
+import importlib
 import os
+import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -192,11 +195,28 @@ def test_linen_bridge(rng):
 
 def test_bad_calls(rng):
     layer = make_layer()
-    x = jnp.zeros((2, 4, DIMS["hidden"]))
+    x = jnp.asarray(rng.standard_normal((2, 4, DIMS["hidden"])), jnp.float32)
     with pytest.raises(ValueError, match="B == 1"):
         layer(x, cu_seqlens=np.array([0, 2, 4]))
     with pytest.raises(ValueError, match="cache holds 3 sequences"):
         layer(x, cache=layer.init_cache(3))
+    with pytest.raises(ValueError, match=r"\[B, T, hidden_size\], got shape \(4, 48\)"):
+        layer(x[0])
+    with pytest.raises(ValueError, match="hidden size 47, the layer 48"):
+        layer(x[..., :47])
+    with pytest.raises(ValueError, match=r"mask must be \[B, T\] = \(2, 4\), got shape \(4, 2\)"):
+        layer(x, mask=np.ones((4, 2), bool))
+    with pytest.raises(ValueError, match="mask must be boolean.*float32"):
+        layer(x, mask=np.ones((2, 4), np.float32))
+    integer_mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]])  # boolean-like: taken as its truth values
+    np.testing.assert_array_equal(np.asarray(layer(x, mask=integer_mask)), np.asarray(layer(x, mask=integer_mask > 0)))
+
+
+def test_import_without_flax_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flax", None)  # None in sys.modules: "import flax" fails as if missing
+    monkeypatch.delitem(sys.modules, "jax_kda.flax")  # import it afresh; restored after the test
+    with pytest.raises(ImportError, match=re.escape("jax_kda.flax needs flax: pip install 'jax-kda[flax]'")):
+        importlib.import_module("jax_kda.flax")
 
 
 @pytest.mark.gpu
