@@ -30,6 +30,7 @@ except ImportError as error:
 
 from .api import kda_prefill
 from .decode import kda_decode_step
+from .packing import token_sequence_ids
 
 
 class KDACache(NamedTuple):
@@ -169,7 +170,7 @@ class KimiDeltaAttention(nnx.Module):
         t_idx = jnp.arange(t)
         if packed:
             cu = jnp.asarray(cu_seqlens, jnp.int32)
-            seq = jnp.searchsorted(cu[1:], t_idx, side="right")[None]
+            seq = token_sequence_ids(cu, t)[None]
             local = t_idx[None] - cu[seq]
         else:
             seq = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
