@@ -156,7 +156,6 @@ class KimiDeltaAttention(nnx.Module):
         b, t, hidden = x.shape
         if hidden != self.hidden_size:
             raise ValueError(f"x has hidden size {hidden}, the layer {self.hidden_size}")
-        x = x.astype(self.dtype)
         packed = cu_seqlens is not None
         if packed and (b != 1 or mask is not None):
             raise ValueError("cu_seqlens packs sequences along T: it requires B == 1 and no mask")
@@ -164,6 +163,10 @@ class KimiDeltaAttention(nnx.Module):
         if cache is not None and cache.state.shape[0] != n:
             raise ValueError(f"the cache holds {cache.state.shape[0]} sequences, the input {n}")
         valid = jnp.ones((b, t), bool) if mask is None else _mask_of_real_tokens(mask, b, t)
+        # Padding is selected away where it enters, never multiplied by zero: a NaN or Inf there would
+        # reach the real tokens, the cache and the gradients (0 * NaN is NaN). From here on padding is a
+        # finite function of zeros; the bias-free projections make its conv inputs zero.
+        x = jnp.where(valid[..., None], x.astype(self.dtype), 0)
         carry = self.init_cache(n) if cache is None else cache
 
         # Each token's sequence (a row of the cache) and its position within it.
@@ -177,7 +180,7 @@ class KimiDeltaAttention(nnx.Module):
             local = jnp.broadcast_to(t_idx[None], (b, t))
 
         def conv(layer, proj, previous):
-            inputs = proj(x) * valid[..., None].astype(x.dtype)  # padding enters the conv as zeros
+            inputs = proj(x)
             return layer(inputs, previous, seq, local), inputs
 
         q, q_in = conv(self.q_conv1d, self.q_proj, carry.conv_q)
@@ -203,7 +206,7 @@ class KimiDeltaAttention(nnx.Module):
             o, state = kda_prefill(q, k, v, g, beta, initial_state=carry.state, output_final_state=True,
                                    safe_gate=self.safe_gate, cu_seqlens=cu_seqlens, impl=self.impl, **flags)
         gate = self.g_b_proj(self.g_a_proj(x)).reshape(b, t, hv, vd)
-        o = self.o_norm(o, gate) * valid[..., None, None].astype(o.dtype)
+        o = jnp.where(valid[..., None, None], self.o_norm(o, gate), 0)  # padding outputs are exactly zero
         out = self.o_proj(o.reshape(b, t, self.value_dim))
         if cache is None:
             return out

@@ -104,6 +104,55 @@ def test_padded_batch_with_mask(rng):
     assert not np.any(np.asarray(out[1, 11:]))  # padding outputs are zero
 
 
+def poison_padding(rng, x, mask):
+    """x with NaN, Inf and -Inf where mask is False."""
+    poisoned = np.array(x)
+    poisoned[~mask] = rng.choice([np.nan, np.inf, -np.inf], size=poisoned[~mask].shape)
+    return poisoned
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+def test_padding_never_reaches_real_tokens(rng, impl):
+    """NaN and Inf in the padding of x: the real tokens' outputs and the cache are bitwise those of a run
+    with finite padding, and the padding's outputs are exactly zero; in a prefill and a decode step."""
+    layer = make_layer(impl=impl)
+    x = rng.standard_normal((2, 19, DIMS["hidden"])).astype(np.float32)
+    mask = np.arange(19)[None] < np.array([19, 7])[:, None]
+    run = nnx.jit(lambda layer, x, cache, mask: layer(x, cache=cache, mask=mask))
+    finite, finite_cache = run(layer, x, layer.init_cache(2), mask)
+    poisoned, poisoned_cache = run(layer, poison_padding(rng, x, mask), layer.init_cache(2), mask)
+    assert np.isfinite(np.asarray(finite)).all()
+    np.testing.assert_array_equal(np.asarray(poisoned)[mask], np.asarray(finite)[mask])
+    assert np.all(np.asarray(finite)[~mask] == 0) and np.all(np.asarray(poisoned)[~mask] == 0)
+    for got, want in zip(poisoned_cache, finite_cache):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+    # One decode step in which the second sequence is padding: its cache stays as it was.
+    token = rng.standard_normal((2, 1, DIMS["hidden"])).astype(np.float32)
+    step_mask = np.array([[True], [False]])
+    finite, finite_cache = run(layer, token, finite_cache, step_mask)
+    poisoned, poisoned_cache = run(layer, poison_padding(rng, token, step_mask), poisoned_cache, step_mask)
+    np.testing.assert_array_equal(np.asarray(poisoned)[0], np.asarray(finite)[0])
+    assert np.all(np.asarray(finite)[1] == 0) and np.all(np.asarray(poisoned)[1] == 0)
+    for got, want, before in zip(poisoned_cache, finite_cache, run(layer, x, layer.init_cache(2), mask)[1]):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        np.testing.assert_array_equal(np.asarray(got)[1], np.asarray(before)[1])
+
+
+def test_padding_never_reaches_gradients(rng):
+    layer = make_layer(impl="xla")
+    x = rng.standard_normal((2, 12, DIMS["hidden"])).astype(np.float32)
+    mask = np.arange(12)[None] < np.array([12, 5])[:, None]
+    loss = lambda layer, x: jnp.sum(layer(x, mask=mask) ** 2)
+    grad = nnx.jit(nnx.grad(loss, argnums=(0, 1)))
+    (finite_params, finite_x), (poisoned_params, poisoned_x) = grad(layer, x), grad(layer, poison_padding(rng, x, mask))
+    for got, want in zip(jax.tree.leaves(poisoned_params), jax.tree.leaves(finite_params)):
+        assert np.isfinite(np.asarray(want)).all()
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(poisoned_x), np.asarray(finite_x))
+    assert not np.any(np.asarray(finite_x)[~mask])  # padding does not move the loss
+
+
 def test_packed_prefill_fills_each_sequences_cache(rng):
     layer = make_layer()
     seqs = [rng.standard_normal((n, DIMS["hidden"])).astype(np.float32) for n in (2, 13)]
