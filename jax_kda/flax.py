@@ -9,6 +9,10 @@ gate projections named as in Kimi-Linear checkpoints, `f_a_proj`/`f_b_proj`, `g_
     o         = kda_prefill(q, k, v, g, beta, l2norm, state_v_first)
     o         = rmsnorm(o) * weight * sigmoid((x G_a) G_b + bias)   per head, then o W_o
 
+The gate bottleneck (F_a, G_a) is head_v_dim wide, as in FLA; Kimi-Linear sizes it head_dim, the same
+with its expand_v = 1. Kimi-Linear has no output-gate bias: `gate_bias=False`. Kimi-Linear-48B's layer
+is `KimiDeltaAttention(hidden_size=2304, num_heads=32, head_dim=128, gate_bias=False, rngs=...)`.
+
 Parameters carry logical axis names (`nnx.with_partitioning`): "embed" for the model width, "heads"
 for projected head features, "rank" for the low-rank gate bottleneck, "conv" for the conv taps.
 A Linen module: `flax.nnx.bridge.to_linen(KimiDeltaAttention, hidden_size=..., ...)`.
@@ -105,16 +109,16 @@ class KimiDeltaAttention(nnx.Module):
 
     def __init__(
         self, hidden_size=2048, num_heads=16, head_dim=128, *, num_v_heads=None, expand_v=1.0, conv_size=4,
-        conv_bias=False, lower_bound=None, safe_gate=False, allow_neg_eigval=False, norm_eps=1e-5,
+        conv_bias=False, gate_bias=True, lower_bound=None, safe_gate=False, allow_neg_eigval=False, norm_eps=1e-5,
         dtype=jnp.bfloat16, param_dtype=jnp.float32, impl="auto", rngs: nnx.Rngs,
     ):
         # The axis names are logical (mapped to a mesh by the user's rules), so nothing is placed here.
         with nnx.use_eager_sharding(False):
-            self._build(hidden_size, num_heads, head_dim, num_v_heads, expand_v, conv_size, conv_bias, lower_bound,
-                        safe_gate, allow_neg_eigval, norm_eps, dtype, param_dtype, impl, rngs)
+            self._build(hidden_size, num_heads, head_dim, num_v_heads, expand_v, conv_size, conv_bias, gate_bias,
+                        lower_bound, safe_gate, allow_neg_eigval, norm_eps, dtype, param_dtype, impl, rngs)
 
-    def _build(self, hidden_size, num_heads, head_dim, num_v_heads, expand_v, conv_size, conv_bias, lower_bound,
-               safe_gate, allow_neg_eigval, norm_eps, dtype, param_dtype, impl, rngs):
+    def _build(self, hidden_size, num_heads, head_dim, num_v_heads, expand_v, conv_size, conv_bias, gate_bias,
+               lower_bound, safe_gate, allow_neg_eigval, norm_eps, dtype, param_dtype, impl, rngs):
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.num_v_heads = num_v_heads or num_heads
         self.head_v_dim = int(head_dim * expand_v)
@@ -134,7 +138,7 @@ class KimiDeltaAttention(nnx.Module):
         self.f_b_proj = lin(self.head_v_dim, hv * kd, ("rank", "heads"))
         self.b_proj = lin(hidden_size, hv, ("embed", "heads"))
         self.g_a_proj = lin(hidden_size, self.head_v_dim, ("embed", "rank"))
-        self.g_b_proj = lin(self.head_v_dim, self.value_dim, ("rank", "heads"), bias=True)
+        self.g_b_proj = lin(self.head_v_dim, self.value_dim, ("rank", "heads"), bias=gate_bias)
         key_a, key_dt = rngs.params(), rngs.params()
         a_log = jnp.zeros((hv,)) if safe_gate else jnp.log(jax.random.uniform(key_a, (hv,), minval=1.0, maxval=16.0))
         self.A_log = nnx.Param(a_log.astype(param_dtype), out_sharding=("heads",))

@@ -40,6 +40,17 @@ def test_forward_matches_float64_numpy(rng, weights, lower_bound):
     assert rel_err(layer(jnp.asarray(x)), want) < 1e-4
 
 
+def test_without_output_gate_bias(rng):
+    """Kimi-Linear's configuration: no g_b_proj bias in the layer, the checkpoint or the oracle."""
+    weights = random_state_dict(rng, **DIMS, gate_bias=False)
+    layer = make_layer(gate_bias=False)
+    assert layer.g_b_proj.bias is None
+    load_torch_state_dict(layer, weights)
+    x = rng.standard_normal((2, 21, DIMS["hidden"])).astype(np.float32)
+    want = kda_layer_oracle(weights, x, num_heads=2, head_dim=16, num_v_heads=4)
+    assert rel_err(layer(jnp.asarray(x)), want) < 1e-4
+
+
 def test_bf16_forward(rng, weights):
     layer = make_layer(dtype=jnp.bfloat16)
     load_torch_state_dict(layer, weights)
