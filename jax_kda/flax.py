@@ -14,8 +14,9 @@ with its expand_v = 1. Kimi-Linear has no output-gate bias: `gate_bias=False`. K
 is `KimiDeltaAttention(hidden_size=2304, num_heads=32, head_dim=128, gate_bias=False, rngs=...)`.
 
 Parameters carry logical axis names (`nnx.with_partitioning`): "embed" for the model width, "heads"
-for projected head features, "rank" for the low-rank gate bottleneck, "conv" for the conv taps.
-A Linen module: `flax.nnx.bridge.to_linen(KimiDeltaAttention, hidden_size=..., ...)`.
+for projected head features, "rank" for the low-rank gate bottleneck, "conv" for the conv taps,
+"head_dim" for the norm weight. A Linen module: `flax.nnx.bridge.to_linen(KimiDeltaAttention, ...)`.
+The checkpoint loaders, defined in `checkpoints.py`, are importable from here.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 try:
     from flax import nnx
@@ -33,8 +33,12 @@ except ImportError as error:
     raise ImportError("jax_kda.flax needs flax: pip install 'jax-kda[flax]'") from error
 
 from .api import kda_prefill
+from .checkpoints import kda_layer_indices, load_safetensors, load_safetensors_layers, load_torch_state_dict
 from .decode import kda_decode_step
 from .packing import token_sequence_ids
+
+__all__ = ["KDACache", "KimiDeltaAttention", "kda_layer_indices", "load_safetensors", "load_safetensors_layers",
+           "load_torch_state_dict"]
 
 
 class KDACache(NamedTuple):
@@ -244,55 +248,3 @@ def _last_inputs(inputs, previous, valid, cu_seqlens, width):
     from_tokens = inputs[0, jnp.clip(idx, 0, inputs.shape[1] - 1)]
     from_previous = jnp.take_along_axis(previous, jnp.clip(idx - starts[:, None] + width, 0, width - 1)[..., None], 1)
     return jnp.where((idx >= starts[:, None])[..., None], from_tokens, from_previous)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoint import
-
-_RENAMES = {  # FLA's Sequential names -> this layer's (Kimi-Linear) names
-    "f_proj.0": "f_a_proj", "f_proj.1": "f_b_proj", "g_proj.0": "g_a_proj", "g_proj.1": "g_b_proj",
-}
-
-
-def load_torch_state_dict(layer: KimiDeltaAttention, state_dict, prefix: str = "") -> None:
-    """Loads a PyTorch/safetensors state dict with FLA's layer naming or Kimi-Linear's into `layer`.
-
-    `state_dict` maps names to tensors or arrays (torch tensors are converted on the host); `prefix`
-    selects one layer of a model's dict (e.g. "model.layers.0.self_attn."). Every parameter of the
-    layer must be present, with its shape; unknown names under the prefix are an error too.
-    """
-    weights = {}
-    for name, value in state_dict.items():
-        if not name.startswith(prefix):
-            continue
-        short = name[len(prefix):]
-        for old, new in _RENAMES.items():
-            if short.startswith(old + "."):
-                short = new + short[len(old):]
-        if hasattr(value, "detach"):
-            value = value.detach().float().cpu().numpy()
-        weights[short] = np.asarray(value)
-
-    graph, params = nnx.split(layer, nnx.Param)
-    flat = dict(nnx.to_flat_state(params))
-    expected = set()
-    for path, var in flat.items():
-        module, leaf = ".".join(map(str, path[:-1])), path[-1]
-        torch_name = {"kernel": "weight"}.get(leaf, leaf)
-        name = f"{module}.{torch_name}" if module else torch_name
-        if name not in weights:
-            raise KeyError(f"the state dict has no '{prefix}{name}' for {'.'.join(map(str, path))} {var.shape}")
-        expected.add(name)
-        value = weights[name]
-        if leaf == "kernel":
-            value = value.T  # torch Linear keeps [out, in]
-        elif module.endswith("conv1d") and leaf == "weight":
-            value = value.reshape(value.shape[0], -1).T  # Conv1d [D, 1, size] -> [size, D]
-        value = value.reshape(var.shape) if value.size == np.prod(var.shape) else value
-        if value.shape != tuple(var.shape):
-            raise ValueError(f"'{prefix}{name}' has shape {weights[name].shape}, the layer wants {tuple(var.shape)}")
-        var.set_value(jnp.asarray(value, var.dtype))
-    unknown = sorted(set(weights) - expected)
-    if unknown:
-        raise KeyError(f"names the layer does not have: {', '.join(prefix + u for u in unknown)}")
-    nnx.update(layer, nnx.from_flat_state(flat))
