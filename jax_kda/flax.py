@@ -9,9 +9,14 @@ gate projections named as in Kimi-Linear checkpoints, `f_a_proj`/`f_b_proj`, `g_
     o         = kda_prefill(q, k, v, g, beta, l2norm, state_v_first)
     o         = rmsnorm(o) * weight * sigmoid((x G_a) G_b + bias)   per head, then o W_o
 
+The gate bottleneck (F_a, G_a) is head_v_dim wide, as in FLA; Kimi-Linear sizes it head_dim, the same
+with its expand_v = 1. Kimi-Linear has no output-gate bias: `gate_bias=False`. Kimi-Linear-48B's layer
+is `KimiDeltaAttention(hidden_size=2304, num_heads=32, head_dim=128, gate_bias=False, rngs=...)`.
+
 Parameters carry logical axis names (`nnx.with_partitioning`): "embed" for the model width, "heads"
-for projected head features, "rank" for the low-rank gate bottleneck, "conv" for the conv taps.
-A Linen module: `flax.nnx.bridge.to_linen(KimiDeltaAttention, hidden_size=..., ...)`.
+for projected head features, "rank" for the low-rank gate bottleneck, "conv" for the conv taps,
+"head_dim" for the norm weight. A Linen module: `flax.nnx.bridge.to_linen(KimiDeltaAttention, ...)`.
+The checkpoint loaders, defined in `checkpoints.py`, are importable from here.
 """
 
 from __future__ import annotations
@@ -21,11 +26,19 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+
+try:
+    from flax import nnx
+except ImportError as error:
+    raise ImportError("jax_kda.flax needs flax: pip install 'jax-kda[flax]'") from error
 
 from .api import kda_prefill
+from .checkpoints import kda_layer_indices, load_safetensors, load_safetensors_layers, load_torch_state_dict
 from .decode import kda_decode_step
+from .packing import token_sequence_ids
+
+__all__ = ["KDACache", "KimiDeltaAttention", "kda_layer_indices", "load_safetensors", "load_safetensors_layers",
+           "load_torch_state_dict"]
 
 
 class KDACache(NamedTuple):
@@ -100,16 +113,16 @@ class KimiDeltaAttention(nnx.Module):
 
     def __init__(
         self, hidden_size=2048, num_heads=16, head_dim=128, *, num_v_heads=None, expand_v=1.0, conv_size=4,
-        conv_bias=False, lower_bound=None, safe_gate=False, allow_neg_eigval=False, norm_eps=1e-5,
+        conv_bias=False, gate_bias=True, lower_bound=None, safe_gate=False, allow_neg_eigval=False, norm_eps=1e-5,
         dtype=jnp.bfloat16, param_dtype=jnp.float32, impl="auto", rngs: nnx.Rngs,
     ):
         # The axis names are logical (mapped to a mesh by the user's rules), so nothing is placed here.
         with nnx.use_eager_sharding(False):
-            self._build(hidden_size, num_heads, head_dim, num_v_heads, expand_v, conv_size, conv_bias, lower_bound,
-                        safe_gate, allow_neg_eigval, norm_eps, dtype, param_dtype, impl, rngs)
+            self._build(hidden_size, num_heads, head_dim, num_v_heads, expand_v, conv_size, conv_bias, gate_bias,
+                        lower_bound, safe_gate, allow_neg_eigval, norm_eps, dtype, param_dtype, impl, rngs)
 
-    def _build(self, hidden_size, num_heads, head_dim, num_v_heads, expand_v, conv_size, conv_bias, lower_bound,
-               safe_gate, allow_neg_eigval, norm_eps, dtype, param_dtype, impl, rngs):
+    def _build(self, hidden_size, num_heads, head_dim, num_v_heads, expand_v, conv_size, conv_bias, gate_bias,
+               lower_bound, safe_gate, allow_neg_eigval, norm_eps, dtype, param_dtype, impl, rngs):
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.num_v_heads = num_v_heads or num_heads
         self.head_v_dim = int(head_dim * expand_v)
@@ -129,7 +142,7 @@ class KimiDeltaAttention(nnx.Module):
         self.f_b_proj = lin(self.head_v_dim, hv * kd, ("rank", "heads"))
         self.b_proj = lin(hidden_size, hv, ("embed", "heads"))
         self.g_a_proj = lin(hidden_size, self.head_v_dim, ("embed", "rank"))
-        self.g_b_proj = lin(self.head_v_dim, self.value_dim, ("rank", "heads"), bias=True)
+        self.g_b_proj = lin(self.head_v_dim, self.value_dim, ("rank", "heads"), bias=gate_bias)
         key_a, key_dt = rngs.params(), rngs.params()
         a_log = jnp.zeros((hv,)) if safe_gate else jnp.log(jax.random.uniform(key_a, (hv,), minval=1.0, maxval=16.0))
         self.A_log = nnx.Param(a_log.astype(param_dtype), out_sharding=("heads",))
@@ -145,29 +158,37 @@ class KimiDeltaAttention(nnx.Module):
         return KDACache(state, hist(self.key_dim), hist(self.key_dim), hist(self.value_dim))
 
     def __call__(self, x, *, cache: Optional[KDACache] = None, cu_seqlens=None, mask=None):
-        b, t, _ = x.shape
-        x = x.astype(self.dtype)
+        x = jnp.asarray(x)
+        if x.ndim != 3:
+            raise ValueError(f"x must be [B, T, hidden_size], got shape {x.shape}")
+        b, t, hidden = x.shape
+        if hidden != self.hidden_size:
+            raise ValueError(f"x has hidden size {hidden}, the layer {self.hidden_size}")
         packed = cu_seqlens is not None
         if packed and (b != 1 or mask is not None):
             raise ValueError("cu_seqlens packs sequences along T: it requires B == 1 and no mask")
         n = cu_seqlens.shape[0] - 1 if packed else b
         if cache is not None and cache.state.shape[0] != n:
             raise ValueError(f"the cache holds {cache.state.shape[0]} sequences, the input {n}")
-        valid = jnp.ones((b, t), bool) if mask is None else jnp.asarray(mask, bool)
+        valid = jnp.ones((b, t), bool) if mask is None else _mask_of_real_tokens(mask, b, t)
+        # Padding is selected away where it enters, never multiplied by zero: a NaN or Inf there would
+        # reach the real tokens, the cache and the gradients (0 * NaN is NaN). From here on padding is a
+        # finite function of zeros; the bias-free projections make its conv inputs zero.
+        x = jnp.where(valid[..., None], x.astype(self.dtype), 0)
         carry = self.init_cache(n) if cache is None else cache
 
         # Each token's sequence (a row of the cache) and its position within it.
         t_idx = jnp.arange(t)
         if packed:
             cu = jnp.asarray(cu_seqlens, jnp.int32)
-            seq = jnp.searchsorted(cu[1:], t_idx, side="right")[None]
+            seq = token_sequence_ids(cu, t)[None]
             local = t_idx[None] - cu[seq]
         else:
             seq = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
             local = jnp.broadcast_to(t_idx[None], (b, t))
 
         def conv(layer, proj, previous):
-            inputs = proj(x) * valid[..., None].astype(x.dtype)  # padding enters the conv as zeros
+            inputs = proj(x)
             return layer(inputs, previous, seq, local), inputs
 
         q, q_in = conv(self.q_conv1d, self.q_proj, carry.conv_q)
@@ -193,13 +214,22 @@ class KimiDeltaAttention(nnx.Module):
             o, state = kda_prefill(q, k, v, g, beta, initial_state=carry.state, output_final_state=True,
                                    safe_gate=self.safe_gate, cu_seqlens=cu_seqlens, impl=self.impl, **flags)
         gate = self.g_b_proj(self.g_a_proj(x)).reshape(b, t, hv, vd)
-        o = self.o_norm(o, gate) * valid[..., None, None].astype(o.dtype)
+        o = jnp.where(valid[..., None, None], self.o_norm(o, gate), 0)  # padding outputs are exactly zero
         out = self.o_proj(o.reshape(b, t, self.value_dim))
         if cache is None:
             return out
         history = lambda inputs, previous: _last_inputs(inputs, previous, valid, cu_seqlens, self.conv_size - 1)
         return out, KDACache(state, history(q_in, carry.conv_q), history(k_in, carry.conv_k),
                              history(v_in, carry.conv_v))
+
+
+def _mask_of_real_tokens(mask, batch, length):
+    mask = jnp.asarray(mask)
+    if mask.shape != (batch, length):
+        raise ValueError(f"mask must be [B, T] = {(batch, length)}, got shape {mask.shape}")
+    if mask.dtype != jnp.bool_ and not jnp.issubdtype(mask.dtype, jnp.integer):
+        raise ValueError(f"mask must be boolean (True on real tokens), got {mask.dtype}")
+    return mask.astype(bool)
 
 
 def _last_inputs(inputs, previous, valid, cu_seqlens, width):
@@ -218,55 +248,3 @@ def _last_inputs(inputs, previous, valid, cu_seqlens, width):
     from_tokens = inputs[0, jnp.clip(idx, 0, inputs.shape[1] - 1)]
     from_previous = jnp.take_along_axis(previous, jnp.clip(idx - starts[:, None] + width, 0, width - 1)[..., None], 1)
     return jnp.where((idx >= starts[:, None])[..., None], from_tokens, from_previous)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoint import
-
-_RENAMES = {  # FLA's Sequential names -> this layer's (Kimi-Linear) names
-    "f_proj.0": "f_a_proj", "f_proj.1": "f_b_proj", "g_proj.0": "g_a_proj", "g_proj.1": "g_b_proj",
-}
-
-
-def load_torch_state_dict(layer: KimiDeltaAttention, state_dict, prefix: str = "") -> None:
-    """Loads a PyTorch/safetensors state dict with FLA's layer naming or Kimi-Linear's into `layer`.
-
-    `state_dict` maps names to tensors or arrays (torch tensors are converted on the host); `prefix`
-    selects one layer of a model's dict (e.g. "model.layers.0.self_attn."). Every parameter of the
-    layer must be present, with its shape; unknown names under the prefix are an error too.
-    """
-    weights = {}
-    for name, value in state_dict.items():
-        if not name.startswith(prefix):
-            continue
-        short = name[len(prefix):]
-        for old, new in _RENAMES.items():
-            if short.startswith(old + "."):
-                short = new + short[len(old):]
-        if hasattr(value, "detach"):
-            value = value.detach().float().cpu().numpy()
-        weights[short] = np.asarray(value)
-
-    graph, params = nnx.split(layer, nnx.Param)
-    flat = dict(nnx.to_flat_state(params))
-    expected = set()
-    for path, var in flat.items():
-        module, leaf = ".".join(map(str, path[:-1])), path[-1]
-        torch_name = {"kernel": "weight"}.get(leaf, leaf)
-        name = f"{module}.{torch_name}" if module else torch_name
-        if name not in weights:
-            raise KeyError(f"the state dict has no '{prefix}{name}' for {'.'.join(map(str, path))} {var.shape}")
-        expected.add(name)
-        value = weights[name]
-        if leaf == "kernel":
-            value = value.T  # torch Linear keeps [out, in]
-        elif module.endswith("conv1d") and leaf == "weight":
-            value = value.reshape(value.shape[0], -1).T  # Conv1d [D, 1, size] -> [size, D]
-        value = value.reshape(var.shape) if value.size == np.prod(var.shape) else value
-        if value.shape != tuple(var.shape):
-            raise ValueError(f"'{prefix}{name}' has shape {weights[name].shape}, the layer wants {tuple(var.shape)}")
-        var.set_value(jnp.asarray(value, var.dtype))
-    unknown = sorted(set(weights) - expected)
-    if unknown:
-        raise KeyError(f"names the layer does not have: {', '.join(prefix + u for u in unknown)}")
-    nnx.update(layer, nnx.from_flat_state(flat))

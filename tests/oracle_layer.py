@@ -1,11 +1,15 @@
 """An independent float64 NumPy forward of FLA's KimiDeltaAttention layer from a torch-style state dict
-(FLA naming: weights [out, in], conv weights [D, 1, size], f_proj.0/1, g_proj.0/1)."""
+(weights [out, in], conv weights [D, 1, size]; FLA's names f_proj.0/1, g_proj.0/1 or Kimi-Linear's
+f_a_proj/f_b_proj, g_a_proj/g_b_proj; the output-gate bias g_proj.1.bias is optional)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from oracle import kda_oracle
+
+
+KIMI_LINEAR_NAMES = {"f_proj.0": "f_a_proj", "f_proj.1": "f_b_proj", "g_proj.0": "g_a_proj", "g_proj.1": "g_b_proj"}
 
 
 def _silu(x):
@@ -25,6 +29,8 @@ def kda_layer_oracle(sd, x, *, num_heads, head_dim, num_v_heads=None, lower_boun
                      norm_eps=1e-5, cu_seqlens=None):
     """x [B, T, hidden] -> [B, T, hidden]; with cu_seqlens (B == 1) each packed sequence is separate."""
     sd = {n: np.asarray(v, np.float64) for n, v in sd.items()}
+    for fla, kimi in KIMI_LINEAR_NAMES.items():
+        sd.update({fla + n[len(kimi):]: v for n, v in sd.items() if n.startswith(kimi + ".")})
     x = np.asarray(x, np.float64)
     hv = num_v_heads or num_heads
     head_v_dim = sd["o_norm.weight"].shape[0]
@@ -46,7 +52,8 @@ def kda_layer_oracle(sd, x, *, num_heads, head_dim, num_v_heads=None, lower_boun
         o, _ = kda_oracle(q[None], k[None], v[None], g[None], beta[None], use_qk_l2norm_in_kernel=True,
                           use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True, allow_neg_eigval=allow_neg_eigval,
                           lower_bound=lower_bound, A_log=sd["A_log"].reshape(-1), dt_bias=sd["dt_bias"])
-        gate = (xs @ sd["g_proj.0.weight"].T @ sd["g_proj.1.weight"].T + sd["g_proj.1.bias"]).reshape(e - s, hv, head_v_dim)
+        gate = xs @ sd["g_proj.0.weight"].T @ sd["g_proj.1.weight"].T + sd.get("g_proj.1.bias", 0.0)
+        gate = gate.reshape(e - s, hv, head_v_dim)
         o = o[0]
         o = o / np.sqrt(np.mean(o * o, axis=-1, keepdims=True) + norm_eps) * sd["o_norm.weight"]
         o = o / (1.0 + np.exp(-gate))
@@ -54,7 +61,8 @@ def kda_layer_oracle(sd, x, *, num_heads, head_dim, num_v_heads=None, lower_boun
     return out
 
 
-def random_state_dict(rng, *, hidden, num_heads, head_dim, num_v_heads=None, conv_size=4, conv_bias=False):
+def random_state_dict(rng, *, hidden, num_heads, head_dim, num_v_heads=None, conv_size=4, conv_bias=False,
+                      gate_bias=True):
     """Random weights with FLA's names and shapes (scaled as PyTorch initialises them)."""
     hv = num_v_heads or num_heads
     key_dim, value_dim = num_heads * head_dim, hv * head_dim
@@ -73,6 +81,8 @@ def random_state_dict(rng, *, hidden, num_heads, head_dim, num_v_heads=None, con
         "o_norm.weight": rng.uniform(0.5, 1.5, head_dim).astype(np.float32),
         "o_proj.weight": u((hidden, value_dim), value_dim),
     }
+    if not gate_bias:
+        del sd["g_proj.1.bias"]
     if conv_bias:
         for name, d in (("q_conv1d", key_dim), ("k_conv1d", key_dim), ("v_conv1d", value_dim)):
             sd[f"{name}.bias"] = u((d,), conv_size)

@@ -1,6 +1,9 @@
 """The Flax KimiDeltaAttention layer: forward against float64 NumPy, cache and decode, import, Linen."""
 
+import importlib
 import os
+import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +37,17 @@ def test_forward_matches_float64_numpy(rng, weights, lower_bound):
     load_torch_state_dict(layer, weights)
     x = rng.standard_normal((2, 45, DIMS["hidden"])).astype(np.float32)
     want = kda_layer_oracle(weights, x, num_heads=2, head_dim=16, num_v_heads=4, lower_bound=lower_bound)
+    assert rel_err(layer(jnp.asarray(x)), want) < 1e-4
+
+
+def test_without_output_gate_bias(rng):
+    """Kimi-Linear's configuration: no g_b_proj bias in the layer, the checkpoint or the oracle."""
+    weights = random_state_dict(rng, **DIMS, gate_bias=False)
+    layer = make_layer(gate_bias=False)
+    assert layer.g_b_proj.bias is None
+    load_torch_state_dict(layer, weights)
+    x = rng.standard_normal((2, 21, DIMS["hidden"])).astype(np.float32)
+    want = kda_layer_oracle(weights, x, num_heads=2, head_dim=16, num_v_heads=4)
     assert rel_err(layer(jnp.asarray(x)), want) < 1e-4
 
 
@@ -99,6 +113,55 @@ def test_padded_batch_with_mask(rng):
         for got, want in zip(cache, alone_cache):
             assert rel_err(got[i], want[0]) < 1e-5
     assert not np.any(np.asarray(out[1, 11:]))  # padding outputs are zero
+
+
+def poison_padding(rng, x, mask):
+    """x with NaN, Inf and -Inf where mask is False."""
+    poisoned = np.array(x)
+    poisoned[~mask] = rng.choice([np.nan, np.inf, -np.inf], size=poisoned[~mask].shape)
+    return poisoned
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+def test_padding_never_reaches_real_tokens(rng, impl):
+    """NaN and Inf in the padding of x: the real tokens' outputs and the cache are bitwise those of a run
+    with finite padding, and the padding's outputs are exactly zero; in a prefill and a decode step."""
+    layer = make_layer(impl=impl)
+    x = rng.standard_normal((2, 19, DIMS["hidden"])).astype(np.float32)
+    mask = np.arange(19)[None] < np.array([19, 7])[:, None]
+    run = nnx.jit(lambda layer, x, cache, mask: layer(x, cache=cache, mask=mask))
+    finite, finite_cache = run(layer, x, layer.init_cache(2), mask)
+    poisoned, poisoned_cache = run(layer, poison_padding(rng, x, mask), layer.init_cache(2), mask)
+    assert np.isfinite(np.asarray(finite)).all()
+    np.testing.assert_array_equal(np.asarray(poisoned)[mask], np.asarray(finite)[mask])
+    assert np.all(np.asarray(finite)[~mask] == 0) and np.all(np.asarray(poisoned)[~mask] == 0)
+    for got, want in zip(poisoned_cache, finite_cache):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+    # One decode step in which the second sequence is padding: its cache stays as it was.
+    token = rng.standard_normal((2, 1, DIMS["hidden"])).astype(np.float32)
+    step_mask = np.array([[True], [False]])
+    finite, finite_cache = run(layer, token, finite_cache, step_mask)
+    poisoned, poisoned_cache = run(layer, poison_padding(rng, token, step_mask), poisoned_cache, step_mask)
+    np.testing.assert_array_equal(np.asarray(poisoned)[0], np.asarray(finite)[0])
+    assert np.all(np.asarray(finite)[1] == 0) and np.all(np.asarray(poisoned)[1] == 0)
+    for got, want, before in zip(poisoned_cache, finite_cache, run(layer, x, layer.init_cache(2), mask)[1]):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        np.testing.assert_array_equal(np.asarray(got)[1], np.asarray(before)[1])
+
+
+def test_padding_never_reaches_gradients(rng):
+    layer = make_layer(impl="xla")
+    x = rng.standard_normal((2, 12, DIMS["hidden"])).astype(np.float32)
+    mask = np.arange(12)[None] < np.array([12, 5])[:, None]
+    loss = lambda layer, x: jnp.sum(layer(x, mask=mask) ** 2)
+    grad = nnx.jit(nnx.grad(loss, argnums=(0, 1)))
+    (finite_params, finite_x), (poisoned_params, poisoned_x) = grad(layer, x), grad(layer, poison_padding(rng, x, mask))
+    for got, want in zip(jax.tree.leaves(poisoned_params), jax.tree.leaves(finite_params)):
+        assert np.isfinite(np.asarray(want)).all()
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(poisoned_x), np.asarray(finite_x))
+    assert not np.any(np.asarray(finite_x)[~mask])  # padding does not move the loss
 
 
 def test_packed_prefill_fills_each_sequences_cache(rng):
@@ -192,11 +255,28 @@ def test_linen_bridge(rng):
 
 def test_bad_calls(rng):
     layer = make_layer()
-    x = jnp.zeros((2, 4, DIMS["hidden"]))
+    x = jnp.asarray(rng.standard_normal((2, 4, DIMS["hidden"])), jnp.float32)
     with pytest.raises(ValueError, match="B == 1"):
         layer(x, cu_seqlens=np.array([0, 2, 4]))
     with pytest.raises(ValueError, match="cache holds 3 sequences"):
         layer(x, cache=layer.init_cache(3))
+    with pytest.raises(ValueError, match=r"\[B, T, hidden_size\], got shape \(4, 48\)"):
+        layer(x[0])
+    with pytest.raises(ValueError, match="hidden size 47, the layer 48"):
+        layer(x[..., :47])
+    with pytest.raises(ValueError, match=r"mask must be \[B, T\] = \(2, 4\), got shape \(4, 2\)"):
+        layer(x, mask=np.ones((4, 2), bool))
+    with pytest.raises(ValueError, match="mask must be boolean.*float32"):
+        layer(x, mask=np.ones((2, 4), np.float32))
+    integer_mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]])  # boolean-like: taken as its truth values
+    np.testing.assert_array_equal(np.asarray(layer(x, mask=integer_mask)), np.asarray(layer(x, mask=integer_mask > 0)))
+
+
+def test_import_without_flax_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flax", None)  # None in sys.modules: "import flax" fails as if missing
+    monkeypatch.delitem(sys.modules, "jax_kda.flax")  # import it afresh; restored after the test
+    with pytest.raises(ImportError, match=re.escape("jax_kda.flax needs flax: pip install 'jax-kda[flax]'")):
+        importlib.import_module("jax_kda.flax")
 
 
 @pytest.mark.gpu
