@@ -1,5 +1,5 @@
 // The kernels' contract with jax_kda's Python side, stated once: FFI target names, the gate enum, the
-// shapes the kernels take, how a launch slices V, and the numeric constants of SPEC's pre-processing.
+// shapes the kernels take, how a launch slices V, and the pre-processing's numeric constants.
 // module.cc exports all of it to Python (jax_kda/contract.py); tests/test_contract.py checks that the
 // pure-JAX path and the kernels agree on it. Plain C++17, so the CPU-only extension carries it too.
 #pragma once
@@ -11,7 +11,7 @@ namespace jax_kda {
 inline constexpr const char *kPrefillTarget = "jax_kda_prefill_cuda";
 inline constexpr const char *kSegmentCorrectTarget = "jax_kda_segment_correct_cuda";
 
-// The gate modes of SPEC.md (jax_kda.options.GATE_*).
+// The gate modes of docs/CONTRACT.md (jax_kda.options.GATE_*).
 enum class GateMode : int32_t { kGiven = 0, kSoftplus = 1, kBounded = 2 };
 
 // q̂ = q / sqrt(Σ q² + kL2NormEps); softplus(x) = x above kSoftplusThreshold (PyTorch's default).

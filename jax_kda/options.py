@@ -37,7 +37,7 @@ class KDAOptions:
 
 
 class KDAOperands(NamedTuple):
-    """The array inputs of one call, shapes as in SPEC.md (dt_bias already `[HV, K]`)."""
+    """The array inputs of one call, shapes as in docs/CONTRACT.md (dt_bias already `[HV, K]`)."""
 
     q: jax.Array
     k: jax.Array

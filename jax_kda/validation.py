@@ -34,7 +34,7 @@ def _need_shape(name, x, expected, layout):
 
 
 def check_operands(x: KDAOperands, *, state_v_first: bool) -> None:
-    """Ranks, shapes and dtypes of every present operand (SPEC.md's table)."""
+    """Ranks, shapes and dtypes of every present operand (the contract's table)."""
     for name, rank, layout in (
         ("q", 4, "[B, T, H, K]"),
         ("k", 4, "[B, T, H, K]"),

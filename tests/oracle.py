@@ -1,4 +1,4 @@
-"""An independent float64 NumPy evaluation of SPEC.md, written from the spec and nothing else.
+"""An independent float64 NumPy evaluation of docs/CONTRACT.md, written from the spec and nothing else.
 
 The tests hold every jax_kda path against it; it shares no code with the package.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-# SPEC.md's constants of the pre-processing.
+# The contract's constants of the pre-processing (docs/CONTRACT.md).
 L2NORM_EPS = 1e-6
 SOFTPLUS_THRESHOLD = 20.0
 
@@ -88,7 +88,7 @@ def kda_oracle(
 
 
 def rel_err(x, ref):
-    """SPEC.md's metric: RMS(x - ref) / RMS(ref); NaN anywhere gives inf so it never passes."""
+    """The contract's metric: RMS(x - ref) / RMS(ref); NaN anywhere gives inf so it never passes."""
     x = np.asarray(x, dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
     assert x.shape == ref.shape, (x.shape, ref.shape)

@@ -16,7 +16,7 @@ def test_gate_enum_names_the_gate_modes():
 
 
 def test_numeric_constants_are_the_contracts():
-    # The C++ constants (float32) are SPEC.md's, which the independent float64 oracle writes down.
+    # The C++ constants (float32) are the contract's, which the independent float64 oracle writes down.
     assert contract.L2NORM_EPS == np.float32(oracle.L2NORM_EPS)
     assert contract.SOFTPLUS_THRESHOLD == oracle.SOFTPLUS_THRESHOLD
 

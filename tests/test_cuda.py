@@ -15,7 +15,7 @@ from oracle import kda_oracle, rel_err
 
 needs_kernels = pytest.mark.skipif(not contract.WITH_CUDA, reason="jax_kda built without its CUDA kernels")
 gpu = pytest.mark.gpu
-BF16_TOL = 5e-3  # FLA's forward tolerance for bf16 inputs (SPEC.md)
+BF16_TOL = 5e-3  # FLA's forward tolerance for bf16 inputs (docs/CONTRACT.md)
 
 
 def spec(*shape, dtype=jnp.bfloat16):
