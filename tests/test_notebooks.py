@@ -20,4 +20,5 @@ def test_notebook_runs(name):
         errors = [float(e) for e in re.findall(r"rel\. difference o ([-+.e\d]+)", out.stdout)]
         assert errors and max(errors) < 5e-3, out.stdout
     else:
-        assert "equals one full prefill at 100%" in out.stdout, out.stdout
+        # The notebook itself asserts that decoding after a prefill matches one prefill within bf16 rounding.
+        assert "decode after prefill vs one prefill" in out.stdout, out.stdout
