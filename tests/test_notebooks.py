@@ -38,15 +38,19 @@ def test_kimi_linear_notebook():
 
 @pytest.mark.parametrize("installed", [False, True], ids=["source tree", "installed"])
 def test_kernel_imports_the_jax_kda_of_the_current_directory(tmp_path, installed):
+    # Where jax_kda is found (without running it): the kernel must find the one `python -c` finds where
+    # the runner starts, although the kernel starts in the notebook's folder.
+    locate = "import importlib.util\nprint(importlib.util.find_spec('jax_kda').origin)"
     probe = tmp_path / "probe.ipynb"
-    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        "import jax_kda, os\nprint(os.path.dirname(jax_kda.__file__))")]), probe)
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(locate)]), probe)
     env = dict(os.environ)
     if installed:  # a pure-Python install: the package in a folder on the path, run from elsewhere
         site = tmp_path / "site"
         shutil.copytree(os.path.join(ROOT, "jax_kda"), site / "jax_kda", ignore=shutil.ignore_patterns("__pycache__"))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
-        cwd, want = tmp_path, site / "jax_kda"
+        cwd = tmp_path
     else:
-        cwd, want = ROOT, os.path.join(ROOT, "jax_kda")
-    assert run_notebook(str(probe), cwd, env).strip() == str(want)
+        cwd = ROOT
+    want = subprocess.run([sys.executable, "-c", locate], capture_output=True, text=True, cwd=cwd, env=env).stdout
+    assert want.strip().endswith(os.path.join("jax_kda", "__init__.py")), want
+    assert run_notebook(str(probe), cwd, env) == want
