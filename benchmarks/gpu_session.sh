@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One session on a lent Hopper GPU (see ../.library/device): install the carried wheels (.whl/), build
 # jax_kda with its kernels, then run what is asked: `test` (the GPU test suite), `bench` (the prefill
-# benchmark; BENCH_ARGS are passed to it), `profile` (Nsight Compute on one case), `decode` (the decode
-# step against its bytes), `sharded` (time against the number of GPUs), `notebook` (runs NOTEBOOK,
-# returned with outputs), in any order. Logs, the benchmark tables (JSON) and plot go to $OUT.
+# benchmark; BENCH_ARGS are passed to it), `profile` (Nsight Compute on one case), `decode` (generation
+# with the notebook's model, and the decode step against its bytes; DECODE_ARGS are passed to it),
+# `sharded` (time against the number of GPUs), `notebook` (runs NOTEBOOK in a Jupyter kernel, returned
+# with outputs), in any order. Logs, the benchmark tables (JSON) and plot go to $OUT.
 #   BENCH_ARGS="--cases AEF" bash benchmarks/gpu_session.sh test bench
 #   TESTS=tests/test_sharding_gpu.py NOTEBOOK=sharded_prefill bash benchmarks/gpu_session.sh test sharded notebook
 set -uo pipefail
@@ -45,11 +46,16 @@ for step in "$@"; do
       (cd /tmp && python3 "$repo/benchmarks/bench_sharded.py" --json "$out/sharded.json" 2>&1 | tee "$out/sharded.log" \
         | tail -12) || status=1 ;;
     decode)
-      (cd /tmp && python3 "$repo/benchmarks/bench_decode.py" 2>&1 | tee "$out/decode.log" | tail -8) || status=1 ;;
-    notebook)  # runs NOTEBOOK (default kimi_linear_prefill) and returns it with its outputs
+      (cd /tmp && python3 "$repo/benchmarks/bench_decode.py" ${DECODE_ARGS:-} 2>&1 | tee "$out/decode.log" \
+        | tail -16) || status=1 ;;
+    notebook)  # runs NOTEBOOK (default kimi_linear_prefill) in a Jupyter kernel, returned with its outputs
+      # From /tmp the kernel imports the jax_kda just installed, with its kernels. nbclient, ipykernel and
+      # their dependencies are not in the image: carry them as wheels (.whl/).
+      python3 -c "import nbclient, ipykernel" || { echo "notebook: carry nbclient and ipykernel wheels"; status=1; continue; }
       nb=${NOTEBOOK:-kimi_linear_prefill}.ipynb
       cp "$repo/notebooks/$nb" "$out/$nb"
-      (cd /tmp && python3 "$repo/notebooks/run_notebook.py" "$out/$nb" --write 2>&1 | tail -8) || status=1 ;;
+      (cd /tmp && python3 "$repo/notebooks/run_notebook.py" "$out/$nb" --write 2>&1 | tee "$out/notebook.log" \
+        | tail -12) || status=1 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

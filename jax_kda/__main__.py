@@ -4,8 +4,9 @@ Inputs follow FlashKDA's benchmark recipe (bf16 l2-normalised q, k; raw gate, be
 kernel; bounded gate with lower_bound -5). A GPU runs Kimi-Linear-sized heads (case A of ANCHORS.md:
 8192 tokens x 96 heads); a CPU a smaller problem so that the run stays short.
 
-`python -m jax_kda --model`: a small Kimi-Linear-style stack with random weights (jax_kda.kimi_linear)
-prefills a prompt and decodes greedily; prints both throughputs (needs flax).
+`python -m jax_kda --model`: a Kimi-Linear-style stack with random weights (jax_kda.kimi_linear; on a GPU
+the 4-layer model of the notebook) prefills a prompt, then decodes greedily in one jit at each batch size
+of --decode-batches; prints the prefill time and the milliseconds per decode step (needs flax).
 """
 
 from __future__ import annotations
@@ -58,12 +59,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10 if on_gpu else 3)
     p.add_argument("--check-tokens", type=int, default=512, help="prefix checked against the reference")
     p.add_argument("--check-heads", type=int, default=2)
-    p.add_argument("--model", action="store_true", help="prefill and decode with a small Kimi-Linear stack")
-    p.add_argument("--decode-tokens", type=int, default=64 if on_gpu else 16)
+    p.add_argument("--model", action="store_true", help="prefill and decode with a Kimi-Linear-style stack")
+    p.add_argument("--decode-tokens", type=int, default=64 if on_gpu else 16, help="tokens per timed decode call")
+    p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 64], help="sequences decoded at once")
     args = p.parse_args(argv)
     if args.model:
         args.tokens = args.tokens or (8192 if on_gpu else 512)
-        return run_model(args, on_gpu)
+        return run_model(args)
     args.tokens = args.tokens or (8192 if on_gpu else 2048)
 
     x = make_inputs(jax.random.key(0), args.batch, args.tokens, args.heads, args.head_dim)
@@ -100,41 +102,37 @@ def main(argv=None) -> int:
     return 0 if err < 5e-3 else 1
 
 
-def run_model(args, on_gpu) -> int:
+def run_model(args) -> int:
     from flax import nnx
 
-    from .kimi_linear import KimiLinearStack, decode_step, prefill
+    from .kimi_linear import Generator, KimiLinearStack, decode_seconds_per_token, default_size, median_seconds
 
-    size = dict(vocab=32000, hidden=2048, layers=4, heads=16, head_dim=128, mlp_hidden=5632) if on_gpu else dict(
-        vocab=4096, hidden=256, layers=2, heads=2, head_dim=64, mlp_hidden=512)
-    tokens = args.tokens
+    size = default_size()
     model = KimiLinearStack(**size, rngs=nnx.Rngs(0))
-    prompt = jax.random.randint(jax.random.key(1), (args.batch, tokens), 0, size["vocab"])
+    gen = Generator(model)
+    prompt = lambda batch: jax.random.randint(jax.random.key(1), (batch, args.tokens), 0, size["vocab"])
 
-    logits, caches = prefill(model, prompt, model.init_cache(args.batch))  # compile
-    jax.block_until_ready(logits)
-    start = time.perf_counter()
-    logits, caches = prefill(model, prompt, model.init_cache(args.batch))
-    jax.block_until_ready(logits)
-    prefill_s = time.perf_counter() - start
-
-    token = jnp.argmax(logits, axis=-1)
-    token, caches = decode_step(model, token, caches)  # compile
-    jax.block_until_ready(token)
-    start = time.perf_counter()
-    for _ in range(args.decode_tokens):
-        token, caches = decode_step(model, token, caches)
-    jax.block_until_ready(token)
-    decode_s = time.perf_counter() - start
+    # Each prefill continues from the caches the previous one returned: the same work every time.
+    tokens = prompt(args.batch)
+    prefill_s = median_seconds(lambda caches: gen.prefill(tokens, caches)[1], model.init_cache(args.batch),
+                               args.repeats)
 
     device = jax.devices()[0]
     print(f"backend      {jax.default_backend()} ({device.device_kind})")
     print(f"model        {size['layers']} KDA layers, hidden {size['hidden']}, {size['heads']} heads x "
           f"{size['head_dim']}, vocab {size['vocab']}, random weights, bf16")
-    print(f"prefill      {args.batch} x {tokens} tokens in {prefill_s * 1e3:.1f} ms: "
-          f"{args.batch * tokens / prefill_s:,.0f} tokens/s")
-    print(f"decode       {args.decode_tokens} greedy steps of {args.batch} sequences in {decode_s * 1e3:.1f} ms: "
-          f"{args.batch * args.decode_tokens / decode_s:,.0f} tokens/s ({decode_s / args.decode_tokens * 1e3:.2f} ms/step)")
+    print(f"timing       median of {args.repeats} calls after a warm-up call, each ended by jax.block_until_ready")
+    print(f"prefill      {args.batch} x {args.tokens} tokens in {prefill_s * 1e3:.2f} ms: "
+          f"{args.batch * args.tokens / prefill_s:,.0f} tokens/s (LM head on the last token only)")
+
+    for batch in args.decode_batches:
+        tokens = prompt(batch)
+        step_s = decode_seconds_per_token(gen, tokens, args.decode_tokens, args.repeats)
+        generate_s = median_seconds(lambda _: gen.generate(tokens, args.decode_tokens).tokens, None, args.repeats)
+        print(f"decode       {args.decode_tokens} greedy steps of {batch} sequences in one jit: "
+              f"{step_s * 1e3:.3f} ms per step ({batch / step_s:,.0f} tokens/s)")
+        print(f"generate     {batch} x {args.tokens} prompt tokens, then {args.decode_tokens} decoded: "
+              f"{generate_s * 1e3:.1f} ms")
     return 0
 
 

@@ -19,5 +19,6 @@ def test_prefill_job():
 
 def test_model_job():
     pytest.importorskip("flax")
-    text = run("--model", "--tokens", "64", "--decode-tokens", "4")
+    text = run("--model", "--tokens", "64", "--decode-tokens", "4", "--decode-batches", "1", "3")
     assert "prefill      1 x 64 tokens" in text and "decode       4 greedy steps" in text
+    assert "4 greedy steps of 1 sequences" in text and "4 greedy steps of 3 sequences" in text
