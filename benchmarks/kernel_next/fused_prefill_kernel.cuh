@@ -140,11 +140,12 @@ struct FactorGroup {
     const uint8_t *g = raw + kRawG;
     const int t0 = kSubBlock * half;
     float run0 = 0.f, run1 = 0.f;
+    // Past the end g is 0 (the copy's fill), so the decay is finite and the mask a multiply, not a branch.
     auto gate_pair = [&](int j, float &a0, float &a1) {
       const uint32_t bits = *reinterpret_cast<const uint32_t *>(g + raw_offset(t0 + j, d0));
-      const bool live = t0 + j < valid;
-      a0 = live ? log2_decay(bf16_low(bits), 0) : 0.f;
-      a1 = live ? log2_decay(bf16_high(bits), 1) : 0.f;
+      const float live = t0 + j < valid ? 1.f : 0.f;
+      a0 = log2_decay(bf16_low(bits), 0) * live;
+      a1 = log2_decay(bf16_high(bits), 1) * live;
     };
     if (half == 1) {
 #pragma unroll
