@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <cstdint>
 
@@ -42,6 +43,35 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t *bar, uint32_t parity) {
       "@!done bra wait_again;\n}" ::"r"(smem_address(bar)),
       "r"(parity)
       : "memory");
+}
+
+// Announces `bytes` of copies completing on `bar` in its current phase, without an arrival (the arrival
+// comes later, from the thread that publishes the rest of the phase's data).
+__device__ __forceinline__ void mbarrier_expect_bytes(uint64_t *bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(smem_address(bar)), "r"(bytes)
+               : "memory");
+}
+
+// ---- bulk tensor copies (TMA, a CUtensorMap passed as a __grid_constant__ kernel parameter) --------
+// One box of a 4-D tensor map at element coordinates (c0 innermost .. c3) -> shared memory, completing
+// its full box size in bytes on `bar` (elements outside the tensor arrive as zeros).
+__device__ __forceinline__ void tensor_copy_4d_to_shared(void *dst, const void *tensor_map, int c0, int c1, int c2,
+                                                         int c3, uint64_t *bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];" ::"r"(smem_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_address(bar))
+      : "memory");
+}
+
+// ---- register budget of a warpgroup (sm_90a; the kernel needs a register cap at entry) -------------
+template <int kRegisters>
+__device__ __forceinline__ void warpgroup_registers_increase() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegisters));
+}
+template <int kRegisters>
+__device__ __forceinline__ void warpgroup_registers_decrease() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegisters));
 }
 
 // ---- bulk copies (cp.async.bulk, no tensor map) ---------------------------------------------------
@@ -95,6 +125,10 @@ __device__ __forceinline__ void pin_registers(uint32_t (&r)[N]) {
 // ---- conversions -------------------------------------------------------------------------------
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t *>(&v);
+}
+__device__ __forceinline__ uint32_t pack_f16(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<const uint32_t *>(&v);
 }
 __device__ __forceinline__ float bf16_low(uint32_t pair) { return __uint_as_float(pair << 16); }
