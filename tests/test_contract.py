@@ -32,14 +32,21 @@ def test_pure_jax_preprocessing_uses_the_contracts_constants():
 def test_target_names():
     assert contract.PREFILL_TARGET == "jax_kda_prefill_cuda"
     assert contract.SEGMENT_CORRECT_TARGET == "jax_kda_segment_correct_cuda"
-    assert set(contract.cuda_registrations()) == (
-        {contract.PREFILL_TARGET, contract.SEGMENT_CORRECT_TARGET} if contract.WITH_CUDA else set())
+    assert contract.DECODE_TARGET == "jax_kda_decode_cuda"
+    targets = {contract.PREFILL_TARGET, contract.SEGMENT_CORRECT_TARGET, contract.DECODE_TARGET}
+    assert set(contract.cuda_registrations()) == (targets if contract.WITH_CUDA else set())
 
 
 @pytest.mark.parametrize("K,V,takes", [(128, 128, True), (64, 512, True), (128, 576, False), (60, 128, False),
                                        (128, 96, False), (256, 128, False)])
 def test_supported_head_sizes(K, V, takes):
     assert (contract.prefill_unsupported(K, V) is None) == takes
+
+
+@pytest.mark.parametrize("K,V,takes", [(128, 128, True), (64, 16, True), (128, 1040, True), (128, 0, False),
+                                       (128, 40, False), (96, 128, False), (256, 128, False)])
+def test_decode_head_sizes(K, V, takes):
+    assert (contract.decode_unsupported(K, V) is None) == takes
 
 
 def test_correction_head_sizes():
