@@ -49,6 +49,20 @@ def test_decode_head_sizes(K, V, takes):
     assert (contract.decode_unsupported(K, V) is None) == takes
 
 
+def test_decode_kernel_reasons_come_from_the_contract(monkeypatch):
+    monkeypatch.setattr(contract, "WITH_CUDA", True)
+    monkeypatch.setattr(paths, "_local_gpu_compute_capabilities", lambda: ())
+    spec = jax.ShapeDtypeStruct
+    x = options.KDAOperands(spec((4, 1, 2, 128), jnp.bfloat16), spec((4, 1, 2, 128), jnp.bfloat16),
+                            spec((4, 1, 2, 40), jnp.bfloat16), spec((4, 1, 2, 128), jnp.bfloat16),
+                            spec((4, 1, 2), jnp.bfloat16), initial_state=spec((4, 2, 40, 128), jnp.float32))
+    opts = options.KDAOptions(scale=0.1, use_qk_l2norm=False, gate=options.GATE_GIVEN, lower_bound=None,
+                              safe_gate=False, use_beta_sigmoid=False, allow_neg_eigval=False, state_v_first=True,
+                              output_final_state=True, final_state_dtype="float32", impl="cuda", decode_step=True)
+    reason = paths.decode_kernel_unsupported_reason(x, opts)
+    assert reason.startswith(contract.decode_unsupported(128, 40)) and "V = 40" in reason
+
+
 def test_correction_head_sizes():
     assert contract.correct_unsupported(128, 1024) is None
     assert contract.correct_unsupported(96, 128) is not None
