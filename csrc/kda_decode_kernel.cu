@@ -12,7 +12,9 @@
 //   3. after one barrier, each thread decays its pieces, S' = diag(e^a) S, and forms its share of
 //      both products per value column, S'ᵀ k̂ and S'ᵀ (scale q̂), which are reduced over K;
 //   4. r = v - S'ᵀ k̂, o = S'ᵀ (scale q̂) + r β k̂ · (scale q̂), which equals S_newᵀ (scale q̂) and so
-//      needs no second reduction, and S_new = S' + β k̂ rᵀ, stored in place of the loaded pieces.
+//      needs no second reduction, and S_new = S' + β k̂ rᵀ, stored where the pieces were loaded from
+//      in new_state. XLA passes the state's buffer as new_state (an alias): each piece is read and
+//      written by one thread, so the update in place is safe.
 // Layouts (a template parameter): V-first, a state row is one value column (K contiguous channels),
 // reduced by the lanes that hold it with shuffles; K-first, a row is one key channel (V contiguous
 // columns), so the reduction over K runs down the rows: in each lane's registers, across the lanes of

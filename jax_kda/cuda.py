@@ -58,7 +58,10 @@ def lower_prefill_ffi(ctx, *args, present, opts: KDAOptions):
 
 def lower_decode_ffi(ctx, *args, present, opts: KDAOptions):
     """The decode kernel as one custom call on the operands `args` (the present fields of KDAOperands,
-    one token per sequence: `[N, 1, ...]`); the kernel takes them without the token axis."""
+    one token per sequence: `[N, 1, ...]`); the kernel takes them without the token axis.
+
+    The new state is written over the state (an input-output alias): in place when the state is
+    donated or carried through a loop, else after XLA's copy of it."""
 
     def step(*flat):
         x = KDAOperands.unflatten(present, flat)
@@ -68,9 +71,11 @@ def lower_decode_ffi(ctx, *args, present, opts: KDAOptions):
         n, _, hv, vd = x.v.shape
         results = (jax.ShapeDtypeStruct((n, hv, vd), x.q.dtype),
                    jax.ShapeDtypeStruct(x.initial_state.shape, x.initial_state.dtype))
-        o, state = jax.ffi.ffi_call(contract.DECODE_TARGET, results)(
-            token(x.q), token(x.k), token(x.v), token(x.g), token(x.beta), f32_or_empty(x.A_log),
-            f32_or_empty(x.dt_bias), x.initial_state,
+        operands = (token(x.q), token(x.k), token(x.v), token(x.g), token(x.beta), f32_or_empty(x.A_log),
+                    f32_or_empty(x.dt_bias), x.initial_state)
+        in_place = {len(operands) - 1: 1}  # the state becomes the second result
+        o, state = jax.ffi.ffi_call(contract.DECODE_TARGET, results, input_output_aliases=in_place)(
+            *operands,
             scale=np.float32(opts.scale),
             gate=np.int32(contract.GATE_CODES[opts.gate]),
             lower_bound=np.float32(opts.lower_bound or 0.0),

@@ -33,7 +33,9 @@ def kda_decode_step(
     K]` with `state_v_first`), flags as in `kda_prefill`. Returns `(o [N, HV, V] in q's dtype, new state
     in the dtype and layout of `state`)`; `kda_prefill` of one token gives the same.
     `impl`: "auto" (for now the XLA token step everywhere), "cuda" (the fused decode kernel: Hopper GPUs,
-    K 64 or 128, V a multiple of 16, q/k/v, g, beta and state in bfloat16 or float32) or "xla".
+    K 64 or 128, V a multiple of 16, q/k/v, g, beta and state in bfloat16 or float32) or "xla". The
+    kernel writes the new state over the old one: donate the state to the jitted step (or carry it
+    through a loop), or XLA copies it first.
     """
     if impl not in DECODE_IMPLS:
         raise ValueError(f"impl must be one of {DECODE_IMPLS}, got {impl!r}")
