@@ -55,8 +55,8 @@ def kda_decode_step(
 
 
 def _run(x: KDAOperands, opts: KDAOptions):
-    o, new_state = _differentiable(x.present(), opts)(*x.flatten())
-    return o, new_state
+    """`(o [N, 1, HV, V], new state)` of one decode step on (this device's) operands."""
+    return _differentiable(x.present(), opts)(*x.flatten())
 
 
 @functools.lru_cache(maxsize=None)
