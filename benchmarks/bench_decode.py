@@ -1,4 +1,5 @@
-"""Decode benchmarks: generation with the notebook's model, and the bare decode step against its bytes.
+"""Decode benchmarks: generation with the notebook's model, and the bare decode step (the XLA token
+step and the fused decode kernel) against its bytes.
 
     python benchmarks/bench_decode.py [--batches 1 64] [--steps 64] [--prompt 128]
 
@@ -6,9 +7,12 @@
     notebooks/kimi_linear_prefill.ipynb): one jitted call of `--steps` greedy tokens after a prompt,
     in milliseconds per token at each batch size. Issue 11's goal: at most 1 ms per token at batch 1 on
     an H200.
-(b) `kda_decode_step` alone: it must read and write every state (N x HV x V x K fp32) and read the
-    token's q, k, v, g, beta and write its output; its floor is those bytes at the device's copy
-    bandwidth, measured in the same run as a large device-to-device copy.
+(b) `kda_decode_step` alone, `impl="xla"` and `impl="cuda"`: it must read and write every state
+    (N x HV x K x V) and read the token's q, k, v, g, beta and write its output; its floor is those
+    bytes at the copy bandwidth, measured in the same run as a large device-to-device copy (bytes read
+    plus bytes written). The state is random (not zeros) and donated, so the kernel updates it in place.
+Times: medians over runs after a warm-up run, each run ended by `jax.block_until_ready` (the device has
+finished); short calls are timed in groups of back-to-back calls.
 """
 
 import argparse
@@ -21,9 +25,14 @@ from jax_kda import kda_decode_step
 from jax_kda.kimi_linear import Generator, KimiLinearStack, decode_seconds_per_token, default_size, median_seconds
 
 FLAGS = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
-             lower_bound=-5.0, state_v_first=True)
+             lower_bound=-5.0)
 COPY_BYTES = 2**30
 COPY_CALLS, STEP_CALLS = 20, 50  # back-to-back calls per timed run in (b)
+HEADS, HEAD_DIM = 32, 128
+# (sequences, V-first state, state dtype) in (b): the Flax layer's cache (V-first fp32) at growing
+# batch, then the other layouts and dtypes at the largest.
+CASES = [(1, True, jnp.float32), (16, True, jnp.float32), (64, True, jnp.float32), (256, True, jnp.float32),
+         (256, False, jnp.float32), (256, True, jnp.bfloat16), (256, False, jnp.bfloat16)]
 
 
 def chained_s(call, carry, calls, repeats):
@@ -51,28 +60,51 @@ def generation(batches, steps, prompt_len, repeats):
         print(f"| {batch} | {seconds * 1e3:.3f} | {batch / seconds:,.0f} |")
 
 
+def unavailable(step, args):
+    """Why `step` cannot lower here (the kernel needs a Hopper GPU), or None."""
+    try:
+        step.lower(*args)
+        return None
+    except ValueError as error:
+        return str(error)
+
+
 def decode_step_bandwidth(repeats):
     copy = jax.jit(jnp.copy)  # a fresh output buffer: XLA copies device to device
-    source = jnp.zeros((COPY_BYTES // 4,), jnp.float32)
-    bandwidth = 2 * COPY_BYTES / chained_s(copy, source, COPY_CALLS, repeats)
-    print(f"\n(b) kda_decode_step against the bytes it moves; copy bandwidth {bandwidth / 1e9:,.0f} GB/s "
-          f"(read + write of a {COPY_BYTES >> 20} MiB array)")
-    print("| sequences | heads | K = V | state MB | ms / step | GB/s | of the copy bandwidth |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    step = jax.jit(lambda q, k, v, g, b, s, a, d: kda_decode_step(q, k, v, g, b, s, A_log=a, dt_bias=d, **FLAGS),
-                   donate_argnums=5)
-    for n, h in ((1, 32), (16, 32), (64, 32), (256, 32)):
-        d = 128
-        ks = jax.random.split(jax.random.key(n), 5)
-        q, k, v, g = (jax.random.normal(kk, (n, h, d), jnp.bfloat16) for kk in ks[:4])
-        beta = jax.random.normal(ks[4], (n, h), jnp.bfloat16)
-        state = jnp.zeros((n, h, d, d), jnp.float32)
-        a_log, dt_bias = jnp.zeros((h,)), jnp.zeros((h, d))
-        moved = 2 * state.nbytes + n * h * (4 * d + 1) * 2 + n * h * d * 2  # state, q k v g beta, output
-        call = lambda state: step(q, k, v, g, beta, state, a_log, dt_bias)[1]
-        seconds = chained_s(call, state, STEP_CALLS, repeats)
-        print(f"| {n} | {h} | {d} | {state.nbytes / 1e6:.1f} | {seconds * 1e3:.3f} | {moved / seconds / 1e9:.0f} | "
-              f"{moved / seconds / bandwidth:.0%} |")
+    bandwidth = 2 * COPY_BYTES / chained_s(copy, jnp.ones((COPY_BYTES // 4,), jnp.float32), COPY_CALLS, repeats)
+    print(f"\n(b) kda_decode_step against the bytes it moves; copy bandwidth {bandwidth / 1e9:,.0f} GB/s (read + "
+          f"write of a {COPY_BYTES >> 20} MiB array); {HEADS} heads, K = V = {HEAD_DIM}, bf16 q k v g beta, "
+          "bounded gate")
+    print("| sequences | state | state MB | xla ms | xla of copy | cuda ms | cuda of copy | cuda speed-up |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    skipped = None
+    for n, v_first, state_dtype in CASES:
+        d = HEAD_DIM
+        ks = jax.random.split(jax.random.key(n), 6)
+        q, k, v, g = (jax.random.normal(kk, (n, HEADS, d), jnp.bfloat16) for kk in ks[:4])
+        beta = jax.random.normal(ks[4], (n, HEADS), jnp.bfloat16)
+        random_state = lambda: jax.random.normal(ks[5], (n, HEADS, d, d), jnp.float32).astype(state_dtype)
+        state_bytes = n * HEADS * d * d * jnp.dtype(state_dtype).itemsize
+        flags = dict(FLAGS, A_log=jnp.zeros((HEADS,)), dt_bias=jnp.zeros((HEADS, d)), state_v_first=v_first)
+        moved = 2 * state_bytes + sum(a.nbytes for a in (q, k, v, g, beta)) + n * HEADS * d * 2  # + o (bf16)
+        times = {}
+        for impl in ("xla", "cuda"):
+            step = jax.jit(lambda *a, impl=impl: kda_decode_step(*a, impl=impl, **flags)[1], donate_argnums=5)
+            why = unavailable(step, (q, k, v, g, beta, jax.ShapeDtypeStruct((n, HEADS, d, d), state_dtype)))
+            if why is not None:
+                skipped = why
+                continue
+            times[impl] = chained_s(lambda s: step(q, k, v, g, beta, s), random_state(), STEP_CALLS, repeats)
+        cells = []
+        for impl in ("xla", "cuda"):
+            s = times.get(impl)
+            cells += ["-", "-"] if s is None else [f"{s * 1e3:.3f}", f"{moved / s / bandwidth:.0%}"]
+        speedup = f"{times['xla'] / times['cuda']:.2f}x" if len(times) == 2 else "-"
+        layout = "V-first" if v_first else "K-first"
+        print(f"| {n} | {layout} {jnp.dtype(state_dtype).name} | {state_bytes / 1e6:.1f} | {' | '.join(cells)} | "
+              f"{speedup} |")
+    if skipped:
+        print(f"\ncuda: not run here: {skipped}")
 
 
 def main():
@@ -83,8 +115,8 @@ def main():
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args()
     print(f"{jax.devices()[0].device_kind}. Times: medians of {args.repeats} runs after a warm-up run, each run "
-          f"ended by jax.block_until_ready (the device has finished); (b) runs {COPY_CALLS} (copy) or "
-          f"{STEP_CALLS} (step) calls back to back per run.")
+          f"ended by jax.block_until_ready; (b) runs {COPY_CALLS} (copy) or {STEP_CALLS} (step) calls back to "
+          "back per run.")
     generation(args.batches, args.steps, args.prompt, args.repeats)
     decode_step_bandwidth(args.repeats)
 

@@ -2,9 +2,10 @@
 # One session on a lent Hopper GPU (see ../.library/device): install the carried wheels (.whl/), build
 # jax_kda with its kernels, then run what is asked: `test` (the GPU test suite), `bench` (the prefill
 # benchmark; BENCH_ARGS are passed to it), `profile` (Nsight Compute on one case), `decode` (generation
-# with the notebook's model, and the decode step against its bytes; DECODE_ARGS are passed to it),
-# `sharded` (time against the number of GPUs), `notebook` (runs NOTEBOOK in a Jupyter kernel, returned
-# with outputs), in any order. Logs, the benchmark tables (JSON) and plot go to $OUT.
+# with the notebook's model, and the decode step, XLA and the kernel, against its bytes; DECODE_ARGS are
+# passed to it), `profile-decode` (Nsight Compute on the decode kernel; PROFILE_DECODE_ARGS e.g. "k-first
+# bfloat16"), `sharded` (time against the number of GPUs), `notebook` (runs NOTEBOOK in a Jupyter kernel,
+# returned with outputs), in any order. Logs, the benchmark tables (JSON) and plot go to $OUT.
 #   BENCH_ARGS="--cases AEF" bash benchmarks/gpu_session.sh test bench
 #   TESTS=tests/test_sharding_gpu.py NOTEBOOK=sharded_prefill bash benchmarks/gpu_session.sh test sharded notebook
 set -uo pipefail
@@ -42,6 +43,13 @@ for step in "$@"; do
         || { tail -20 "$out/ncu.log"; status=1; }
       grep -E "Duration|Registers Per|Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput" \
         "$out/ncu_details.txt" | head -12 ;;
+    profile-decode)  # Nsight Compute on the third decode-kernel launch
+      (cd "$repo/benchmarks" && ncu --clock-control none -k regex:decode_kernel --launch-skip 2 --launch-count 1 \
+        --set full --import-source yes -f -o "$out/decode" python3 profile_decode.py ${PROFILE_DECODE_ARGS:-} \
+        > "$out/ncu_decode.log" 2>&1 && ncu -i "$out/decode.ncu-rep" --print-details all \
+        > "$out/ncu_decode_details.txt" 2>&1) || { tail -20 "$out/ncu_decode.log"; status=1; }
+      grep -E "Duration|Registers Per|Achieved Occupancy|DRAM Throughput|Memory Throughput" \
+        "$out/ncu_decode_details.txt" | head -12 ;;
     sharded)
       (cd /tmp && python3 "$repo/benchmarks/bench_sharded.py" --json "$out/sharded.json" 2>&1 | tee "$out/sharded.log" \
         | tail -12) || status=1 ;;

@@ -1,5 +1,5 @@
-// Device helpers shared by the kernels: bf16 packing and the sm_80 warp-level tensor-core path
-// (ldmatrix, mma.sync m16n8k16 with bf16 operands and fp32 accumulation).
+// Device helpers shared by the kernels: fp32-or-bf16 scalar access, bf16 packing and the sm_80
+// warp-level tensor-core path (ldmatrix, mma.sync m16n8k16 with bf16 operands and fp32 accumulation).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -16,6 +16,18 @@ using bf16 = __nv_bfloat16;
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t *>(&v);
+}
+
+// One element of an fp32 or bf16 array (which one known only at run time), as a float.
+__device__ __forceinline__ float load_scalar(const void *p, int64_t i, bool is_f32) {
+  return is_f32 ? static_cast<const float *>(p)[i] : __bfloat162float(static_cast<const bf16 *>(p)[i]);
+}
+__device__ __forceinline__ void store_scalar(void *p, int64_t i, bool is_f32, float x) {
+  if (is_f32) {
+    static_cast<float *>(p)[i] = x;
+  } else {
+    static_cast<bf16 *>(p)[i] = __float2bfloat16_rn(x);
+  }
 }
 
 // d += a b for one 16x8x16 tile: a the A fragment (4 registers), b0, b1 the B fragment.

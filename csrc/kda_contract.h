@@ -10,6 +10,7 @@ namespace jax_kda {
 
 inline constexpr const char *kPrefillTarget = "jax_kda_prefill_cuda";
 inline constexpr const char *kSegmentCorrectTarget = "jax_kda_segment_correct_cuda";
+inline constexpr const char *kDecodeTarget = "jax_kda_decode_cuda";
 
 // The gate modes of docs/CONTRACT.md (jax_kda.options.GATE_*).
 enum class GateMode : int32_t { kGiven = 0, kSoftplus = 1, kBounded = 2 };
@@ -39,6 +40,17 @@ constexpr const char *prefill_unsupported(int head_dim_k, int head_dim_v) {
 constexpr const char *correct_unsupported(int head_dim_k, int head_dim_v) {
   if (!kernel_takes_head_dim_k(head_dim_k)) return "the correction takes K = 64 or 128";
   if (head_dim_v <= 0 || head_dim_v % kValueStep != 0) return "the correction takes V a multiple of 64";
+  return nullptr;
+}
+
+// Head sizes of the decode kernel: K in {64, 128}; V any positive multiple of kDecodeValueStep, so
+// that every 16-byte piece of a state row, of either dtype, is whole.
+inline constexpr int kDecodeValueStep = 16;
+
+// Why the decode kernel cannot take these sizes, or nullptr when it can.
+constexpr const char *decode_unsupported(int head_dim_k, int head_dim_v) {
+  if (!kernel_takes_head_dim_k(head_dim_k)) return "the decode kernel takes K = 64 or 128";
+  if (head_dim_v <= 0 || head_dim_v % kDecodeValueStep != 0) return "the decode kernel takes V a multiple of 16";
   return nullptr;
 }
 

@@ -14,4 +14,9 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(KdaPrefillCuda);
 // Result: o.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(KdaSegmentCorrectCuda);
 
+// kDecodeTarget. Operands: q, k [N, H, K], v [N, HV, V], g [N, HV, K], beta [N, HV], A_log, dt_bias
+// (absent ones as empty arrays, flagged by the has_* attributes), state. Results: o [N, HV, V],
+// new_state (the layout and dtype of state).
+XLA_FFI_DECLARE_HANDLER_SYMBOL(KdaDecodeCuda);
+
 }  // namespace jax_kda

@@ -44,8 +44,10 @@ constexpr int kLmatRow = 20;  // fp32 row of L: 16-byte aligned, rows 4 banks ap
 using device::bf16;
 using device::ldsm_x4;
 using device::ldsm_x4_trans;
+using device::load_scalar;
 using device::mma;
 using device::pack_bf16;
+using device::store_scalar;
 using cute::uint128_t;
 using Barrier = cutlass::arch::ClusterBarrier;
 
@@ -86,17 +88,6 @@ __device__ __forceinline__ void acc_to_a(const float (&lo)[4], const float (&hi)
   a[1] = pack_bf16(lo[2], lo[3]);
   a[2] = pack_bf16(hi[0], hi[1]);
   a[3] = pack_bf16(hi[2], hi[3]);
-}
-
-__device__ __forceinline__ float load_scalar(const void *p, int64_t i, bool is_f32) {
-  return is_f32 ? static_cast<const float *>(p)[i] : __bfloat162float(static_cast<const bf16 *>(p)[i]);
-}
-__device__ __forceinline__ void store_scalar(void *p, int64_t i, bool is_f32, float x) {
-  if (is_f32) {
-    static_cast<float *>(p)[i] = x;
-  } else {
-    static_cast<bf16 *>(p)[i] = __float2bfloat16_rn(x);
-  }
 }
 
 // ---- shared memory layout ------------------------------------------------------------------

@@ -23,6 +23,7 @@ NB_MODULE(_kda_ext, m) {
 
   m.attr("prefill_target") = kPrefillTarget;
   m.attr("segment_correct_target") = kSegmentCorrectTarget;
+  m.attr("decode_target") = kDecodeTarget;
   nb::dict gates;
   gates["given"] = int32_t(GateMode::kGiven);
   gates["softplus"] = int32_t(GateMode::kSoftplus);
@@ -40,6 +41,9 @@ NB_MODULE(_kda_ext, m) {
   m.def("correct_unsupported", [reason](int k, int v) { return reason(correct_unsupported(k, v)); },
         nb::arg("head_dim_k"), nb::arg("head_dim_v"),
         "Why the segment correction kernel cannot take these head sizes, or None.");
+  m.def("decode_unsupported", [reason](int k, int v) { return reason(decode_unsupported(k, v)); },
+        nb::arg("head_dim_k"), nb::arg("head_dim_v"),
+        "Why the decode kernel cannot take these head sizes, or None.");
   m.def("prefill_v_slice", &prefill_v_slice, nb::arg("sequences"), nb::arg("value_heads"), nb::arg("head_dim_v"),
         nb::arg("multiprocessors"), "Value columns one CTA of the prefill owns (64 or 128).");
 
@@ -48,6 +52,7 @@ NB_MODULE(_kda_ext, m) {
 #ifdef JAX_KDA_WITH_CUDA
     targets[kPrefillTarget] = nb::capsule(reinterpret_cast<void *>(KdaPrefillCuda));
     targets[kSegmentCorrectTarget] = nb::capsule(reinterpret_cast<void *>(KdaSegmentCorrectCuda));
+    targets[kDecodeTarget] = nb::capsule(reinterpret_cast<void *>(KdaDecodeCuda));
 #endif
     return targets;
   }, "FFI target name -> handler capsule, for the CUDA platform.");

@@ -19,12 +19,14 @@ except ImportError as error:  # a source tree that was never built
 WITH_CUDA: bool = bool(_kda_ext.with_cuda)
 PREFILL_TARGET: str = _kda_ext.prefill_target
 SEGMENT_CORRECT_TARGET: str = _kda_ext.segment_correct_target
+DECODE_TARGET: str = _kda_ext.decode_target
 GATE_CODES: dict[str, int] = dict(_kda_ext.gate_codes)
 L2NORM_EPS: float = float(_kda_ext.l2norm_eps)
 SOFTPLUS_THRESHOLD: float = float(_kda_ext.softplus_threshold)
 
 prefill_unsupported = _kda_ext.prefill_unsupported  # (head_dim_k, head_dim_v) -> reason or None
 correct_unsupported = _kda_ext.correct_unsupported  # (head_dim_k, head_dim_v) -> reason or None
+decode_unsupported = _kda_ext.decode_unsupported  # (head_dim_k, head_dim_v) -> reason or None
 prefill_v_slice = _kda_ext.prefill_v_slice  # (sequences, value_heads, head_dim_v, multiprocessors) -> 64 or 128
 
 

@@ -1,5 +1,6 @@
 """The CUDA path's lowering helpers: the prefill as an XLA FFI custom call, a call cut into segments,
-and the segment correction kernel. They register nothing (`jax_kda.primitive` owns every rule).
+the segment correction kernel, and the decode step's kernel. They register nothing (`jax_kda.primitive`
+owns every rule).
 """
 
 from __future__ import annotations
@@ -53,6 +54,41 @@ def lower_prefill_ffi(ctx, *args, present, opts: KDAOptions):
         transition_columns=opts.transition_columns,
     )
     return results[: len(ctx.avals_out)]
+
+
+def lower_decode_ffi(ctx, *args, present, opts: KDAOptions):
+    """The decode kernel as one custom call on the operands `args` (the present fields of KDAOperands,
+    one token per sequence: `[N, 1, ...]`); the kernel takes them without the token axis.
+
+    The new state is written over the state (an input-output alias): in place when the state is
+    donated or carried through a loop, else after XLA's copy of it."""
+
+    def step(*flat):
+        x = KDAOperands.unflatten(present, flat)
+        token = lambda a: a[:, 0]
+        # Absent parameters travel as empty arrays; present ones as the float32 the kernel reads.
+        f32_or_empty = lambda a: jnp.zeros((0,), jnp.float32) if a is None else a.astype(jnp.float32)
+        n, _, hv, vd = x.v.shape
+        results = (jax.ShapeDtypeStruct((n, hv, vd), x.q.dtype),
+                   jax.ShapeDtypeStruct(x.initial_state.shape, x.initial_state.dtype))
+        operands = (token(x.q), token(x.k), token(x.v), token(x.g), token(x.beta), f32_or_empty(x.A_log),
+                    f32_or_empty(x.dt_bias), x.initial_state)
+        in_place = {len(operands) - 1: 1}  # the state becomes the second result
+        o, state = jax.ffi.ffi_call(contract.DECODE_TARGET, results, input_output_aliases=in_place)(
+            *operands,
+            scale=np.float32(opts.scale),
+            gate=np.int32(contract.GATE_CODES[opts.gate]),
+            lower_bound=np.float32(opts.lower_bound or 0.0),
+            l2norm=opts.use_qk_l2norm,
+            beta_sigmoid=opts.use_beta_sigmoid,
+            allow_neg_eigval=opts.allow_neg_eigval,
+            state_v_first=opts.state_v_first,
+            has_A_log=x.A_log is not None,
+            has_dt_bias=x.dt_bias is not None,
+        )
+        return [o[:, None], state]
+
+    return mlir.lower_fun(step, multiple_results=True)(ctx, *args)
 
 
 def lower_segmented(ctx, *args, present, opts: KDAOptions, pieces: int, run):

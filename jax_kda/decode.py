@@ -1,29 +1,44 @@
 """One KDA token per sequence against a carried state: the decode step.
 
 A decode step reads and writes the whole `K x V` state of every head for one token of work, so it is
-bound by memory bandwidth; it is written as plain JAX that XLA fuses into a few passes over the state.
+bound by memory bandwidth. It binds the KDA primitives (`jax_kda.primitive`) with `decode_step` set:
+their lowering asks `jax_kda.paths` for the platform lowered for, and emits the fused decode kernel
+(one pass over the state, `impl="cuda"`) or one pure-JAX token step, which XLA fuses into a few
+passes. Batching, the split over a mesh and Explicit mesh axes are the prefill's; derivatives are
+those of the token step.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
+import jax
 import jax.numpy as jnp
 
-from .activations import finish_state, prepare
+from . import sharding
 from .call import build_call
-from .reference import _token_step
+from .options import DECODE_IMPLS, KDAOperands, KDAOptions
+from .primitive import kda_prefill_bind, step_forward
 
 
 def kda_decode_step(
     q, k, v, g, beta, state, *, scale=None, use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False,
     use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False, lower_bound=None, A_log=None, dt_bias=None,
-    state_v_first=False,
+    state_v_first=False, impl="auto",
 ):
     """Advances each sequence by one token.
 
     q, k `[N, H, K]`; v `[N, HV, V]`; g `[N, HV, K]`; beta `[N, HV]`; state `[N, HV, K, V]` (`[N, HV, V,
     K]` with `state_v_first`), flags as in `kda_prefill`. Returns `(o [N, HV, V] in q's dtype, new state
     in the dtype and layout of `state`)`; `kda_prefill` of one token gives the same.
+    `impl`: "auto" (for now the XLA token step everywhere), "cuda" (the fused decode kernel: Hopper GPUs,
+    K 64 or 128, V a multiple of 16, q/k/v, g, beta and state in bfloat16 or float32) or "xla". The
+    kernel writes the new state over the old one: donate the state to the jitted step (or carry it
+    through a loop), or XLA copies it first.
     """
+    if impl not in DECODE_IMPLS:
+        raise ValueError(f"impl must be one of {DECODE_IMPLS}, got {impl!r}")
     q, k, v, g, beta, state = map(jnp.asarray, (q, k, v, g, beta, state))
     _check_decode_shapes(q, k, v, g, beta, state, dt_bias, state_v_first)
     x, opts = build_call(
@@ -31,11 +46,33 @@ def kda_decode_step(
         output_final_state=True, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
         use_gate_in_kernel=use_gate_in_kernel, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
         allow_neg_eigval=allow_neg_eigval, safe_gate=False, lower_bound=lower_bound, A_log=A_log,
-        dt_bias=dt_bias, state_v_first=state_v_first, cu_seqlens=None, final_state_dtype=state.dtype, impl="xla",
+        dt_bias=dt_bias, state_v_first=state_v_first, cu_seqlens=None, final_state_dtype=state.dtype, impl=impl,
     )
-    p = prepare(x, opts)
-    new_state, o = _token_step(p.initial_state, p.q[:, 0], p.k[:, 0], p.v[:, 0], p.a[:, 0], p.beta[:, 0])
-    return o.astype(q.dtype), finish_state(new_state, opts)
+    opts = dataclasses.replace(opts, decode_step=True)
+    mesh = sharding.explicit_mesh_of(x)
+    o, new_state = _run(x, opts) if mesh is None else sharding.explicit_mesh_prefill(x, opts, mesh, _run)
+    return o[:, 0], new_state
+
+
+def _run(x: KDAOperands, opts: KDAOptions):
+    """`(o [N, 1, HV, V], new state)` of one decode step on (this device's) operands."""
+    return _differentiable(x.present(), opts)(*x.flatten())
+
+
+@functools.lru_cache(maxsize=None)
+def _differentiable(present: tuple[bool, ...], opts: KDAOptions):
+    """The primitive under a `custom_jvp` whose derivatives are the XLA token step's (forward and
+    reverse mode)."""
+
+    @jax.custom_jvp
+    def step(*args):
+        return tuple(kda_prefill_bind(KDAOperands.unflatten(present, args), opts))
+
+    @step.defjvp
+    def step_jvp(primals, tangents):
+        return jax.jvp(lambda *a: tuple(step_forward(*a, present=present, opts=opts)), primals, tangents)
+
+    return step
 
 
 def _check_decode_shapes(q, k, v, g, beta, state, dt_bias, state_v_first):

@@ -16,6 +16,7 @@ GATE_SOFTPLUS = "softplus"  # -exp(A_log) * softplus(g + dt_bias)
 GATE_BOUNDED = "bounded"  # lower_bound * sigmoid(exp(A_log) * (g + dt_bias))
 
 IMPLS = ("auto", "cuda", "xla", "reference")
+DECODE_IMPLS = ("auto", "cuda", "xla")  # the decode step's: its kernel or the XLA token step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,9 @@ class KDAOptions:
     # Internal (jax_kda.segments): v gains K zero columns whose state starts as the identity, so that
     # o and the final state also carry the effective queries and the transition of the sequence.
     transition_columns: bool = False
+    # Internal (jax_kda.decode): one token per sequence, run by the decode kernel or the XLA token step
+    # instead of the prefill's paths.
+    decode_step: bool = False
 
 
 class KDAOperands(NamedTuple):

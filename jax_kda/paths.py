@@ -1,9 +1,10 @@
-"""Which implementation runs a KDA prefill: one decision, for a call's operands, options and platform.
+"""Which implementation runs a KDA call: one decision, for a call's operands, options and platform.
 
 `choose_path` is asked by the primitive's lowering (which knows the platform it lowers for), by
 context parallelism (which knows its mesh) and by `jax_kda.prefill_path` (which reports it). It returns
 the implementation, the reason, and the segment plan: into how many pieces the kernels' path cuts each
-sequence (`jax_kda.segments`).
+sequence (`jax_kda.segments`). A decode step (`opts.decode_step`) has paths of its own: the decode
+kernel or the XLA token step.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from . import contract
 from .options import KDAOperands, KDAOptions
 
 CUDA, XLA, SCAN = "cuda", "xla", "scan"  # the kernels, the chunked pure-JAX path, the token-by-token scan
+DECODE_KERNEL, TOKEN_STEP = "decode_cuda", "step"  # a decode step's: its kernel, one pure-JAX token step
 DESCRIPTIONS = {
     CUDA: "cuda (jax_kda CUTLASS kernels, sm_90a)",
     XLA: "xla (chunked pure JAX)",
     SCAN: "scan (token-by-token pure JAX)",
+    DECODE_KERNEL: "cuda (jax_kda decode kernel, sm_90a)",
+    TOKEN_STEP: "xla (one token step in pure JAX)",
 }
 
 
@@ -39,6 +43,8 @@ class Path(NamedTuple):
 def choose_path(x: KDAOperands, opts: KDAOptions, platform: str) -> Path:
     """The path of a call lowered for `platform` ("cuda", "rocm", "cpu", "tpu", ...); shapes and dtypes
     may be avals. Raises ValueError where `impl="cuda"` cannot be honoured."""
+    if opts.decode_step:
+        return _choose_decode_path(x, opts, platform)
     if opts.impl == "reference":
         return Path(SCAN, "impl='reference'")
     if opts.impl == "xla":
@@ -56,6 +62,22 @@ def choose_path(x: KDAOperands, opts: KDAOptions, platform: str) -> Path:
             raise ValueError(f"impl='cuda' cannot run this call: {reason}")
         return Path(XLA, reason, fallback=True)
     return Path(CUDA, "the kernels take this call", pieces=sequence_pieces(x, opts))
+
+
+def _choose_decode_path(x: KDAOperands, opts: KDAOptions, platform: str) -> Path:
+    # `auto` takes the kernel only once a GPU run has measured it faster than the token step
+    # (docs/PERFLOG.md, issue 11).
+    if opts.impl != "cuda":
+        return Path(TOKEN_STEP, f"impl={opts.impl!r}")
+    if platform != "cuda":
+        raise ValueError(
+            f"impl='cuda' runs jax_kda's CUDA decode kernel, which needs a CUDA GPU; this call is lowered for "
+            f"{platform}. Use impl='auto' or impl='xla'."
+        )
+    reason = decode_kernel_unsupported_reason(x, opts)
+    if reason is not None:
+        raise ValueError(f"impl='cuda' cannot run this decode step: {reason}")
+    return Path(DECODE_KERNEL, "impl='cuda'")
 
 
 def platform_of(device) -> str:
@@ -97,6 +119,27 @@ def kernel_unsupported_reason(x: KDAOperands, opts: KDAOptions) -> str | None:
             return f"the kernels take {name} in bfloat16 or float32, got {arr.dtype}"
     if jnp.dtype(opts.final_state_dtype) not in _KERNEL_DTYPES:
         return f"the kernels write the final state in float32 or bfloat16, not {opts.final_state_dtype}"
+    return _not_hopper()
+
+
+def decode_kernel_unsupported_reason(x: KDAOperands, opts: KDAOptions) -> str | None:
+    """Why the decode kernel cannot run this step (operands `[N, 1, ...]`, shapes and dtypes may be
+    avals), or None if it can."""
+    if not contract.WITH_CUDA:
+        return "jax_kda was built without its CUDA kernels (JAX_KDA_CUDA=0 or no nvcc at build time)"
+    kd, vd = x.q.shape[3], x.v.shape[3]
+    why = contract.decode_unsupported(kd, vd)
+    if why is not None:
+        return f"{why}, got K = {kd}, V = {vd}"
+    for name in ("q", "g", "beta", "initial_state"):  # k and v have the dtype of q
+        dtype = getattr(x, name).dtype
+        if dtype not in _KERNEL_DTYPES:
+            return f"the decode kernel takes {name} in bfloat16 or float32, got {dtype}"
+    return _not_hopper()
+
+
+def _not_hopper() -> str | None:
+    """Why this process's GPUs cannot run the kernels (built for sm_90a), or None."""
     sms = _local_gpu_compute_capabilities()
     if sms and not all(cc.startswith("9.") for cc in sms):
         return f"the kernels need Hopper (compute capability 9.x), found {', '.join(sorted(set(sms)))}"

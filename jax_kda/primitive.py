@@ -6,6 +6,8 @@ binds: it has an eager implementation, abstract evaluation and a batching rule, 
 `kda_prefill_inner` is the per-device computation: its lowering asks `jax_kda.paths.choose_path` for the
 platform it lowers for, and emits the CUDA kernels (`jax_kda.cuda`: one FFI custom call, or a call cut
 into segments and joined by a correction kernel), the chunked pure-JAX path or the token scan.
+The decode step (`jax_kda.decode`) binds the same two with `opts.decode_step`: one token per sequence,
+lowered to the decode kernel (an FFI custom call) or one pure-JAX token step.
 
 Operands cross both as the present fields of `KDAOperands` (the `present` parameter says which);
 `opts` carries everything static. Results are `[o]`, or `[o, final_state]` when
@@ -25,7 +27,7 @@ from jax.interpreters import batching, mlir
 from . import contract, cuda, paths, sharding
 from .chunked import kda_chunked
 from .options import KDAOperands, KDAOptions
-from .reference import kda_reference
+from .reference import kda_reference, kda_token_step
 from .validation import check_operands
 
 kda_prefill_p = Primitive("kda_prefill")
@@ -78,6 +80,11 @@ def scan_forward(*args, present, opts):
     """The token-by-token scan on flat operands, returning flat results."""
     o, final = kda_reference(KDAOperands.unflatten(present, args), opts)
     return [o] if final is None else [o, final]
+
+
+def step_forward(*args, present, opts):
+    """The decode step's XLA path (one token step) on flat operands, returning flat results."""
+    return list(kda_token_step(KDAOperands.unflatten(present, args), opts))
 
 
 @functools.lru_cache(maxsize=None)
@@ -195,9 +202,11 @@ def _lower_inner(ctx, *args, present, opts, platform=None):
                                     run=kda_prefill_inner_run)
     if path.impl == paths.CUDA:
         return cuda.lower_prefill_ffi(ctx, *args, present=present, opts=opts)
+    if path.impl == paths.DECODE_KERNEL:
+        return cuda.lower_decode_ffi(ctx, *args, present=present, opts=opts)
     if path.fallback:
         cuda.warn_fallback(path.reason)
-    forward = scan_forward if path.impl == paths.SCAN else xla_forward
+    forward = {paths.SCAN: scan_forward, paths.XLA: xla_forward, paths.TOKEN_STEP: step_forward}[path.impl]
     return mlir.lower_fun(functools.partial(forward, present=present, opts=opts), multiple_results=True)(ctx, *args)
 
 

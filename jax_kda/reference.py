@@ -24,6 +24,14 @@ def _token_step(state, q, k, v, a, beta):
     return state, out
 
 
+def kda_token_step(x: KDAOperands, opts: KDAOptions):
+    """One token (T = 1) for every sequence, as one `_token_step`: `(o, final_state)`. The decode
+    step's XLA path, which XLA fuses into a few passes over the state."""
+    p = prepare(x, opts)
+    state, o = _token_step(p.initial_state, p.q[:, 0], p.k[:, 0], p.v[:, 0], p.a[:, 0], p.beta[:, 0])
+    return o[:, None].astype(x.q.dtype), finish_state(state, opts)
+
+
 def kda_reference(x: KDAOperands, opts: KDAOptions):
     """Returns `(o, final_state)`; final_state is None unless `opts.output_final_state`."""
     p = prepare(x, opts)

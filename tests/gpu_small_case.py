@@ -1,7 +1,9 @@
-"""A small packed KDA prefill through the CUDA kernels, run in a child process by test_cuda.py
-(under compute-sanitizer, or with XLA's CUDA graphs switched on through XLA_FLAGS).
+"""A small packed KDA prefill, or a decode step, through the CUDA kernels, run in a child process by
+test_cuda.py and test_decode_cuda.py (under compute-sanitizer, or with XLA's CUDA graphs switched on
+through XLA_FLAGS).
 
-`run`: the call alone. `check`: several jitted calls, compared with the XLA path; prints "ok".
+`run`, `run-decode`: the call alone. `check`, `check-decode`: several jitted calls, compared with the
+XLA path; prints "ok".
 """
 
 import sys
@@ -10,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_kda import kda_prefill
+from jax_kda import kda_decode_step, kda_prefill
 
 rng = np.random.default_rng(0)
 seqlens = [5, 0, 40, 1, 17]
@@ -25,11 +27,34 @@ kwargs = dict(
     state_v_first=True, output_final_state=True, cu_seqlens=cu,
 )
 
-fast = jax.jit(lambda *a: kda_prefill(*a, impl="cuda", **kwargs))
-if sys.argv[1] == "run":
+
+def prefill(impl):
+    return jax.jit(lambda *a: kda_prefill(*a, impl=impl, **kwargs))
+
+
+def decode(impl):
+    """Two steps for each of the sequences: a V-first fp32 state, then the result K-first in bf16."""
+    flags = {n: kwargs[n] for n in ("use_qk_l2norm_in_kernel", "use_gate_in_kernel", "use_beta_sigmoid_in_kernel",
+                                    "A_log", "dt_bias")}
+
+    def steps(q, k, v, g, beta, state):
+        o, state = kda_decode_step(q, k, v, g, beta, state, impl=impl, state_v_first=True, **flags)
+        k_first = jnp.swapaxes(state, -1, -2).astype(jnp.bfloat16)
+        return (o, state) + kda_decode_step(q, k, v, g, beta, k_first, impl=impl, **flags)
+
+    return jax.jit(steps)
+
+
+decoding = sys.argv[1].endswith("decode")
+if decoding:
+    N = len(seqlens)
+    args = (bf(N, H, K), bf(N, H, K), bf(N, HV, V), bf(N, HV, K), bf(N, HV), kwargs["initial_state"])
+build = decode if decoding else prefill
+fast = build("cuda")
+if sys.argv[1].startswith("run"):
     jax.block_until_ready(fast(*args))
 else:
-    slow = jax.jit(lambda *a: kda_prefill(*a, impl="xla", **kwargs))
+    slow = build("xla")
     want = slow(*args)
     for _ in range(3):
         got = fast(*args)

@@ -32,14 +32,35 @@ def test_pure_jax_preprocessing_uses_the_contracts_constants():
 def test_target_names():
     assert contract.PREFILL_TARGET == "jax_kda_prefill_cuda"
     assert contract.SEGMENT_CORRECT_TARGET == "jax_kda_segment_correct_cuda"
-    assert set(contract.cuda_registrations()) == (
-        {contract.PREFILL_TARGET, contract.SEGMENT_CORRECT_TARGET} if contract.WITH_CUDA else set())
+    assert contract.DECODE_TARGET == "jax_kda_decode_cuda"
+    targets = {contract.PREFILL_TARGET, contract.SEGMENT_CORRECT_TARGET, contract.DECODE_TARGET}
+    assert set(contract.cuda_registrations()) == (targets if contract.WITH_CUDA else set())
 
 
 @pytest.mark.parametrize("K,V,takes", [(128, 128, True), (64, 512, True), (128, 576, False), (60, 128, False),
                                        (128, 96, False), (256, 128, False)])
 def test_supported_head_sizes(K, V, takes):
     assert (contract.prefill_unsupported(K, V) is None) == takes
+
+
+@pytest.mark.parametrize("K,V,takes", [(128, 128, True), (64, 16, True), (128, 1040, True), (128, 0, False),
+                                       (128, 40, False), (96, 128, False), (256, 128, False)])
+def test_decode_head_sizes(K, V, takes):
+    assert (contract.decode_unsupported(K, V) is None) == takes
+
+
+def test_decode_kernel_reasons_come_from_the_contract(monkeypatch):
+    monkeypatch.setattr(contract, "WITH_CUDA", True)
+    monkeypatch.setattr(paths, "_local_gpu_compute_capabilities", lambda: ())
+    spec = jax.ShapeDtypeStruct
+    x = options.KDAOperands(spec((4, 1, 2, 128), jnp.bfloat16), spec((4, 1, 2, 128), jnp.bfloat16),
+                            spec((4, 1, 2, 40), jnp.bfloat16), spec((4, 1, 2, 128), jnp.bfloat16),
+                            spec((4, 1, 2), jnp.bfloat16), initial_state=spec((4, 2, 40, 128), jnp.float32))
+    opts = options.KDAOptions(scale=0.1, use_qk_l2norm=False, gate=options.GATE_GIVEN, lower_bound=None,
+                              safe_gate=False, use_beta_sigmoid=False, allow_neg_eigval=False, state_v_first=True,
+                              output_final_state=True, final_state_dtype="float32", impl="cuda", decode_step=True)
+    reason = paths.decode_kernel_unsupported_reason(x, opts)
+    assert reason.startswith(contract.decode_unsupported(128, 40)) and "V = 40" in reason
 
 
 def test_correction_head_sizes():

@@ -12,6 +12,7 @@ import pytest
 import jax_kda
 from jax_kda import contract, kda_prefill, paths
 from oracle import kda_oracle, rel_err
+from poison import run_poisoned
 
 needs_kernels = pytest.mark.skipif(not contract.WITH_CUDA, reason="jax_kda built without its CUDA kernels")
 gpu = pytest.mark.gpu
@@ -202,27 +203,12 @@ def test_nan_inputs_give_nan(case, where):
     assert rel_err(o[1], ref_o[1]) < BF16_TOL and rel_err(final[1], ref_final[1]) < BF16_TOL
 
 
-def _poisoned(fn, *args):
-    """Runs `fn` with its outputs written into buffers that were filled with NaN first: NaN arrays of
-    the output shapes are donated to the call, and XLA places the outputs in them. Returns the outputs
-    and whether every output did land in its poisoned buffer with no copy in between."""
-    shapes = jax.tree.leaves(jax.eval_shape(fn, *args))
-    poison = [jnp.full(s.shape, jnp.nan, s.dtype) for s in shapes]
-    addresses = [p.unsafe_buffer_pointer() for p in poison]
-    run = jax.jit(lambda poison, *a: fn(*a), donate_argnums=0, keep_unused=True)
-    compiled = run.lower(poison, *args).compile()
-    no_copy = " copy(" not in compiled.as_text() and " copy-start(" not in compiled.as_text()
-    out = compiled(poison, *args)
-    landed = [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(out)] == addresses
-    return out, landed and no_copy
-
-
 @gpu
 @needs_kernels
 def test_every_output_element_is_written(case):
     c = case(seqlens=[5, 0, 33, 16, 1], H=2, HV=2, K=128, V=128, dtype="bfloat16", gate="bounded")
     fn = lambda *a: kda_prefill(*a, impl="cuda", **c.kwargs)
-    (o, final), poisoned = _poisoned(fn, *c.args)
+    (o, final), poisoned = run_poisoned(fn, *c.args)
     assert poisoned, "the outputs did not land in the poisoned buffers; the check would prove nothing"
     assert np.isfinite(np.asarray(o, np.float32)).all() and np.isfinite(np.asarray(final)).all()
     ref_o, ref_final = c.expected()
@@ -297,7 +283,7 @@ def test_transition_columns_in_the_kernel(case, rng):
     x, opts = jax_kda.api.prefill_call(*c.args, **c.kwargs)
     opts = dataclasses.replace(opts, transition_columns=True, impl="cuda")
     fn = lambda q, k, v, g, beta: kda_prefill_inner_run(x._replace(q=q, k=k, v=v, g=g, beta=beta), opts)
-    (o, final), poisoned = _poisoned(fn, *c.args)
+    (o, final), poisoned = run_poisoned(fn, *c.args)
     assert poisoned and o.shape[-1] == 64 + 128 and final.shape[-1] == 64 + 128
     s_in = rng.standard_normal((5, 2, 128, 64)) * 0.3
     ref_o, ref_s = kda_oracle(*(np.asarray(a.astype(jnp.float32), np.float64) for a in c.args),
