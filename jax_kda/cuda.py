@@ -17,6 +17,21 @@ from . import contract, segments
 from .options import KDAOperands, KDAOptions
 
 
+def _preprocessing_attributes(x: KDAOperands, opts: KDAOptions) -> dict:
+    """The FFI attributes the prefill and decode kernels share: scale, gate, L2 norm, beta, layout."""
+    return dict(
+        scale=np.float32(opts.scale),
+        gate=np.int32(contract.GATE_CODES[opts.gate]),
+        lower_bound=np.float32(opts.lower_bound or 0.0),
+        l2norm=opts.use_qk_l2norm,
+        beta_sigmoid=opts.use_beta_sigmoid,
+        allow_neg_eigval=opts.allow_neg_eigval,
+        state_v_first=opts.state_v_first,
+        has_A_log=x.A_log is not None,
+        has_dt_bias=x.dt_bias is not None,
+    )
+
+
 def lower_prefill_ffi(ctx, *args, present, opts: KDAOptions):
     """The prefill kernel as one custom call on the operands `args` (the present fields of KDAOperands)."""
     x = KDAOperands.unflatten(present, ctx.avals_in)
@@ -39,15 +54,7 @@ def lower_prefill_ffi(ctx, *args, present, opts: KDAOptions):
     results = rule(
         ctx.replace(avals_in=avals_in, avals_out=avals_out),
         *operands,
-        scale=np.float32(opts.scale),
-        gate=np.int32(contract.GATE_CODES[opts.gate]),
-        lower_bound=np.float32(opts.lower_bound or 0.0),
-        l2norm=opts.use_qk_l2norm,
-        beta_sigmoid=opts.use_beta_sigmoid,
-        allow_neg_eigval=opts.allow_neg_eigval,
-        state_v_first=opts.state_v_first,
-        has_A_log=x.A_log is not None,
-        has_dt_bias=x.dt_bias is not None,
+        **_preprocessing_attributes(x, opts),
         has_initial_state=x.initial_state is not None,
         has_cu_seqlens=x.cu_seqlens is not None,
         write_final_state=opts.output_final_state,
@@ -75,17 +82,7 @@ def lower_decode_ffi(ctx, *args, present, opts: KDAOptions):
                     f32_or_empty(x.dt_bias), x.initial_state)
         in_place = {len(operands) - 1: 1}  # the state becomes the second result
         o, state = jax.ffi.ffi_call(contract.DECODE_TARGET, results, input_output_aliases=in_place)(
-            *operands,
-            scale=np.float32(opts.scale),
-            gate=np.int32(contract.GATE_CODES[opts.gate]),
-            lower_bound=np.float32(opts.lower_bound or 0.0),
-            l2norm=opts.use_qk_l2norm,
-            beta_sigmoid=opts.use_beta_sigmoid,
-            allow_neg_eigval=opts.allow_neg_eigval,
-            state_v_first=opts.state_v_first,
-            has_A_log=x.A_log is not None,
-            has_dt_bias=x.dt_bias is not None,
-        )
+            *operands, **_preprocessing_attributes(x, opts))
         return [o[:, None], state]
 
     return mlir.lower_fun(step, multiple_results=True)(ctx, *args)
