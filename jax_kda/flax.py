@@ -206,9 +206,11 @@ class KimiDeltaAttention(nnx.Module):
 
         flags = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
                      allow_neg_eigval=self.allow_neg_eigval, lower_bound=self.lower_bound,
-                     A_log=self.A_log[...], dt_bias=self.dt_bias[...].reshape(hv, kd), state_v_first=True)
+                     A_log=self.A_log[...], dt_bias=self.dt_bias[...], state_v_first=True)
         if t == 1 and cache is not None and not packed:
-            o, state = kda_decode_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], carry.state, **flags)
+            step_impl = "xla" if self.impl == "reference" else self.impl  # the token step is the reference's
+            o, state = kda_decode_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], carry.state, impl=step_impl,
+                                       **flags)
             o = o[:, None]
         else:
             o, state = kda_prefill(q, k, v, g, beta, initial_state=carry.state, output_final_state=True,
