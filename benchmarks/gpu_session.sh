@@ -5,7 +5,8 @@
 # with the notebook's model, and the decode step, XLA and the kernel, against its bytes; DECODE_ARGS are
 # passed to it), `profile-decode` (Nsight Compute on the decode kernel; PROFILE_DECODE_ARGS e.g. "k-first
 # bfloat16"), `sharded` (time against the number of GPUs), `notebook` (runs NOTEBOOK in a Jupyter kernel,
-# returned with outputs), in any order. Logs, the benchmark tables (JSON) and plot go to $OUT.
+# returned with outputs), in any order. PREBUILT_WHEELS names a folder holding a jax_kda wheel built
+# on this machine earlier, installed instead of building. Logs, the benchmark tables (JSON) and plot go to $OUT.
 #   BENCH_ARGS="--cases AEF" bash benchmarks/gpu_session.sh test bench
 #   TESTS=tests/test_sharding_gpu.py NOTEBOOK=sharded_prefill bash benchmarks/gpu_session.sh test sharded notebook
 set -uo pipefail
@@ -21,8 +22,16 @@ if compgen -G "$repo/.whl/*.whl" > /dev/null; then
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 start=$(date +%s)
-JAX_KDA_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps "$repo" > "$out/build.log" 2>&1 \
-  || { tail -40 "$out/build.log"; exit 1; }
+# A wheel built earlier on this machine (PREBUILT_WHEELS, e.g. by a background `pip wheel` in the call
+# before, while the machine stayed warm) saves the build.
+if [[ -n "${PREBUILT_WHEELS:-}" ]] && compgen -G "$PREBUILT_WHEELS/jax_kda-*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --force-reinstall "$PREBUILT_WHEELS"/jax_kda-*.whl \
+    > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+  echo "installed the prebuilt wheel"
+else
+  JAX_KDA_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps "$repo" > "$out/build.log" 2>&1 \
+    || { tail -40 "$out/build.log"; exit 1; }
+fi
 echo "build: $(( $(date +%s) - start )) s"
 
 status=0

@@ -32,8 +32,9 @@ def kda_decode_step(
     q, k `[N, H, K]`; v `[N, HV, V]`; g `[N, HV, K]`; beta `[N, HV]`; state `[N, HV, K, V]` (`[N, HV, V,
     K]` with `state_v_first`), flags as in `kda_prefill`. Returns `(o [N, HV, V] in q's dtype, new state
     in the dtype and layout of `state`)`; `kda_prefill` of one token gives the same.
-    `impl`: "auto" (for now the XLA token step everywhere), "cuda" (the fused decode kernel: Hopper GPUs,
-    K 64 or 128, V a multiple of 16, q/k/v, g, beta and state in bfloat16 or float32) or "xla". The
+    `impl`: "auto" (the decode kernel where it takes the step, else the XLA token step), "cuda" (the fused
+    decode kernel: Hopper GPUs, K 64 or 128, V a multiple of 16, q/k/v, g, beta and state in bfloat16 or
+    float32; an error elsewhere) or "xla" (the token step). The
     kernel writes the new state over the old one: donate the state to the jitted step (or carry it
     through a loop), or XLA copies it first.
     """

@@ -31,7 +31,7 @@ def test_matches_float64(case, gate, state_v_first):
     o, state = kda_decode_step(*args, **flags)
     assert rel_err(o, want_o) < FP32_TOL and rel_err(state, want_state) < FP32_TOL
     o_xla, state_xla = kda_decode_step(*args, impl="xla", **flags)
-    np.testing.assert_array_equal(np.asarray(o), np.asarray(o_xla))  # `auto` runs the token step too
+    np.testing.assert_array_equal(np.asarray(o), np.asarray(o_xla))  # K = 16: `auto` runs the token step here too
     np.testing.assert_array_equal(np.asarray(state), np.asarray(state_xla))
 
 

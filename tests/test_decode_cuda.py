@@ -67,10 +67,19 @@ def test_absent_gate_parameters_are_flagged():
     assert "tensor<0xf32>" in calls[0]  # dt_bias travels as an empty array
 
 
-@pytest.mark.parametrize("impl", ["auto", "xla"])
-def test_auto_and_xla_run_the_token_step_on_a_gpu(impl):
-    # `auto` takes the kernel only once a GPU run has shown it faster (docs/PERFLOG.md).
-    assert lowered_calls(impl, decode_specs(), state_v_first=True, **BOUNDED) == []
+@needs_kernels
+def test_auto_takes_the_kernel_on_a_gpu_and_xla_the_token_step():
+    calls = lowered_calls("auto", decode_specs(), state_v_first=True, **BOUNDED)
+    assert len(calls) == 1 and f"@{contract.DECODE_TARGET}(" in calls[0]
+    assert lowered_calls("xla", decode_specs(), state_v_first=True, **BOUNDED) == []
+    assert lowered_calls("auto", decode_specs(), platform="cpu", state_v_first=True, **BOUNDED) == []
+
+
+@needs_kernels
+def test_auto_falls_back_to_the_token_step_with_a_warning():
+    with pytest.warns(UserWarning, match="the decode kernel takes K = 64 or 128"):
+        calls = lowered_calls("auto", decode_specs(K=96, V=96), state_v_first=True, **BOUNDED)
+    assert calls == []
 
 
 def test_impl_cuda_elsewhere_is_a_clear_error(rng):
