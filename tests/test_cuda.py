@@ -205,6 +205,43 @@ def test_nan_inputs_give_nan(case, where):
 
 @gpu
 @needs_kernels
+def test_minus_inf_log_decay_is_a_complete_decay(case):
+    c = case(B=2, T=150, H=2, K=128, V=128, dtype="bfloat16", gate="given")
+    g = np.array(c.args[3], np.float32)
+    g[0, 40] = -np.inf  # every head and channel, inside a chunk
+    g[1, 70, 1, :5] = -np.inf  # a few channels of one head
+    g[1, 100:103, 0] = -np.inf  # several tokens in a row
+    g[1, 149] = -np.inf  # the last token: the state is wiped before its write
+    c.args = c.args[:3] + (jnp.asarray(g, jnp.bfloat16),) + c.args[4:]
+    o, final = check_against_oracle(c)
+    assert np.isfinite(np.asarray(o, np.float32)).all() and np.isfinite(np.asarray(final)).all()
+
+
+@gpu
+@needs_kernels
+@pytest.mark.parametrize("where,value", [("q", np.nan), ("k", np.inf), ("v", np.nan), ("v", -np.inf), ("g", np.nan),
+                                         ("beta", np.nan)])
+@pytest.mark.parametrize("T", [100, 9000], ids=["one-piece", "cut"])
+def test_non_finite_token_reaches_nothing_before_it(case, where, value, T):
+    # Token 43 sits mid-chunk for every chunk size; T = 9000 with one head takes the segment cut.
+    c = case(B=2, T=T, H=1, HV=2, K=128, V=128, dtype="bfloat16", gate="softplus")
+    clean_o, clean_final = (np.asarray(a, np.float32) for a in run_cuda(c))
+    idx = ["q", "k", "v", "g", "beta"].index(where)
+    a = np.array(c.args[idx].astype(jnp.float32))
+    a[0, 43, 0] = value  # sequence 0, q/k head 0 (feeds both value heads) or value head 0
+    c.args = c.args[:idx] + (jnp.asarray(a, c.args[idx].dtype),) + c.args[idx + 1:]
+    o, final = (np.asarray(x, np.float32) for x in run_cuda(c))
+    np.testing.assert_array_equal(o[0, :43], clean_o[0, :43])  # the kernels are deterministic
+    np.testing.assert_array_equal(o[1], clean_o[1])
+    np.testing.assert_array_equal(final[1], clean_final[1])
+    hit = [0, 1] if where in ("q", "k") else [0]
+    assert not np.isfinite(o[0, 43, hit]).all()
+    untouched = [h for h in range(2) if h not in hit]
+    np.testing.assert_array_equal(o[0, :, untouched], clean_o[0, :, untouched])
+
+
+@gpu
+@needs_kernels
 def test_every_output_element_is_written(case):
     c = case(seqlens=[5, 0, 33, 16, 1], H=2, HV=2, K=128, V=128, dtype="bfloat16", gate="bounded")
     fn = lambda *a: kda_prefill(*a, impl="cuda", **c.kwargs)
