@@ -1,0 +1,444 @@
+// The factor group of the chunk-32 KDA prefill (issue 10): one warpgroup builds one 32-token chunk's
+// factors from its raw q, k, g (bulk tensor copies into a swizzled raw slot) and beta, and writes them
+// in the stage layout of fused_prefill.h. Shared by the fused prototype (fused_prefill_kernel.cuh: the
+// stage is in shared memory) and the two-pass program (two_pass.cu: the stage is a slice of a global
+// buffer). The group writes its stage through generic pointers only and never reads it back, so either
+// space works.
+//
+// Per chunk of 32 tokens (two sub-blocks of 16), Gamma the chunk-local cumulative log2-decay
+// (the microkernel factor_build.cu's algorithm with the rounding that emulate_rounding.py chose):
+//     A  gate (bounded: a = lower_bound sigmoid(exp(A_log) (g + dt_bias)), log2 units), x_t = Gamma_t -
+//        Gamma_15 by sums within the sub-blocks; inverse L2 norms as the diagonals of 16 x 16 Gram blocks
+//        (mma); beta sigmoid. Tokens past the sequence's end (zeros from the bulk copy) get a = beta = 0.
+//     B  per element R = 2^x, C = 1/R: Qr = q R (bf16), Kr = k R, Kc = k C as bf16 hi + lo pairs;
+//        Qd = scale rq q 2^Gamma (f16), Kend^T = rk k 2^(Gamma_C - Gamma) (f16), decay 2^Gamma_C.
+//     C  scores (mma.sync bf16): Aqk = scale rq_i rk_j Qr Kc^T (j <= i) -> f16; L = beta_i rk_i rk_j Kr Kc^T
+//        (j < i) -> f32. The two 16 x 16 diagonal blocks, where one factor reaches 2^115, take the k-side
+//        lo parts too (Qr Kc_lo; Kr Kc_lo + Kr_lo Kc: today's kernel's "hilo1", emulated 2.37e-3 with
+//        the f16 rest); the off-diagonal block (both factors <= 1) is hi x hi.
+//     D  (I + L)^-1: both 16 x 16 diagonal blocks by f32 forward substitution on one warp, merged by two
+//        bf16 mma; T beta as bf16 hi + lo, T diag(beta rk) bf16.
+//     E  W' = -(T diag(beta rk)) Kr diag(2^Gamma_15) (mma) -> f16.
+#pragma once
+
+#include <cuda.h>
+
+#include "common_device.cuh"
+#include "fused_prefill.h"
+
+namespace kn {
+namespace fused {
+
+struct TensorMaps {
+  CUtensorMap q, k, g, v;  // 4-D (channel, head, token, sequence), box 64 x 1 x 32 x 1, 128B swizzle
+};
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kNormEpsilon = 1e-6f;
+
+// ---- swizzled raw tiles: ldmatrix operands ------------------------------------------------------
+// A operand (16 x 16) of rows r0.., channels c0.. of a raw tile.
+__device__ __forceinline__ void raw_load_a(const uint8_t *tile, int r0, int c0, int lane, uint32_t (&a)[4]) {
+  const int row = r0 + (lane & 7) + ((lane >> 3) & 1) * 8, col = c0 + (lane >> 4) * 8;
+  ldmatrix_x4(tile + raw_offset(row, col), a);
+}
+// B operands of two n8 tiles (n0.., n0 + 8..) at k-block k0 of a raw tile stored [n][k].
+__device__ __forceinline__ void raw_load_b_nk(const uint8_t *tile, int n0, int k0, int lane, uint32_t (&b)[4]) {
+  const int row = n0 + (lane & 7) + (lane >> 4) * 8, col = k0 + ((lane >> 3) & 1) * 8;
+  ldmatrix_x4(tile + raw_offset(row, col), b);
+}
+// The same from a raw tile stored [k][n] (transposed load).
+__device__ __forceinline__ void raw_load_b_kn(const uint8_t *tile, int n0, int k0, int lane, uint32_t (&b)[4]) {
+  const int row = k0 + (lane & 7) + ((lane >> 3) & 1) * 8, col = n0 + (lane >> 4) * 8;
+  ldmatrix_x4_transposed(tile + raw_offset(row, col), b);
+}
+
+// Two floats as bf16 hi + lo pairs (x ~ hi + lo to ~2^-17 relative).
+__device__ __forceinline__ void split_bf16(float x0, float x1, uint32_t &hi, uint32_t &lo) {
+  hi = pack_bf16(x0, x1);
+  lo = pack_bf16(x0 - bf16_low(hi), x1 - bf16_high(hi));
+}
+
+// ---- load role (thread kLoaderThread of a factor group) -------------------------------------------
+// Raw q, k, g of `chunk` into a raw slot: six boxes completing on `bar`.
+__device__ __forceinline__ void issue_raw_loads(const TensorMaps &maps, const Chain &chain, int chunk, uint8_t *slot,
+                                                uint64_t *bar) {
+  mbarrier_arrive_expect_bytes(bar, kRawLoadBytes);
+  const int t0 = chunk * kChunk;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int c0 = h * kRawBoxChannels;
+    tensor_copy_4d_to_shared(slot + kRawQ + h * kRawHalfBytes, &maps.q, c0, chain.head, t0, chain.sequence, bar);
+    tensor_copy_4d_to_shared(slot + kRawK + h * kRawHalfBytes, &maps.k, c0, chain.head, t0, chain.sequence, bar);
+    tensor_copy_4d_to_shared(slot + kRawG + h * kRawHalfBytes, &maps.g, c0, chain.head, t0, chain.sequence, bar);
+  }
+}
+// V of `chunk` into its stage (the two state groups' 64-value halves), completing on the stage's full
+// barrier, whose single arrival comes when the factors are published.
+__device__ __forceinline__ void issue_v_loads(const TensorMaps &maps, const Chain &chain, int chunk, uint8_t *stage,
+                                              uint64_t *full) {
+  mbarrier_expect_bytes(full, kVLoadBytes);
+#pragma unroll
+  for (int grp = 0; grp < kStateGroups; ++grp)
+    tensor_copy_4d_to_shared(stage + kStV + grp * kVGroupBytes, &maps.v, grp * kGroupRows, chain.head,
+                             chunk * kChunk, chain.sequence, full);
+}
+// Beta logit of token `lane` of `chunk` (threads 0-31; a chunk ahead, into a register).
+__device__ __forceinline__ float load_beta(const FusedParams &p, const Chain &chain, int chunk, int lane) {
+  const int t = chunk * kChunk + lane;
+  if (lane >= kChunk || t >= p.tokens) return 0.f;
+  const uint16_t bits = __ldg(p.beta + (size_t(chain.sequence) * p.tokens + t) * p.heads + chain.head);
+  return __uint_as_float(uint32_t(bits) << 16);
+}
+
+// ---- factor build ------------------------------------------------------------------------------
+template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid>
+struct FactorGroup {
+  uint8_t *base;  // this group's area
+  int group, tid, warp, lane;
+  int half, d0;   // elementwise role: sub-block (tokens 16 half ..) and channel pair (d0, d0 + 1)
+  float gate_mul, gate_add[2], gate_out;
+  float scale;
+
+  __device__ float *sums() const { return reinterpret_cast<float *>(base + kGrSums); }
+  __device__ float *norms() const { return reinterpret_cast<float *>(base + kGrNorms); }
+  __device__ float *betas() const { return reinterpret_cast<float *>(base + kGrBeta); }
+  __device__ float *lmat() const { return reinterpret_cast<float *>(base + kGrL); }
+  __device__ float *t00t() const { return reinterpret_cast<float *>(base + kGrT00t); }
+  __device__ float *t11() const { return reinterpret_cast<float *>(base + kGrT11); }
+  __device__ bf16 *tb() const { return reinterpret_cast<bf16 *>(base + kGrTb); }
+  __device__ float *anchor_scale() const { return reinterpret_cast<float *>(base + kGrAnchor); }
+  __device__ void sync() const { named_barrier(1 + group, kWarpgroupThreads); }
+  __device__ __forceinline__ void launder_indices() {
+    asm volatile("" : "+r"(d0), "+r"(lane), "+r"(tid));
+  }
+
+  // Gate constants of this thread's two channels, log2 units: a2 = lower_bound log2(e) sigmoid(A (g + b)).
+  __device__ void load_gate(const FusedParams &p, int head) {
+    const float a = expf(p.a_log[head]);
+#pragma unroll
+    for (int ch = 0; ch < 2; ++ch) {
+      const float bias = p.dt_bias[head * kDimK + d0 + ch];
+      gate_add[ch] = kGate == GateMath::kTanh ? 0.5f * a * bias : -a * kLog2e * bias;
+    }
+    gate_mul = kGate == GateMath::kTanh ? 0.5f * a : -a * kLog2e;
+    gate_out = kGate == GateMath::kTanh ? 0.5f * p.lower_bound * kLog2e : p.lower_bound * kLog2e;
+    scale = p.scale;
+  }
+  __device__ __forceinline__ float log2_decay(float g, int ch) const {
+    const float z = fmaf(g, gate_mul, gate_add[ch]);
+    if (kGate == GateMath::kTanh) return fmaf(tanh_approx(z), gate_out, gate_out);  // sigmoid = (1 + tanh(z/2)) / 2
+    return gate_out * reciprocal_approx(1.f + exp2_approx(z));                     // sigmoid = 1 / (1 + e^-z)
+  }
+
+  // A. Gate and x_t = Gamma_t - Gamma_15 for this thread's 16 tokens (sub-block 1 sums forward from
+  // token 16, sub-block 0 backward from token 15). Tokens >= valid decay by nothing.
+  __device__ void gate_and_offsets(const uint8_t *raw, int valid, float (&x)[kSubBlock][2]) const {
+    const uint8_t *g = raw + kRawG;
+    const int t0 = kSubBlock * half;
+    float run0 = 0.f, run1 = 0.f;
+    // Past the end g is 0 (the copy's fill), so the decay is finite and the mask a multiply, not a branch.
+    auto gate_pair = [&](int j, float &a0, float &a1) {
+      const uint32_t bits = *reinterpret_cast<const uint32_t *>(g + raw_offset(t0 + j, d0));
+      const float live = t0 + j < valid ? 1.f : 0.f;
+      a0 = log2_decay(bf16_low(bits), 0) * live;
+      a1 = log2_decay(bf16_high(bits), 1) * live;
+    };
+    if (half == 1) {
+#pragma unroll
+      for (int j = 0; j < kSubBlock; ++j) {
+        float a0, a1;
+        gate_pair(j, a0, a1);
+        run0 += a0;
+        run1 += a1;
+        x[j][0] = run0;
+        x[j][1] = run1;
+      }
+    } else {
+#pragma unroll
+      for (int j = kSubBlock - 1; j >= 0; --j) {
+        x[j][0] = run0;
+        x[j][1] = run1;
+        float a0, a1;
+        gate_pair(j, a0, a1);
+        run0 -= a0;
+        run1 -= a1;
+      }
+      run0 = -run0;  // Gamma_15
+      run1 = -run1;
+    }
+    *reinterpret_cast<float2 *>(sums() + half * kDimK + d0) = make_float2(run0, run1);
+  }
+
+  // A. Inverse L2 norms: warp (tile, row block) forms the 16 x 16 Gram block X X^T of its rows on the
+  // tensor cores and keeps the diagonal (B fragments of X^T are the A fragment registers).
+  // norms[0..31] = scale rq, norms[32..63] = rk. Zero rows (past the end) give finite norms.
+  __device__ void row_norms(const uint8_t *raw) const {
+    const int tile = warp >> 1, row_block = warp & 1;
+    const uint8_t *x = raw + (tile ? kRawK : kRawQ);
+    float acc[2][4] = {};
+#pragma unroll
+    for (int kb = 0; kb < kDimK / 16; ++kb) {
+      uint32_t a[4];
+      raw_load_a(x, kSubBlock * row_block, 16 * kb, lane, a);
+      mma_m16n8k16(acc[0], a, a[0], a[2]);
+      mma_m16n8k16(acc[1], a, a[1], a[3]);
+    }
+    const int g = lane >> 2, t = lane & 3, e = g - 2 * t;
+    if (e == 0 || e == 1) {
+      const float top = e ? acc[0][1] : acc[0][0], bottom = e ? acc[1][3] : acc[1][2];
+      const float factor = tile == 0 ? scale : 1.f;
+      float *dst = norms() + tile * kChunk + kSubBlock * row_block + g;
+      dst[0] = (kL2Norm ? rsqrt_approx(top + kNormEpsilon) : 1.f) * factor;
+      dst[8] = (kL2Norm ? rsqrt_approx(bottom + kNormEpsilon) : 1.f) * factor;
+    }
+  }
+
+  __device__ void write_betas(float logit, int valid) const {
+    if (tid < kChunk) {
+      const float b = kBetaSigmoid ? reciprocal_approx(1.f + exp2_approx(-logit * kLog2e)) : logit;
+      betas()[tid] = tid < valid ? b : 0.f;
+    }
+  }
+
+  // B. The elementwise factors of this thread's 16 tokens x 2 channels.
+  __device__ void elementwise_factors(uint8_t *raw, uint8_t *stage, const float (&x)[kSubBlock][2]) const {
+    uint8_t *q = raw + kRawQ, *k = raw + kRawK, *kc = raw + kRawG;  // Kc over the consumed g
+    uint8_t *kr_lo = base + kGrKrLo, *kc_lo = base + kGrKcLo;
+    const float2 first = *reinterpret_cast<const float2 *>(sums() + d0);           // Gamma_15
+    const float2 second = *reinterpret_cast<const float2 *>(sums() + kDimK + d0);  // Gamma_31 - Gamma_15
+    const float e15[2] = {exp2_approx(first.x), exp2_approx(first.y)};
+    const float e_rest[2] = {exp2_approx(second.x), exp2_approx(second.y)};
+    if (half == 1) {
+      *reinterpret_cast<float2 *>(stage + kStDecay + 4 * d0) = make_float2(e15[0] * e_rest[0], e15[1] * e_rest[1]);
+    } else {
+      *reinterpret_cast<float2 *>(anchor_scale() + d0) = make_float2(e15[0], e15[1]);
+    }
+    float rq[kSubBlock], rk[kSubBlock];
+#pragma unroll
+    for (int j = 0; j < kSubBlock; j += 4) {
+      *reinterpret_cast<float4 *>(rq + j) = *reinterpret_cast<const float4 *>(norms() + kSubBlock * half + j);
+      *reinterpret_cast<float4 *>(rk + j) = *reinterpret_cast<const float4 *>(norms() + kChunk + kSubBlock * half + j);
+    }
+    float kend_even[2] = {0.f, 0.f};
+    uint32_t kend[2][kSubBlock / 2];
+#pragma unroll
+    for (int j = 0; j < kSubBlock; ++j) {
+      const int t = kSubBlock * half + j;
+      const uint32_t at = raw_offset(t, d0);
+      const float x0 = x[j][0], x1 = x[j][1];  // Gamma_t - Gamma_15 (log2)
+      const float r0 = exp2_approx(x0), r1 = exp2_approx(x1), c0 = exp2_approx(-x0), c1 = exp2_approx(-x1);
+      const uint32_t qb = *reinterpret_cast<const uint32_t *>(q + at);
+      const uint32_t kb = *reinterpret_cast<const uint32_t *>(k + at);
+      const float qr0 = bf16_low(qb) * r0, qr1 = bf16_high(qb) * r1;
+      const float kr0 = bf16_low(kb) * r0, kr1 = bf16_high(kb) * r1;
+      const float kc0 = bf16_low(kb) * c0, kc1 = bf16_high(kb) * c1;
+      uint32_t hi, lo;
+      *reinterpret_cast<uint32_t *>(q + at) = pack_bf16(qr0, qr1);
+      split_bf16(kr0, kr1, hi, lo);
+      *reinterpret_cast<uint32_t *>(k + at) = hi;
+      *reinterpret_cast<uint32_t *>(kr_lo + at) = lo;
+      split_bf16(kc0, kc1, hi, lo);
+      *reinterpret_cast<uint32_t *>(kc + at) = hi;
+      *reinterpret_cast<uint32_t *>(kc_lo + at) = lo;
+      const float qs = rq[j], ks = rk[j];
+      *reinterpret_cast<uint32_t *>(stage + kStWq + wq_offset(kQdRow0 + t, d0)) =
+          pack_f16(qr0 * e15[0] * qs, qr1 * e15[1] * qs);
+      const float kend0 = kc0 * e_rest[0] * ks, kend1 = kc1 * e_rest[1] * ks;
+      if (j % 2 == 0) {
+        kend_even[0] = kend0;
+        kend_even[1] = kend1;
+      } else {
+        kend[0][j / 2] = pack_f16(kend_even[0], kend0);
+        kend[1][j / 2] = pack_f16(kend_even[1], kend1);
+      }
+    }
+    // Kend^T rows d0, d0 + 1: this thread's 16 tokens are two 16-byte chunks of each row.
+#pragma unroll
+    for (int ch = 0; ch < 2; ++ch)
+#pragma unroll
+      for (int m = 0; m < 2; ++m)
+        *reinterpret_cast<uint4 *>(stage + kStKend + k32_offset(d0 + ch, kSubBlock * half + 8 * m)) =
+            make_uint4(kend[ch][4 * m], kend[ch][4 * m + 1], kend[ch][4 * m + 2], kend[ch][4 * m + 3]);
+  }
+
+  // C. Scores. Warp (product, row block): product 0 = Q, 1 = K; rows 16 rb..; columns 0-15 (rb 0) or
+  // 0-31 (rb 1). Diagonal blocks (rb 0: columns 0-15; rb 1: columns 16-31) add the lo-part products;
+  // the row block is a template parameter so that the accumulators are indexed by constants.
+  template <int kRowBlock>
+  __device__ void scores_rows(const uint8_t *raw, uint8_t *stage, int product) const {
+    const uint8_t *rows = raw + (product ? kRawK : kRawQ), *rows_lo = base + kGrKrLo;
+    const uint8_t *cols = raw + kRawG, *cols_lo = base + kGrKcLo;
+    constexpr int kDiag = kSubBlock * kRowBlock;  // first column (and n tile pair) of the diagonal block
+    constexpr int kDiagTile = 2 * kRowBlock;
+    float acc[4][4] = {};
+#pragma unroll
+    for (int kb = 0; kb < kDimK / 16; ++kb) {
+      uint32_t a[4], b[4], b_lo[4];
+      raw_load_a(rows, kSubBlock * kRowBlock, 16 * kb, lane, a);
+      if (kRowBlock == 1) {  // off-diagonal block (rows 16-31, columns 0-15): hi x hi
+        raw_load_b_nk(cols, 0, 16 * kb, lane, b);
+        mma_m16n8k16(acc[0], a, b[0], b[1]);
+        mma_m16n8k16(acc[1], a, b[2], b[3]);
+      }
+      raw_load_b_nk(cols, kDiag, 16 * kb, lane, b);
+      raw_load_b_nk(cols_lo, kDiag, 16 * kb, lane, b_lo);
+      mma_m16n8k16(acc[kDiagTile], a, b[0], b[1]);
+      mma_m16n8k16(acc[kDiagTile + 1], a, b[2], b[3]);
+      mma_m16n8k16(acc[kDiagTile], a, b_lo[0], b_lo[1]);
+      mma_m16n8k16(acc[kDiagTile + 1], a, b_lo[2], b_lo[3]);
+      if (product == 1) {
+        uint32_t a_lo[4];
+        raw_load_a(rows_lo, kSubBlock * kRowBlock, 16 * kb, lane, a_lo);
+        mma_m16n8k16(acc[kDiagTile], a_lo, b[0], b[1]);
+        mma_m16n8k16(acc[kDiagTile + 1], a_lo, b[2], b[3]);
+      }
+    }
+    const int g = lane >> 2, t = lane & 3;
+    const float *rq = norms(), *rk = norms() + kChunk;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int i = kSubBlock * kRowBlock + g + 8 * h, j = 8 * nt + 2 * t;  // rb 0, nt >= 2: j > i, zeros
+        const float v0 = acc[nt][2 * h], v1 = acc[nt][2 * h + 1];
+        if (product == 0) {
+          const float s = rq[i];
+          *reinterpret_cast<uint32_t *>(stage + kStTa + k32_offset(kAqkRow0 + i, j)) =
+              pack_f16(j <= i ? v0 * s * rk[j] : 0.f, j + 1 <= i ? v1 * s * rk[j + 1] : 0.f);
+        } else {
+          const float s = betas()[i] * rk[i];
+          *reinterpret_cast<float2 *>(lmat() + i * kLRow + j) =
+              make_float2(j < i ? v0 * s * rk[j] : 0.f, j + 1 < i ? v1 * s * rk[j + 1] : 0.f);
+        }
+      }
+    }
+  }
+  __device__ void scores(const uint8_t *raw, uint8_t *stage) const {
+    const int product = warp >> 1;
+    if ((warp & 1) == 0) {
+      scores_rows<0>(raw, stage, product);
+    } else {
+      scores_rows<1>(raw, stage, product);
+    }
+  }
+
+  // D. (I + L)^-1 (warp 0 only). Lanes 0-15: column j of T00, lanes 16-31: column j of T11; then the
+  // merge T10 = -T11 (L10 T00) by two mma. Writes T beta (hi, lo) into the stage and T diag(beta rk).
+  __device__ void invert_and_merge(uint8_t *stage) const {
+    const int block = lane >> 4, j = lane & 15, b0 = kSubBlock * block;
+    const float *L = lmat();
+    float col[kSubBlock];
+#pragma unroll
+    for (int i = 0; i < kSubBlock; ++i) {
+      const float4 *row = reinterpret_cast<const float4 *>(L + (b0 + i) * kLRow + b0);
+      float acc[4] = {i == j ? 1.f : 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int m4 = 0; 4 * m4 < i; ++m4) {
+        const float4 l = row[m4];
+        const float lv[4] = {l.x, l.y, l.z, l.w};
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          if (4 * m4 + u < i) acc[u] -= lv[u] * col[4 * m4 + u];
+      }
+      col[i] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    }
+    const float bj = betas()[b0 + j], rkj = norms()[kChunk + b0 + j];
+    uint8_t *ta = stage + kStTa, *ta_lo = stage + kStTbetaLo;
+    bf16 *tbm = tb();
+#pragma unroll
+    for (int i = 0; i < kSubBlock; ++i) {
+      const float tv = col[i], tbeta = tv * bj;
+      const bf16 hi = __float2bfloat16_rn(tbeta);
+      *reinterpret_cast<bf16 *>(ta + k32_offset(kTbetaRow0 + b0 + i, b0 + j)) = hi;
+      *reinterpret_cast<bf16 *>(ta_lo + k32_offset(b0 + i, b0 + j)) = __float2bfloat16_rn(tbeta - __bfloat162float(hi));
+      tbm[(b0 + i) * kTbRow + b0 + j] = __float2bfloat16_rn(tbeta * rkj);
+      if (block == 0) {
+        t00t()[j * kTRow + i] = tv;
+      } else {
+        t11()[i * kTRow + j] = tv;
+      }
+    }
+    // The upper-right 16 x 16 block of T beta is zero: lanes 0-15 clear row `lane` of the hi part,
+    // lanes 16-31 row `lane - 16` of the lo part (32 bytes each, columns 16-31).
+    {
+      uint8_t *tile = block ? ta_lo : ta;
+#pragma unroll
+      for (int m = 0; m < 2; ++m)
+        *reinterpret_cast<uint4 *>(tile + k32_offset(j, kSubBlock + 8 * m)) = make_uint4(0u, 0u, 0u, 0u);
+    }
+    __syncwarp();
+    // M^T = T00^T L10^T (A = T00^T row-major, B[k][n] = L10[n][k]); then T10 = -T11 M with B = M taken
+    // from the M^T accumulators (register-local: b0/b1 of n tile nb = rows 8 nb + g of M^T).
+    const int g = lane >> 2, t = lane & 3;
+    auto pair = [](const float *p) { return pack_bf16(p[0], p[1]); };
+    const float *T0 = t00t(), *T1 = t11(), *L10 = L + kSubBlock * kLRow;
+    const uint32_t a0[4] = {pair(T0 + g * kTRow + 2 * t), pair(T0 + (g + 8) * kTRow + 2 * t),
+                            pair(T0 + g * kTRow + 2 * t + 8), pair(T0 + (g + 8) * kTRow + 2 * t + 8)};
+    float mt[2][4] = {};
+    mma_m16n8k16(mt[0], a0, pair(L10 + g * kLRow + 2 * t), pair(L10 + g * kLRow + 2 * t + 8));
+    mma_m16n8k16(mt[1], a0, pair(L10 + (g + 8) * kLRow + 2 * t), pair(L10 + (g + 8) * kLRow + 2 * t + 8));
+    const uint32_t a1[4] = {pair(T1 + g * kTRow + 2 * t), pair(T1 + (g + 8) * kTRow + 2 * t),
+                            pair(T1 + g * kTRow + 2 * t + 8), pair(T1 + (g + 8) * kTRow + 2 * t + 8)};
+    float t10[2][4] = {};
+    mma_m16n8k16(t10[0], a1, pack_bf16(mt[0][0], mt[0][1]), pack_bf16(mt[1][0], mt[1][1]));
+    mma_m16n8k16(t10[1], a1, pack_bf16(mt[0][2], mt[0][3]), pack_bf16(mt[1][2], mt[1][3]));
+    const float *beta = betas(), *rk = norms() + kChunk;
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int i = kSubBlock + g + 8 * h, jj = 8 * nb + 2 * t;
+        const float v0 = -t10[nb][2 * h] * beta[jj], v1 = -t10[nb][2 * h + 1] * beta[jj + 1];
+        uint32_t hi, lo;
+        split_bf16(v0, v1, hi, lo);
+        *reinterpret_cast<uint32_t *>(ta + k32_offset(kTbetaRow0 + i, jj)) = hi;
+        *reinterpret_cast<uint32_t *>(ta_lo + k32_offset(i, jj)) = lo;
+        *reinterpret_cast<uint32_t *>(tbm + i * kTbRow + jj) = pack_bf16(v0 * rk[jj], v1 * rk[jj + 1]);
+      }
+    }
+  }
+
+  // E. W' = -(T diag(beta rk)) Kr diag(2^Gamma_15): warp w owns channels 32 w .. 32 w + 31 of all 32
+  // rows. The upper-right block of T diag(beta rk) is zero and not stored: its product is skipped.
+  __device__ void w_product(const uint8_t *raw, uint8_t *stage) const {
+    const uint8_t *kr = raw + kRawK;
+    const int n0 = 32 * warp, g = lane >> 2, t = lane & 3;
+    uint32_t a[2][2][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int ks = 0; ks < 2; ++ks)
+        if (mt == 1 || ks == 0) load_a_rows(tb() + 16 * mt * kTbRow, kTbRow, 16 * ks, lane, a[mt][ks]);
+    float acc[2][4][4] = {};
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {
+#pragma unroll
+      for (int np = 0; np < 2; ++np) {
+        uint32_t b[4];
+        raw_load_b_kn(kr, n0 + 16 * np, 16 * ks, lane, b);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          if (mt == 0 && ks == 1) continue;
+          mma_m16n8k16(acc[mt][2 * np], a[mt][ks], b[0], b[1]);
+          mma_m16n8k16(acc[mt][2 * np + 1], a[mt][ks], b[2], b[3]);
+        }
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      const int d = n0 + 8 * nt + 2 * t;
+      const float2 e = *reinterpret_cast<const float2 *>(anchor_scale() + d);
+      const float s0 = -e.x, s1 = -e.y;
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          *reinterpret_cast<uint32_t *>(stage + kStWq + wq_offset(kWRow0 + 16 * mt + g + 8 * h, d)) =
+              pack_f16(acc[mt][nt][2 * h] * s0, acc[mt][nt][2 * h + 1] * s1);
+    }
+  }
+};
+
+}  // namespace fused
+}  // namespace kn

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Builds, checks and times the two-pass chunk-32 prefill (two_pass.cu) on a Hopper GPU. From the
+# repository root, in one device call:
+#   bash benchmarks/kernel_next/run_two_pass.sh
+# Steps: build with nvcc for sm_90a (ptxas resource report: registers, spills, C75xx warnings), SASS
+# counts per kernel, the CPU-only checks, compute-sanitizer memcheck (and racecheck, for information) on
+# a tiny launch, then the full run (o and the final state against float64 and the CPU emulation, pass 1's
+# factors against float64, every output written; timings of pass 1, pass 2 and both for A, E, F) and a
+# summary at the end. Every step has a time limit, so a hang (a barrier bug) still leaves its logs.
+# $OUT (default /tmp/two_pass_out) receives at most 7 files: build.log, host_check.log, memcheck.log,
+# racecheck.log, two_pass.log, summary.txt and extra.tar.gz (the SASS and the GPU line).
+# Environment: OUT, NVCC (default nvcc), BUILD_DIR, REPS, SKIP_SANITIZER=1, SKIP_RACECHECK=1.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+out=${OUT:-/tmp/two_pass_out}
+build=${BUILD_DIR:-/tmp/two_pass_build}
+extra="$build/extra"
+nvcc_bin=${NVCC:-nvcc}
+mkdir -p "$out" "$build" "$extra"
+flags=(-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -lineinfo -Xptxas -v)
+status=0
+summary="$out/summary.txt"
+: > "$summary"
+say() { echo "$*" | tee -a "$summary"; }
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv,noheader \
+  > "$extra/gpu.txt" 2>&1
+say "GPU: $(cat "$extra/gpu.txt")"
+say "nvcc: $("$nvcc_bin" --version | tail -1)"
+
+# 1. Build (about 10 s).
+start=$SECONDS
+if ! timeout 300 "$nvcc_bin" "${flags[@]}" "$here/two_pass.cu" -o "$build/two_pass" > "$out/build.log" 2>&1; then
+  say "build FAILED"; tail -40 "$out/build.log"; exit 1
+fi
+say "built in $((SECONDS - start)) s; ptxas per kernel:"
+awk '/Compiling entry function/ && !/pass_kernel/ { name = ""; next }
+     /Compiling entry function/ { name = $0; sub(/.*twopass[0-9]+/, "", name); sub(/ILNS0.*|ENS0.*/, "", name);
+       gate = ($0 ~ /GateMathE0/) ? " (tanh gate)" : ($0 ~ /GateMathE1/) ? " (ex2+rcp gate)" : "" }
+     /spill stores/ { spill = $0; sub(/^ +/, "", spill) }
+     /Used [0-9]+ registers/ && name != "" { match($0, /Used [0-9]+ registers/);
+       print "  " name gate ": " substr($0, RSTART, RLENGTH) ", " spill; name = "" }' "$out/build.log" | tee -a "$summary"
+say "  C75xx warnings: $(grep -cE 'C75[0-9]+' "$out/build.log")"
+
+# 2. SASS counts per kernel.
+if command -v cuobjdump > /dev/null; then
+  cuobjdump --dump-sass "$build/two_pass" > "$extra/two_pass.sass" 2>&1
+  awk '/Function :/ { if (f != "") print f, n, hg, dep, stg, stl, ldl, mma, mufu;
+                      f = $3; n = hg = dep = stg = stl = ldl = mma = mufu = 0; next }
+       /^ +\/\*[0-9a-f]{4}\*\// { n++; if (/HGMMA/) hg++; if (/WARPGROUP.DEPBAR/) dep++; if (/ STG/) stg++;
+                      if (/ STL/) stl++; if (/ LDL/) ldl++; if (/ HMMA/) mma++; if (/ MUFU/) mufu++ }
+       END { if (f != "") print f, n, hg, dep, stg, stl, ldl, mma, mufu }' "$extra/two_pass.sass" \
+    | grep pass_kernel | awk '{ name = $1; sub(/.*twopass[0-9]+/, "", name); sub(/ILNS0.*|ENS0.*/, "", name);
+        gate = ($1 ~ /GateMathE0/) ? "(tanh)" : ($1 ~ /GateMathE1/) ? "(ex2+rcp)" : "";
+        printf "  SASS %s%s: %d instructions, HGMMA %d, WARPGROUP.DEPBAR %d, STG %d, STL %d, LDL %d, HMMA %d, MUFU %d\n",
+          name, gate, $2, $3, $4, $5, $6, $7, $8, $9 }' | tee -a "$summary"
+fi
+
+# 3. CPU-only checks: layouts, the pass-1 schedule, what pass 2 copies, the emulation against float64.
+timeout 120 "$build/two_pass" --host-check 1 --tokens 1024 > "$out/host_check.log" 2>&1 || status=1
+say "host check: $(tail -1 "$out/host_check.log")"
+
+# 4. Memory check (and race check, for information) on a tiny launch (T = 96 and 50).
+if [[ -z "${SKIP_SANITIZER:-}" ]] && command -v compute-sanitizer > /dev/null; then
+  timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 "$build/two_pass" --tiny 1 > "$out/memcheck.log" 2>&1
+  rc=$?
+  say "memcheck: rc $rc ($(grep -h 'ERROR SUMMARY' "$out/memcheck.log" | tr '\n' ' '))"
+  [[ $rc -ne 0 ]] && { status=1; tail -20 "$out/memcheck.log"; }
+  if [[ -z "${SKIP_RACECHECK:-}" ]]; then
+    timeout 300 compute-sanitizer --tool racecheck "$build/two_pass" --tiny 1 > "$out/racecheck.log" 2>&1
+    say "racecheck (information): rc $? ($(grep -h 'RACECHECK SUMMARY\|ERROR SUMMARY' "$out/racecheck.log" | tr '\n' ' '))"
+  fi
+fi
+
+# 5. Full run: checks, then timings.
+timeout 420 "$build/two_pass" --reps "${REPS:-20}" > "$out/two_pass.log" 2>&1
+rc=$?
+[[ $rc -ne 0 ]] && status=1
+[[ $rc -eq 124 ]] && say "two_pass TIMED OUT (a hang: see the last check line of two_pass.log)"
+
+tar -czf "$out/extra.tar.gz" -C "$build" extra 2>/dev/null
+
+# 6. Summary (the reply keeps the end of the output).
+{
+  echo
+  echo "==== summary"
+  grep -E '^(two_pass:|pass 1:)' "$out/two_pass.log"
+  grep -E '^check ' "$out/two_pass.log" | cut -c1-260
+  sed -n '/^medians of/,$p' "$out/two_pass.log"
+  echo "full run rc $rc, status $status"
+} | tee -a "$summary"
+exit $status

@@ -1,0 +1,133 @@
+// The state step of the chunk-32 KDA prefill (issue 10) for one warpgroup's 64 V rows of S^T (f32 wgmma
+// accumulators, fed back as the f16 register A operand), and its epilogues (o stores, initial and final
+// state). Shared by the fused prototype (fused_prefill_kernel.cuh) and the two-pass program's state pass
+// (two_pass.cu). The stage it reads (fused_prefill.h's layout) holds the factor group's output
+// (factor_group.cuh) and the chunk's V (bulk tensor copy). Per chunk ("two-products" form):
+//     R^T  = V^T (T beta hi + T beta lo)^T + S^T W'^T  (4 x m64n32k16 SS bf16, 8 x m64n32k16 RS f16)
+//     O^T  = S^T Qd^T                                   (8 x m64n32k16 RS, f16)
+//     S^T  = S^T diag(decay) + R^T Kend                 (2 x m64n128k16 RS, f16)
+//     O^T += R^T Aqk^T                                  (2 x m64n32k16 RS, f16)
+//     o (bf16) stored from the O^T accumulators; final state (f32, V-first) at the end.
+#pragma once
+
+#include "common_device.cuh"
+#include "fused_prefill.h"
+
+namespace kn {
+namespace fused {
+
+// ---- state chain ----------------------------------------------------------------------------------
+constexpr int kStateValues = kGroupRows * kDimK / kWarpgroupThreads;  // 64 accumulators a thread
+constexpr int kKBlocksState = kDimK / 16;                             // 8
+constexpr int kKBlocksChunk = kChunk / 16;                            // 2
+constexpr int kRoValues = kGroupRows * 2 * kChunk / kWarpgroupThreads;  // 32: [R | O]^T, 64 x 64
+constexpr int kHalfRo = kRoValues / 2;                                // 16: R part (columns 0-31), O part
+
+// S^T <- S^T diag(decay): value i sits in column 8 (i / 4) + 2 (thread % 4) + (i % 2).
+__device__ __forceinline__ void decay_state(float (&s)[kStateValues], const float *decay, int thread) {
+  const int c0 = 2 * (thread % 4);
+#pragma unroll
+  for (int j = 0; j < kStateValues / 4; ++j) {
+    const float2 dd = *reinterpret_cast<const float2 *>(decay + 8 * j + c0);
+    s[4 * j + 0] *= dd.x;
+    s[4 * j + 1] *= dd.y;
+    s[4 * j + 2] *= dd.x;
+    s[4 * j + 3] *= dd.y;
+  }
+}
+
+// One chunk of the chain for this warpgroup's 64 V rows ("two-products" form of state_chain.cu, all
+// accumulators m64n32 or the state): `stage` is the stage's shared address; O^T is left in o.
+// Accumulators of different shapes must not alias (ptxas then serializes the wgmma pipeline, C7511).
+__device__ __forceinline__ void state_step(uint32_t stage, const float *decay, int group, int thread,
+                                           float (&s)[kStateValues], float (&o)[kHalfRo]) {
+  uint32_t sa[kKBlocksState][4];
+#pragma unroll
+  for (int kb = 0; kb < kKBlocksState; ++kb)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) sa[kb][r] = pack_f16(s[8 * kb + 2 * r], s[8 * kb + 2 * r + 1]);
+  // S^T diag(decay) before any wgmma is in flight (ptxas would otherwise insert a wait, C7517).
+  decay_state(s, decay, thread);
+  float r[kHalfRo];
+  wgmma_fence();
+  // R^T = V^T (T beta hi + lo)^T + S^T W'^T;  O^T = S^T Qd^T
+#pragma unroll
+  for (int kb = 0; kb < kKBlocksChunk; ++kb) {
+    wgmma_m64n32k16_ss_a_mn_major(r, v_descriptor(stage + kStV, group, kb),
+                                  k32_descriptor(stage + kStTa, kTbetaRow0, kb), kb > 0);
+    wgmma_m64n32k16_ss_a_mn_major(r, v_descriptor(stage + kStV, group, kb), k32_descriptor(stage + kStTbetaLo, 0, kb),
+                                  1);
+  }
+#pragma unroll
+  for (int kb = 0; kb < kKBlocksState; ++kb) {
+    wgmma_m64n32k16_rs_f16(r, sa[kb], wq_descriptor(stage + kStWq, kWRow0, kb), 1);
+    wgmma_m64n32k16_rs_f16(o, sa[kb], wq_descriptor(stage + kStWq, kQdRow0, kb), kb > 0);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  pin_registers(r);
+  pin_registers(o);
+  uint32_t ra[kKBlocksChunk][4];
+#pragma unroll
+  for (int kb = 0; kb < kKBlocksChunk; ++kb)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) ra[kb][j] = pack_f16(r[8 * kb + 2 * j], r[8 * kb + 2 * j + 1]);
+  wgmma_fence();
+  // S^T += R^T Kend (the chain first);  O^T += R^T Aqk^T
+#pragma unroll
+  for (int kb = 0; kb < kKBlocksChunk; ++kb) wgmma_m64n128k16_rs_f16(s, ra[kb], k32_descriptor(stage + kStKend, 0, kb), 1);
+#pragma unroll
+  for (int kb = 0; kb < kKBlocksChunk; ++kb)
+    wgmma_m64n32k16_rs_f16(o, ra[kb], k32_descriptor(stage + kStTa, kAqkRow0, kb), 1);
+  wgmma_commit();
+  wgmma_wait<0>();
+  pin_registers(s);
+  pin_registers(o);
+}
+
+// Thread value i of the 64 x 128 S^T tile of state group `group`: (row v, column d).
+__device__ __forceinline__ size_t state_row(const FusedParams &p, const Chain &chain, int group, int thread, int i) {
+  const int v = group * kGroupRows + acc_row(thread, i);
+  return ((size_t(chain.sequence) * p.heads + chain.head) * kDimV + v) * kDimK;
+}
+
+__device__ void load_initial_state(const FusedParams &p, const Chain &chain, int group, int thread,
+                                   float (&s)[kStateValues]) {
+#pragma unroll
+  for (int i = 0; i < kStateValues; i += 2) {
+    float2 x = make_float2(0.f, 0.f);
+    if (p.initial_state != nullptr)
+      x = __ldg(reinterpret_cast<const float2 *>(p.initial_state + state_row(p, chain, group, thread, i) +
+                                                 acc_col(thread, i)));
+    s[i] = x.x;
+    s[i + 1] = x.y;
+  }
+}
+
+// Epilogue of the chain: the final state, fp32, V-first.
+__device__ void store_final_state(const FusedParams &p, const Chain &chain, int group, int thread,
+                                  const float (&s)[kStateValues]) {
+#pragma unroll
+  for (int i = 0; i < kStateValues; i += 2)
+    *reinterpret_cast<float2 *>(p.final_state + state_row(p, chain, group, thread, i) + acc_col(thread, i)) =
+        make_float2(s[i], s[i + 1]);
+}
+
+// Epilogue of a chunk: o (bf16) of the valid tokens from O^T (m64n32 accumulator order: value i at V row
+// 64 group + acc_row(i), token acc_col(i)).
+__device__ __forceinline__ void store_outputs(const FusedParams &p, const Chain &chain, int chunk, int group,
+                                              int thread, const float (&o)[kHalfRo]) {
+  const int valid = valid_tokens(chunk, p.tokens);
+  const size_t token_stride = size_t(p.heads) * kDimV;
+  bf16 *base = reinterpret_cast<bf16 *>(p.o) +
+               ((size_t(chain.sequence) * p.tokens + size_t(chunk) * kChunk) * p.heads + chain.head) * kDimV +
+               group * kGroupRows;
+#pragma unroll
+  for (int i = 0; i < kHalfRo; ++i) {
+    const int token = acc_col(thread, i), v = acc_row(thread, i);
+    if (token < valid) base[token * token_stride + v] = __float2bfloat16_rn(o[i]);
+  }
+}
+
+}  // namespace fused
+}  // namespace kn

@@ -1,0 +1,584 @@
+// Issue 10: the chunk-32 KDA prefill in two passes (full-V case, K = V = 128, bounded gate, L2 norm,
+// beta sigmoid, fp32 state), a standalone program beside fused_prefill.cu (same inputs, checks, options).
+//
+// The fused prototype builds each chunk's factors inside the chain's own SM (two factor groups, ~4.5 us
+// per chunk measured on an H200), so a chain is bound by its factor build and few chains use few SMs.
+// The factors of a chunk depend only on that chunk's inputs, so here:
+//   pass 1  factor_pass_kernel: every (chain, chunk) item in parallel over the whole GPU. A CTA is one
+//           factor group (128 threads, factor_group.cuh's FactorGroup, unchanged) with its two raw slots
+//           (the next item's q, k, g arrive by bulk tensor copy while it builds the current one); three
+//           CTAs per SM (shared memory: 3 x 73.7 KB). Each CTA takes a contiguous range of items (the
+//           chains' chunks in order, so the gate constants change rarely). The group writes the chunk's
+//           factors (the first kPassFactorBytes of fused_prefill.h's stage: W' | Qd, T beta hi | Aqk,
+//           T beta lo, Kend^T, decay) straight into factors[chain][chunk] in global memory, through the
+//           same generic stores that write a shared-memory stage in the fused kernel: no staging
+//           buffer, so three groups fit per SM instead of two.
+//   pass 2  state_pass_kernel: one CTA per chain, two state warpgroups (state_step.cuh, unchanged) and
+//           a loader warp streaming each chunk's factors (one bulk copy of 31,232 B) and V (two bulk
+//           tensor boxes) into a kPassStages-deep ring; writes o (bf16) and the final state (fp32).
+// Any T >= 1 (partial last chunks: pass 1 masks the tokens past T as the fused kernel does, pass 2
+// stores only valid tokens).
+//
+// Checks (outputs and the factor buffer poisoned with NaN first): o and the final state of chains
+// against the float64 recurrence (< 5e-3 relative RMS passes) and the CPU emulation (fused_prefill_host.h);
+// pass 1's factors of a few whole chunks against the float64 factors of common_host.h (< 1e-2 each);
+// every output written. Timings (cudaEvents, median after warm-up) of pass 1, pass 2 and both.
+// `--host-check 1`: CPU-only checks (layouts, the pass-1 schedule, what pass 2 copies, the emulation).
+#include <memory>
+
+#include "fused_prefill_host.h"
+#include "state_step.cuh"
+
+namespace kn {
+namespace fused {
+namespace twopass {
+
+// ---- layout and schedule ---------------------------------------------------------------------------
+constexpr uint32_t kPassFactorBytes = kStDecay + kDimK * kF32Bytes;  // 31232: the stage up to V
+constexpr uint32_t kFactorPitch = kPassFactorBytes;                    // bytes per chunk in the buffer
+static_assert(kFactorPitch % 16 == 0, "bulk copies and the 16-byte Kend stores need 16-byte alignment");
+
+// Pass 1: one factor group per CTA; its area (two raw slots, lo tiles / inverse scratch, small vectors)
+// as in the fused kernel, then the two raw-slot barriers.
+constexpr int kFactorThreads = kWarpgroupThreads;
+constexpr int kFactorCtasPerSm = 3;
+constexpr uint32_t kF1Barriers = kGrBytes;
+constexpr uint32_t kF1SmBytes = kF1Barriers + kRawSlots * 8 + kSwizzleAlign;  // + slack to align the base
+constexpr uint32_t kSmPerSm = 228 * 1024, kSmReservedPerCta = 1024;         // sm_90
+static_assert(kFactorCtasPerSm * (kF1SmBytes + kSmReservedPerCta) <= kSmPerSm, "three factor CTAs per SM");
+
+// Items (chain, chunk) -> CTAs: CTA b takes the contiguous range [first, last).
+struct ItemRange {
+  int first, last;
+};
+KN_HD ItemRange items_of(int cta, int ctas, int items) {
+  const int per = items / ctas, extra = items % ctas;
+  const int first = cta * per + (cta < extra ? cta : extra);
+  return ItemRange{first, first + per + (cta < extra ? 1 : 0)};
+}
+
+// Pass 2: two state warpgroups and one loader warp; a ring of kPassStages stages.
+constexpr int kPassStages = 5;  // 4 chunks of lookahead (~3 us, ~190 KB in flight at 0.75 us a step) cover the HBM latency
+constexpr int kLoaderWarp = kStateThreads / 32;
+constexpr int kStateCtaThreads = kStateThreads + 32;  // 288
+constexpr uint32_t kS2Barriers = kPassStages * kStBytes;
+constexpr uint32_t kS2SmBytes = kS2Barriers + 2 * kPassStages * 8 + kSwizzleAlign;
+static_assert(kS2SmBytes <= kSmLimit, "state pass shared memory");
+
+KN_HD int ring_stage(int chunk) { return chunk % kPassStages; }
+KN_HD uint32_t ring_parity(int chunk) { return uint32_t(chunk / kPassStages) & 1u; }
+
+__device__ __forceinline__ uint8_t *aligned_smem(uint8_t *raw) {
+  return raw + ((kSwizzleAlign - (smem_address(raw) & (kSwizzleAlign - 1))) & (kSwizzleAlign - 1));
+}
+
+// ---- pass 1 ------------------------------------------------------------------------------------------
+template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid>
+__global__ void __launch_bounds__(kFactorThreads, kFactorCtasPerSm)
+    factor_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
+                       uint8_t *factors) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t *smem = aligned_smem(smem_raw);
+  uint64_t *raw_full = reinterpret_cast<uint64_t *>(smem + kF1Barriers);
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kRawSlots; ++i) mbarrier_init(&raw_full[i], 1);
+    fence_barrier_init();
+  }
+  __syncthreads();
+  const int chunks = (p.tokens + kChunk - 1) / kChunk;
+  const ItemRange range = items_of(blockIdx.x, gridDim.x, p.batch * p.heads * chunks);
+  FactorGroup<kGate, kL2Norm, kBetaSigmoid> fg;
+  fg.base = smem;
+  fg.group = 0;
+  fg.tid = threadIdx.x;
+  fg.warp = fg.tid / 32;
+  fg.lane = fg.tid % 32;
+  fg.half = fg.warp >> 1;
+  fg.d0 = 2 * (((fg.warp & 1) << 5) | fg.lane);
+  const bool loader = fg.tid == kLoaderThread;
+  auto slot_of = [&](int it) { return smem + kGrRaw + (it % kRawSlots) * kRawSlotBytes; };
+  float beta_logit = 0.f;
+  if (range.first < range.last) {
+    const int item = range.first;
+    const Chain chain = chain_of(item / chunks, p.heads, p.tokens);
+    if (loader) issue_raw_loads(maps, chain, item % chunks, slot_of(0), &raw_full[0]);
+    beta_logit = load_beta(p, chain, item % chunks, fg.tid);
+  }
+  int gate_head = -1;
+  for (int item = range.first, it = 0; item < range.last; ++item, ++it) {
+    const int next = item + 1;
+    float next_beta_logit = 0.f;
+    if (next < range.last) {  // the next item's loads into the other slot (freed at the end of the last one)
+      const Chain nc = chain_of(next / chunks, p.heads, p.tokens);
+      if (loader) issue_raw_loads(maps, nc, next % chunks, slot_of(it + 1), &raw_full[(it + 1) % kRawSlots]);
+      next_beta_logit = load_beta(p, nc, next % chunks, fg.tid);
+    }
+    fg.launder_indices();
+    const Chain chain = chain_of(item / chunks, p.heads, p.tokens);
+    const int c = item % chunks;
+    if (chain.head != gate_head) {
+      fg.load_gate(p, chain.head);
+      gate_head = chain.head;
+    }
+    uint8_t *raw = slot_of(it);
+    const int valid = valid_tokens(c, p.tokens);
+    mbarrier_wait(&raw_full[it % kRawSlots], uint32_t(it / kRawSlots) & 1u);
+    float x[kSubBlock][2];
+    fg.gate_and_offsets(raw, valid, x);
+    fg.row_norms(raw);
+    fg.write_betas(beta_logit, valid);
+    fg.sync();
+    uint8_t *stage = factors + size_t(item) * kFactorPitch;  // global: factors[chain][chunk]
+    fg.elementwise_factors(raw, stage, x);
+    fg.sync();
+    fg.scores(raw, stage);
+    fg.sync();
+    if (fg.warp == 0) fg.invert_and_merge(stage);
+    fg.sync();
+    fg.w_product(raw, stage);
+    // The raw slot is refilled by the copy engine (async proxy) after these generic accesses.
+    fence_proxy_async();
+    fg.sync();
+    beta_logit = next_beta_logit;
+  }
+}
+
+// ---- pass 2 ------------------------------------------------------------------------------------------
+struct RingBarriers {
+  uint64_t *full;   // [kPassStages]: factors and V of the stage's chunk arrived (1 arrival + bytes)
+  uint64_t *empty;  // [kPassStages]: the state warpgroups are done with it (kStateThreads arrivals)
+};
+
+// Lane 0 of the loader warp: chunk c's factors (one bulk copy) and V (two boxes) into stage c % kPassStages.
+__device__ void run_loader(const TensorMaps &maps, const uint8_t *factors, uint8_t *smem,
+                           const RingBarriers &bars, const Chain &chain, int chain_index) {
+  for (int c = 0; c < chain.chunks; ++c) {
+    const int s = ring_stage(c);
+    uint8_t *stage = smem + s * kStBytes;
+    if (c >= kPassStages) mbarrier_wait(&bars.empty[s], ring_parity(c - kPassStages));
+    issue_v_loads(maps, chain, c, stage, &bars.full[s]);  // expects its bytes; the arrival comes next
+    mbarrier_arrive_expect_bytes(&bars.full[s], kPassFactorBytes);
+    bulk_copy_to_shared(stage, factors + (size_t(chain_index) * chain.chunks + c) * kFactorPitch, kPassFactorBytes,
+                        &bars.full[s]);
+  }
+}
+
+__device__ void run_state(const FusedParams &p, uint8_t *smem, const RingBarriers &bars, const Chain &chain,
+                          int group) {
+  const int thread = threadIdx.x % kWarpgroupThreads;
+  float s[kStateValues], o[kHalfRo];
+  load_initial_state(p, chain, group, thread, s);
+  const uint32_t stages = smem_address(smem);
+  for (int c = 0; c < chain.chunks; ++c) {
+    const int st = ring_stage(c);
+    const float *decay = reinterpret_cast<const float *>(smem + st * kStBytes + kStDecay);
+    mbarrier_wait(&bars.full[st], ring_parity(c));
+    state_step(stages + st * kStBytes, decay, group, thread, s, o);
+    mbarrier_arrive(&bars.empty[st]);  // every wgmma reading the stage has completed (wait_group 0)
+    store_outputs(p, chain, c, group, thread, o);
+  }
+  store_final_state(p, chain, group, thread, s);
+}
+
+__global__ void __launch_bounds__(kStateCtaThreads, 1)
+    state_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
+                      const uint8_t *factors) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t *smem = aligned_smem(smem_raw);
+  uint64_t *bar_base = reinterpret_cast<uint64_t *>(smem + kS2Barriers);
+  const RingBarriers bars{bar_base, bar_base + kPassStages};
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kPassStages; ++i) {
+      mbarrier_init(&bars.full[i], 1);
+      mbarrier_init(&bars.empty[i], kStateThreads);
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+  const Chain chain = chain_of(blockIdx.x, p.heads, p.tokens);
+  // The role as a warp-uniform value (a broadcast): a plain threadIdx test makes ptxas treat the wgmma
+  // code as divergent (C7518).
+  const int warp = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / 32, 0);
+  if (warp < kLoaderWarp) {
+    run_state(p, smem, bars, chain, warp / (kWarpgroupThreads / 32));
+  } else if (threadIdx.x % 32 == 0) {
+    run_loader(maps, factors, smem, bars, chain, blockIdx.x);
+  }
+}
+
+// ---- host --------------------------------------------------------------------------------------------
+using FactorKernel = void (*)(FusedParams, TensorMaps, uint8_t *);
+struct Variant {
+  const char *name;
+  FactorKernel kernel;
+};
+const Variant kVariants[] = {
+    {"ex2+rcp gate", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true>},
+    {"tanh gate", factor_pass_kernel<GateMath::kTanh, true, true>},
+};
+
+struct Launcher {
+  int sms = 132, factor_ctas_per_sm = kFactorCtasPerSm;
+  uint8_t *factors = nullptr;
+  size_t factor_capacity = 0;  // bytes
+
+  static int chunks_of(const DeviceProblem &d) { return (d.shape.tokens + kChunk - 1) / kChunk; }
+  static size_t items_of(const DeviceProblem &d) { return size_t(d.shape.batch) * d.shape.heads * chunks_of(d); }
+  void reserve(const DeviceProblem &d) {
+    const size_t bytes = items_of(d) * kFactorPitch;
+    if (bytes <= factor_capacity) return;
+    if (factors != nullptr) KN_CHECK(cudaFree(factors));
+    KN_CHECK(cudaMalloc(&factors, bytes));
+    factor_capacity = bytes;
+  }
+  int factor_grid(const DeviceProblem &d) const {
+    return int(std::min<size_t>(items_of(d), size_t(sms) * factor_ctas_per_sm));
+  }
+  void pass1(const Variant &v, const DeviceProblem &d) const {
+    const int grid = factor_grid(d);
+    if (grid == 0) return;
+    v.kernel<<<grid, kFactorThreads, kF1SmBytes>>>(make_params(d), d.maps, factors);
+    KN_CHECK(cudaGetLastError());
+  }
+  void pass2(const DeviceProblem &d) const {
+    const int ctas = d.shape.batch * d.shape.heads;
+    if (ctas == 0 || d.shape.tokens == 0) return;
+    state_pass_kernel<<<ctas, kStateCtaThreads, kS2SmBytes>>>(make_params(d), d.maps, factors);
+    KN_CHECK(cudaGetLastError());
+  }
+};
+
+// Pass 1's factors of whole chunk `chunk` of chain (b, h) against the float64 factors (common_host.h).
+struct FactorErrors {
+  ErrorStats w, qd, tbeta, aqk, kend, decay;
+  double worst() const {
+    double m = 0;
+    for (const ErrorStats *e : {&w, &qd, &tbeta, &aqk, &kend, &decay}) m = std::max(m, e->relative_rms());
+    return m;
+  }
+};
+void check_factors(const DeviceProblem &d, const Launcher &l, const ChainInputs &in, int b, int h, int chunk,
+                   FactorErrors &e) {
+  const int chunks = Launcher::chunks_of(d);
+  const size_t item = (size_t(b) * d.shape.heads + h) * chunks + chunk;
+  std::vector<uint8_t> st(kPassFactorBytes);
+  KN_CHECK(cudaMemcpy(st.data(), l.factors + item * kFactorPitch, kPassFactorBytes, cudaMemcpyDeviceToHost));
+  static ChunkInputs ci;
+  for (int t = 0; t < kChunk; ++t) {
+    const size_t at = size_t(chunk) * kChunk + t;
+    for (int c = 0; c < kDimK; ++c) {
+      ci.q[t][c] = in.q[at * kDimK + c];
+      ci.k[t][c] = in.k[at * kDimK + c];
+      ci.g[t][c] = in.g[at * kDimK + c];
+    }
+    ci.beta[t] = in.beta[at];
+  }
+  static GateParams gp;
+  gp.a_log = in.a_log;
+  for (int c = 0; c < kDimK; ++c) gp.dt_bias[c] = in.dt_bias[c];
+  gp.lower_bound = kLowerBound;
+  gp.scale = 1.0 / std::sqrt(double(kDimK));
+  static ChunkFactors f;
+  reference_factors(ci, gp, f);
+  auto f16_at = [&](uint32_t off) {
+    __half_raw r;
+    memcpy(&r.x, st.data() + off, 2);
+    return double(__half2float(__half(r)));
+  };
+  auto bf16_at = [&](uint32_t off) {
+    uint16_t bits;
+    memcpy(&bits, st.data() + off, 2);
+    return double(bf16_value(bits));
+  };
+  for (int t = 0; t < kChunk; ++t)
+    for (int c = 0; c < kDimK; ++c) {
+      e.w.add(-f16_at(kStWq + wq_offset(kWRow0 + t, c)), f.w[t][c]);
+      e.qd.add(f16_at(kStWq + wq_offset(kQdRow0 + t, c)), f.qd[t][c]);
+      e.kend.add(f16_at(kStKend + k32_offset(c, t)), f.kend[t][c]);
+    }
+  for (int i = 0; i < kChunk; ++i)
+    for (int j = 0; j < kChunk; ++j) {
+      e.tbeta.add(bf16_at(kStTa + k32_offset(kTbetaRow0 + i, j)) + bf16_at(kStTbetaLo + k32_offset(i, j)),
+                  f.tbeta[i][j]);
+      e.aqk.add(f16_at(kStTa + k32_offset(kAqkRow0 + i, j)), f.aqk[i][j]);
+    }
+  for (int c = 0; c < kDimK; ++c) {
+    float x;
+    memcpy(&x, st.data() + kStDecay + 4 * c, 4);
+    e.decay.add(x, f.decay[c]);
+  }
+}
+
+constexpr double kFactorTolerance = 1e-2;
+
+struct TwoPassCheck {
+  CheckResult r;
+  FactorErrors fe;
+  int factor_chunks = 0;
+  bool pass = false;
+};
+
+// Poisons o, the final state and the factor buffer; runs pass 1 then pass 2; checks `chains` (all when
+// empty) end to end and the factors of up to `factor_chunks` whole chunks of the first checked chain.
+TwoPassCheck check(const Variant &v, Launcher &l, const DeviceProblem &d, std::vector<std::pair<int, int>> chains,
+                   int factor_chunks) {
+  l.reserve(d);
+  poison_outputs(d);
+  KN_CHECK(cudaMemset(l.factors, 0xFF, Launcher::items_of(d) * kFactorPitch));
+  l.pass1(v, d);
+  l.pass2(d);
+  KN_CHECK(cudaDeviceSynchronize());
+  TwoPassCheck out;
+  if (chains.empty())
+    for (int b = 0; b < d.shape.batch; ++b)
+      for (int h = 0; h < d.shape.heads; ++h) chains.push_back({b, h});
+  const int whole = d.shape.tokens / kChunk;
+  if (!chains.empty() && whole > 0 && factor_chunks > 0) {
+    const ChainInputs in = fetch_chain(d, chains[0].first, chains[0].second);
+    const int step = std::max(1, whole / factor_chunks);
+    for (int c = 0; c < whole && out.factor_chunks < factor_chunks; c += step, ++out.factor_chunks)
+      check_factors(d, l, in, chains[0].first, chains[0].second, c, out.fe);
+  }
+  out.r = evaluate(d, std::move(chains));
+  out.pass = out.r.pass && (out.factor_chunks == 0 || out.fe.worst() < kFactorTolerance);
+  return out;
+}
+
+void print_check(const char *label, const Shape &s, const Variant &v, const TwoPassCheck &c) {
+  const CheckResult &r = c.r;
+  printf("check %-6s B %d T %6d H %3d %-13s chains %3d: o %.2e state %.2e | vs emulation o %.2e state %.2e | "
+         "bad %lld",
+         label, s.batch, s.tokens, s.heads, v.name, r.chains, r.o_ref, r.s_ref, r.o_emu, r.s_emu, r.bad);
+  if (c.factor_chunks > 0)
+    printf(" | factors (%d chunks) W %.1e Qd %.1e Tb %.1e Aqk %.1e Kend %.1e decay %.1e", c.factor_chunks,
+           c.fe.w.relative_rms(), c.fe.qd.relative_rms(), c.fe.tbeta.relative_rms(), c.fe.aqk.relative_rms(),
+           c.fe.kend.relative_rms(), c.fe.decay.relative_rms());
+  printf("  %s\n", c.pass ? "PASS" : "FAIL");
+}
+
+// ---- CPU-only checks ------------------------------------------------------------------------------
+// The pass-1 schedule covers every item exactly once, for the timed shapes and several grid sizes.
+long long host_check_schedule() {
+  long long bad = 0;
+  for (int items : {1, 7, 16, 2048, 24576, 32768, 24577})
+    for (int ctas : {1, 3, 132 * 3, 114 * 3, 100000}) {
+      const int grid = std::min(items, ctas);
+      std::vector<int> seen(items, 0);
+      int prev_last = 0;
+      for (int b = 0; b < grid; ++b) {
+        const ItemRange r = items_of(b, grid, items);
+        bad += r.first != prev_last || r.last < r.first;
+        prev_last = r.last;
+        for (int i = r.first; i < r.last; ++i) ++seen[i];
+      }
+      for (int x : seen) bad += x != 1;
+      bad += prev_last != items;
+    }
+  return bad;
+}
+
+// Every byte the state step reads (through its descriptors, and the decay vector) lies in the part of
+// the stage that pass 2 copies from the factor buffer (or in V, which its tensor copy fills), and every
+// factor byte the factor group writes lies inside the copied part.
+long long host_check_copied_part() {
+  long long bad = 0;
+  auto in_factors = [](uint32_t off) { return off < kPassFactorBytes; };
+  for (int kb = 0; kb < kDimK / 16; ++kb)
+    for (int n = 0; n < 64; ++n)
+      for (int k = 0; k < 16; ++k) bad += !in_factors(k_major_address(wq_descriptor(kStWq, kWRow0, kb), n, k) + 1);
+  for (int kb = 0; kb < kChunk / 16; ++kb) {
+    for (int n = 0; n < 64; ++n)
+      for (int k = 0; k < 16; ++k) bad += !in_factors(k_major_address(k32_descriptor(kStTa, 0, kb), n, k) + 1);
+    for (int n = 0; n < 32; ++n)
+      for (int k = 0; k < 16; ++k) bad += !in_factors(k_major_address(k32_descriptor(kStTbetaLo, 0, kb), n, k) + 1);
+    for (int n = 0; n < kDimK; ++n)
+      for (int k = 0; k < 16; ++k) bad += !in_factors(k_major_address(k32_descriptor(kStKend, 0, kb), n, k) + 1);
+    for (int grp = 0; grp < kStateGroups; ++grp)
+      for (int m = 0; m < kGroupRows; ++m)
+        for (int k = 0; k < 16; ++k) {
+          const uint32_t a = mn_major_address(v_descriptor(kStV, grp, kb), m, k);
+          bad += a < kStV || a + 2 > kStBytes;
+        }
+  }
+  bad += !in_factors(kStDecay + kDimK * 4 - 1);
+  for (int r = 0; r < 64; ++r)  // the writers
+    for (int c = 0; c < kDimK; ++c) bad += !in_factors(kStWq + wq_offset(r, c) + 1);
+  for (int r = 0; r < kDimK; ++r)
+    for (int t = 0; t < kChunk; ++t) {
+      bad += !in_factors(kStKend + k32_offset(r, t) + 1);
+      if (r < 64) bad += !in_factors(kStTa + k32_offset(r, t) + 1);
+      if (r < 32) bad += !in_factors(kStTbetaLo + k32_offset(r, t) + 1);
+    }
+  return bad;
+}
+
+int host_check(int tokens) {
+  const long long layout_bad = host_check_layouts();
+  const long long schedule_bad = host_check_schedule();
+  const long long copied_bad = host_check_copied_part();
+  printf("layouts: %lld mismatches (raw tiles, stage tiles through the descriptors)\n", layout_bad);
+  printf("pass-1 schedule: %lld items missed or repeated (7 item counts x 5 grid sizes)\n", schedule_bad);
+  printf("pass-2 copies: %lld stage bytes read or written outside the copied %u B (factors) / V\n", copied_bad,
+         kPassFactorBytes);
+  printf("pass 1: CTA = 1 factor group, %d threads, %u B shared memory, %d CTAs per SM (%u B of %u with the "
+         "%u B reserved per CTA); factor buffer %u B per chunk\n",
+         kFactorThreads, kF1SmBytes, kFactorCtasPerSm, kFactorCtasPerSm * (kF1SmBytes + kSmReservedPerCta), kSmPerSm,
+         kSmReservedPerCta, kFactorPitch);
+  printf("pass 2: CTA = 2 state warpgroups + 1 loader warp (%d threads), %d stages x %u B, %u B shared memory\n",
+         kStateCtaThreads, kPassStages, kStBytes, kS2SmBytes);
+  bool ok = layout_bad == 0 && schedule_bad == 0 && copied_bad == 0;
+  ok = host_check_emulation(tokens) && ok;
+  printf("host check: %s\n", ok ? "PASS" : "FAIL");
+  return ok ? 0 : 1;
+}
+
+// ---- timing -------------------------------------------------------------------------------------
+struct PassBytes {
+  double pass1 = 0, pass2 = 0;
+};
+// Bytes each pass moves at least: pass 1 reads q, k, g, beta and writes the factors; pass 2 reads the
+// factors, v and the initial state and writes o and the final state.
+PassBytes pass_bytes(const DeviceProblem &d) {
+  const double tokens = double(d.token_elems()) * kBf16Bytes, factors = double(Launcher::items_of(d)) * kFactorPitch;
+  const double state = double(d.state_elems()) * 4;
+  PassBytes b;
+  b.pass1 = 3 * tokens + double(d.beta_elems()) * kBf16Bytes + factors;
+  b.pass2 = factors + 2 * tokens + 2 * state;
+  return b;
+}
+
+}  // namespace twopass
+}  // namespace fused
+}  // namespace kn
+
+int main(int argc, char **argv) {
+  using namespace kn;
+  using namespace kn::fused;
+  using namespace kn::fused::twopass;
+  if (int_option(argc, argv, "--host-check", 0)) return host_check(int_option(argc, argv, "--tokens", 256));
+  const DeviceInfo info = device_info();
+  const int reps = std::max(10, int_option(argc, argv, "--reps", 20));
+  const int warmup = int_option(argc, argv, "--warmup", 3);
+  const int tiny = int_option(argc, argv, "--tiny", 0);  // a small check only (for compute-sanitizer)
+  const int skip_timing = int_option(argc, argv, "--no-timing", 0);
+  Launcher l;
+  l.sms = info.multiprocessors;
+  for (const Variant &v : kVariants) {
+    KN_CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kF1SmBytes)));
+    KN_CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
+  }
+  KN_CHECK(cudaFuncSetAttribute(state_pass_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kS2SmBytes)));
+  int resident = 0;
+  KN_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kVariants[0].kernel, kFactorThreads, kF1SmBytes));
+  l.factor_ctas_per_sm = std::max(1, resident);
+  printf("two_pass: %s, %d SMs, max SM clock %.0f MHz\n", info.name.c_str(), info.multiprocessors,
+         info.clock_khz / 1e3);
+  printf("pass 1: %d threads, %u B shared memory a CTA, %d CTAs resident per SM (planned %d); pass 2: %d threads, "
+         "%u B, %d stages\n",
+         kFactorThreads, kF1SmBytes, resident, kFactorCtasPerSm, kStateCtaThreads, kS2SmBytes, kPassStages);
+  bool all_pass = true;
+
+  // 1. Short cases, every chain: whole chunks (T 64, 96, 1024) and partial last chunks (50, 7, 1); T96
+  // once more with a zero initial state (initial_state = nullptr: the buffer zeroed for the reference).
+  const Shape short_shapes[] = {{"T64", 2, 64, 4}, {"T96", 2, 96, 4},    {"T50", 3, 50, 4},
+                                {"T7", 2, 7, 4},   {"T1", 1, 1, 2},      {"T1024", 1, 1024, 3}};
+  for (const Shape &s : short_shapes) {
+    if (tiny && std::strcmp(s.name, "T96") != 0 && std::strcmp(s.name, "T50") != 0) continue;
+    DeviceProblem d = make_problem(s, 11);
+    for (const Variant &v : kVariants) {
+      const TwoPassCheck r = check(v, l, d, {}, 2);
+      print_check(s.name, s, v, r);
+      all_pass = all_pass && r.pass;
+      if (tiny) break;
+    }
+    free_problem(d);
+  }
+  {
+    const Shape s{"T96z", 2, 96, 4};
+    DeviceProblem d = make_problem(s, 13);
+    KN_CHECK(cudaMemset(d.initial_state, 0, d.state_elems() * 4));
+    float *given = d.initial_state;
+    d.initial_state = nullptr;  // make_params passes nullptr: the kernel starts from zeros
+    l.reserve(d);
+    poison_outputs(d);
+    KN_CHECK(cudaMemset(l.factors, 0xFF, Launcher::items_of(d) * kFactorPitch));
+    l.pass1(kVariants[0], d);
+    l.pass2(d);
+    KN_CHECK(cudaDeviceSynchronize());
+    d.initial_state = given;  // the host reference reads the (zeroed) buffer
+    TwoPassCheck r;
+    r.r = evaluate(d, {});
+    r.pass = r.r.pass;
+    print_check(s.name, s, kVariants[0], r);
+    all_pass = all_pass && r.pass;
+    free_problem(d);
+  }
+  if (tiny) {
+    printf("two_pass: %s\n", all_pass ? "ALL CHECKS PASS" : "SOME CHECKS FAIL");
+    return all_pass ? 0 : 1;
+  }
+
+  // 2. Case A (three chains checked) and the shapes of E and F (one chain each), then timings.
+  const Shape timed[] = {{"A", 1, 8192, 96}, {"E", 1, 32768, 32}, {"F", 1, 2048, 32}};
+  struct Peers {
+    double fused, best_peer, target;
+    const char *peer;
+  };
+  const Peers peers[] = {{1.18, 1.387, 0.93, "jax_kda 1.387, FlashKDA 1.401"},
+                         {4.55, 3.168, 2.11, "best peer 3.168"},
+                         {0.297, 0.241, 0.161, "best peer 0.241"}};
+  struct Row {
+    const char *name, *variant;
+    Timing p1, p2, both;
+    PassBytes bytes;
+    int chunks, chains;
+    int shape;
+  };
+  std::vector<Row> rows;
+  for (int si = 0; si < 3; ++si) {
+    const Shape &s = timed[si];
+    DeviceProblem d = make_problem(s, 29);
+    l.reserve(d);
+    for (const Variant &v : kVariants) {
+      std::vector<std::pair<int, int>> chains;
+      if (s.heads >= 96) chains = {{0, 0}, {0, 41}, {0, s.heads - 1}};
+      else chains = {{0, s.heads / 2}};
+      const TwoPassCheck r = check(v, l, d, chains, 4);
+      print_check(s.name, s, v, r);
+      all_pass = all_pass && r.pass;
+      if (skip_timing) continue;
+      Row row{s.name, v.name, {}, {}, {}, pass_bytes(d), Launcher::chunks_of(d), s.batch * s.heads, si};
+      row.p1 = timing_of(time_launches([&] { l.pass1(v, d); }, warmup, reps));
+      row.p2 = timing_of(time_launches([&] { l.pass2(d); }, warmup, reps));
+      row.both = timing_of(time_launches(
+          [&] {
+            l.pass1(v, d);
+            l.pass2(d);
+          },
+          warmup, reps));
+      rows.push_back(row);
+    }
+    free_problem(d);
+  }
+
+  if (!rows.empty()) {
+    printf("\nmedians of %d launches (ms); GB moved at least and TB/s per pass; us per chunk: pass 1 per SM, "
+           "pass 2 per chain step\n",
+           reps);
+    printf("case variant        pass1 ms   GB  TB/s  us/chunk/SM | pass2 ms   GB  TB/s  us/step | both ms  spread | "
+           "fused  peers (H200, ms)\n");
+    for (const Row &r : rows) {
+      const double items = double(r.chunks) * r.chains;
+      printf("%-4s %-13s %8.4f %5.2f %5.2f %8.2f     | %8.4f %5.2f %5.2f %7.3f | %7.4f %6.4f | %5.3f  %s, target %.3f\n",
+             r.name, r.variant, r.p1.ms, r.bytes.pass1 / 1e9, r.bytes.pass1 / (r.p1.ms * 1e-3) / 1e12,
+             r.p1.ms * 1e3 * l.sms / items, r.p2.ms, r.bytes.pass2 / 1e9, r.bytes.pass2 / (r.p2.ms * 1e-3) / 1e12,
+             r.p2.ms * 1e3 / r.chunks, r.both.ms, r.both.spread, peers[r.shape].fused, peers[r.shape].peer,
+             peers[r.shape].target);
+    }
+    printf("fused = the fused chunk-32 prototype measured on an H200 (fused_prefill.cu); target = 1.5x the best "
+           "peer / FlashKDA on A\n");
+  }
+  if (l.factors != nullptr) KN_CHECK(cudaFree(l.factors));
+  printf("two_pass: %s\n", all_pass ? "ALL CHECKS PASS" : "SOME CHECKS FAIL");
+  return all_pass ? 0 : 1;
+}
