@@ -40,7 +40,8 @@ say "built in $((SECONDS - start)) s; ptxas per kernel:"
 ptxas_report() {
 awk '/Compiling entry function/ && !/pass_kernel/ { name = ""; next }
      /Compiling entry function/ { name = $0; sub(/.*twopass[0-9]+/, "", name); sub(/ILNS0.*|ENS0.*/, "", name);
-       gate = ($0 ~ /GateMathE0/) ? " (tanh gate)" : ($0 ~ /GateMathE1/) ? " (ex2+rcp gate)" : "" }
+       gate = ($0 ~ /GateMathE0/) ? " (tanh gate" : ($0 ~ /GateMathE1/) ? " (ex2+rcp gate" : "";
+       if (gate != "") gate = gate (($0 ~ /Li4EE/) ? ", 4-warp inverse)" : ")") }
      /spill stores/ { spill = $0; sub(/^ +/, "", spill) }
      /Used [0-9]+ registers/ && name != "" { match($0, /Used [0-9]+ registers/);
        print "  " name gate ": " substr($0, RSTART, RLENGTH) ", " spill; name = "" }' "$1" | tee -a "$summary"
@@ -63,11 +64,12 @@ if command -v cuobjdump > /dev/null; then
   cuobjdump --dump-sass "$build/two_pass" > "$extra/two_pass.sass" 2>&1
   awk '/Function :/ { if (f != "") print f, n, hg, dep, stg, stl, ldl, mma, mufu;
                       f = $3; n = hg = dep = stg = stl = ldl = mma = mufu = 0; next }
-       /^ +\/\*[0-9a-f]{4}\*\// { n++; if (/HGMMA/) hg++; if (/WARPGROUP.DEPBAR/) dep++; if (/ STG/) stg++;
+       /^ +\/\*[0-9a-f]+\*\// { n++; if (/HGMMA/) hg++; if (/WARPGROUP.DEPBAR/) dep++; if (/ STG/) stg++;
                       if (/ STL/) stl++; if (/ LDL/) ldl++; if (/ HMMA/) mma++; if (/ MUFU/) mufu++ }
        END { if (f != "") print f, n, hg, dep, stg, stl, ldl, mma, mufu }' "$extra/two_pass.sass" \
     | grep pass_kernel | awk '{ name = $1; sub(/.*twopass[0-9]+/, "", name); sub(/ILNS0.*|ENS0.*/, "", name);
         gate = ($1 ~ /GateMathE0/) ? "(tanh)" : ($1 ~ /GateMathE1/) ? "(ex2+rcp)" : "";
+        if ($1 ~ /Li4EE/) gate = gate "(4-warp inverse)";
         printf "  SASS %s%s: %d instructions, HGMMA %d, WARPGROUP.DEPBAR %d, STG %d, STL %d, LDL %d, HMMA %d, MUFU %d\n",
           name, gate, $2, $3, $4, $5, $6, $7, $8, $9 }' | tee -a "$summary"
 fi

@@ -90,7 +90,7 @@ __device__ __forceinline__ uint8_t *aligned_smem(uint8_t *raw) {
   X(kPhBarB, "B barrier", "warp 0 waits for the group")                                    \
   X(kPhScores, "C scores", "Aqk, L (mma, warp 0)")                                         \
   X(kPhBarC, "C barrier", "warp 0 waits for the group")                                    \
-  X(kPhInverse, "D inverse", "(I + L)^-1 and merge; T beta hi + lo, T diag(beta rk)")      \
+  X(kPhInverse, "D inverse", "(I + L)^-1, merge, T beta hi + lo, T diag(beta rk) (warp 0)") \
   X(kPhBarD, "D barrier", "warp 0 waits for the group")                                    \
   X(kPhWProduct, "E W product", "W' (mma) and its stores (warp 0)")                        \
   X(kPhBarE, "E barrier", "proxy fence, warp 0 waits for the group")
@@ -147,7 +147,10 @@ struct PhaseClock {
 };
 
 // ---- pass 1 ------------------------------------------------------------------------------------------
-template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid>
+// kInverseWarps: 1 = FactorGroup::invert_and_merge on warp 0 (the fused kernel's form), 4 =
+// invert_and_merge_spread (substitution on warp 0, then the merge and the stores over the four warps;
+// one more group barrier; bit-identical factors).
+template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, int kInverseWarps = 1>
 __global__ void __launch_bounds__(kFactorThreads, kFactorCtasPerSm)
     factor_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
                        uint8_t *factors) {
@@ -218,7 +221,11 @@ __global__ void __launch_bounds__(kFactorThreads, kFactorCtasPerSm)
     clk.mark(kPhScores);
     fg.sync();
     clk.mark(kPhBarC);
-    if (fg.warp == 0) fg.invert_and_merge(stage);
+    if (kInverseWarps == 4) {
+      fg.invert_and_merge_spread(stage);
+    } else if (fg.warp == 0) {
+      fg.invert_and_merge(stage);
+    }
     clk.mark(kPhInverse);
     fg.sync();
     clk.mark(kPhBarD);
@@ -301,10 +308,12 @@ using FactorKernel = void (*)(FusedParams, TensorMaps, uint8_t *);
 struct Variant {
   const char *name;
   FactorKernel kernel;
+  int same_factors_as;  // -1, or the variant whose factors this one's must equal bit for bit
 };
 const Variant kVariants[] = {
-    {"ex2+rcp gate", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true>},
-    {"tanh gate", factor_pass_kernel<GateMath::kTanh, true, true>},
+    {"ex2+rcp gate", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true>, -1},
+    {"tanh gate", factor_pass_kernel<GateMath::kTanh, true, true>, -1},
+    {"ex2+rcp inv4w", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4>, 0},  // the inverse on 4 warps
 };
 
 struct Launcher {
@@ -432,6 +441,41 @@ TwoPassCheck check(const Variant &v, Launcher &l, const DeviceProblem &d, std::v
   out.r = evaluate(d, std::move(chains));
   out.pass = out.r.pass && (out.factor_chunks == 0 || out.fe.worst() < kFactorTolerance);
   return out;
+}
+
+// Pass 1 of `v` against pass 1 of `ref` on `d`, byte for byte (the buffer poisoned alike before each): the
+// first and the last up to kCompareItems items. Returns the bytes that differ; `compared` the bytes compared.
+long long factors_differing(const Variant &v, const Variant &ref, Launcher &l, const DeviceProblem &d,
+                            size_t &compared) {
+  constexpr size_t kCompareItems = 2048;
+  l.reserve(d);
+  const size_t items = Launcher::items_of(d), head = std::min(items, kCompareItems),
+               tail = std::min(items - head, kCompareItems);
+  std::vector<uint8_t> out[2];
+  const Variant *both[2] = {&v, &ref};
+  for (int r = 0; r < 2; ++r) {
+    KN_CHECK(cudaMemset(l.factors, 0xFF, items * kFactorPitch));
+    l.pass1(*both[r], d);
+    KN_CHECK(cudaDeviceSynchronize());
+    out[r].resize((head + tail) * kFactorPitch);
+    KN_CHECK(cudaMemcpy(out[r].data(), l.factors, head * kFactorPitch, cudaMemcpyDeviceToHost));
+    if (tail > 0)
+      KN_CHECK(cudaMemcpy(out[r].data() + head * kFactorPitch, l.factors + (items - tail) * kFactorPitch,
+                          tail * kFactorPitch, cudaMemcpyDeviceToHost));
+  }
+  long long bad = 0;
+  for (size_t i = 0; i < out[0].size(); ++i) bad += out[0][i] != out[1][i];
+  compared = out[0].size();
+  return bad;
+}
+bool check_same_factors(const char *label, const Variant &v, Launcher &l, const DeviceProblem &d) {
+  if (v.same_factors_as < 0) return true;
+  const Variant &ref = kVariants[v.same_factors_as];
+  size_t compared = 0;
+  const long long bad = factors_differing(v, ref, l, d, compared);
+  printf("check %-6s factors of %s vs %s, bit for bit: %lld of %zu bytes differ  %s\n", label, v.name, ref.name, bad,
+         compared, bad == 0 ? "PASS" : "FAIL");
+  return bad == 0;
 }
 
 void print_check(const char *label, const Shape &s, const Variant &v, const TwoPassCheck &c) {
@@ -755,10 +799,11 @@ int main(int argc, char **argv) {
     if (tiny && std::strcmp(s.name, "T96") != 0 && std::strcmp(s.name, "T50") != 0) continue;
     DeviceProblem d = make_problem(s, 11);
     for (const Variant &v : kVariants) {
+      if (tiny && &v != &kVariants[0] && v.same_factors_as < 0) continue;  // tiny: the 1- and 4-warp inverse
       const TwoPassCheck r = check(v, l, d, {}, 2);
       print_check(s.name, s, v, r);
       all_pass = all_pass && r.pass;
-      if (tiny) break;
+      all_pass = check_same_factors(s.name, v, l, d) && all_pass;
     }
     free_problem(d);
   }
@@ -815,6 +860,7 @@ int main(int argc, char **argv) {
       const TwoPassCheck r = check(v, l, d, chains, 4);
       print_check(s.name, s, v, r);
       all_pass = all_pass && r.pass;
+      all_pass = check_same_factors(s.name, v, l, d) && all_pass;
       if (skip_timing) continue;
       Row row{s.name, v.name, {}, {}, {}, pass_bytes(d), Launcher::chunks_of(d), s.batch * s.heads, si};
       row.p1 = timing_of(time_launches([&] { l.pass1(v, d); }, warmup, reps));
