@@ -327,22 +327,8 @@ struct FactorGroup {
   // merge T10 = -T11 (L10 T00) by two mma. Writes T beta (hi, lo) into the stage and T diag(beta rk).
   __device__ void invert_and_merge(uint8_t *stage) const {
     const int block = lane >> 4, j = lane & 15, b0 = kSubBlock * block;
-    const float *L = lmat();
     float col[kSubBlock];
-#pragma unroll
-    for (int i = 0; i < kSubBlock; ++i) {
-      const float4 *row = reinterpret_cast<const float4 *>(L + (b0 + i) * kLRow + b0);
-      float acc[4] = {i == j ? 1.f : 0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int m4 = 0; 4 * m4 < i; ++m4) {
-        const float4 l = row[m4];
-        const float lv[4] = {l.x, l.y, l.z, l.w};
-#pragma unroll
-        for (int u = 0; u < 4; ++u)
-          if (4 * m4 + u < i) acc[u] -= lv[u] * col[4 * m4 + u];
-      }
-      col[i] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    }
+    substitute(col);
     const float bj = betas()[b0 + j], rkj = norms()[kChunk + b0 + j];
     uint8_t *ta = stage + kStTa, *ta_lo = stage + kStTbetaLo;
     bf16 *tbm = tb();
@@ -368,6 +354,84 @@ struct FactorGroup {
         *reinterpret_cast<uint4 *>(tile + k32_offset(j, kSubBlock + 8 * m)) = make_uint4(0u, 0u, 0u, 0u);
     }
     __syncwarp();
+    merge(stage);
+  }
+
+  // D, spread over the group's four warps (two_pass.cu's kInverseWarps = 4; every thread calls it, and it
+  // holds one group barrier): warp 0 the forward substitution only, into T00^T and T11 (f32); then warp 0
+  // the merge, warp 1 the zero block, warps 2-3 the diagonal blocks' T beta hi + lo and T diag(beta rk),
+  // a row and 8 columns per thread, from the f32 T. The same operations on the same values as
+  // invert_and_merge: the stage is bit-identical.
+  __device__ void invert_and_merge_spread(uint8_t *stage) const {
+    if (warp == 0) {
+      const int block = lane >> 4, j = lane & 15;
+      float col[kSubBlock];
+      substitute(col);
+#pragma unroll
+      for (int i = 0; i < kSubBlock; ++i) {
+        if (block == 0) {
+          t00t()[j * kTRow + i] = col[i];
+        } else {
+          t11()[i * kTRow + j] = col[i];
+        }
+      }
+    }
+    sync();
+    uint8_t *ta = stage + kStTa, *ta_lo = stage + kStTbetaLo;
+    if (warp == 0) {
+      merge(stage);
+    } else if (warp == 1) {  // rows 0-15, columns 16-31 of T beta hi (lanes 0-15) and lo (lanes 16-31)
+      uint8_t *tile = lane >> 4 ? ta_lo : ta;
+      const int row = (lane & 15) + (lane >> 4 ? 0 : kTbetaRow0);
+#pragma unroll
+      for (int m = 0; m < 2; ++m)
+        *reinterpret_cast<uint4 *>(tile + k32_offset(row, kSubBlock + 8 * m)) = make_uint4(0u, 0u, 0u, 0u);
+    } else {  // thread q: block q / 32, row (q / 2) % 16, columns 8 (q % 2) .. + 7 of that block
+      const int q = tid - 64, block = q >> 5, i = (q >> 1) & 15, j0 = 8 * (q & 1), b0 = kSubBlock * block;
+      const float *beta = betas() + b0 + j0, *rk = norms() + kChunk + b0 + j0;
+      uint32_t hi[4], lo[4], tbm[4];
+#pragma unroll
+      for (int u = 0; u < 8; u += 2) {
+        const int j = j0 + u;
+        const float tv0 = block ? t11()[i * kTRow + j] : t00t()[j * kTRow + i];
+        const float tv1 = block ? t11()[i * kTRow + j + 1] : t00t()[(j + 1) * kTRow + i];
+        const float tb0 = tv0 * beta[u], tb1 = tv1 * beta[u + 1];
+        split_bf16(tb0, tb1, hi[u / 2], lo[u / 2]);
+        tbm[u / 2] = pack_bf16(tb0 * rk[u], tb1 * rk[u + 1]);
+      }
+      *reinterpret_cast<uint4 *>(ta + k32_offset(kTbetaRow0 + b0 + i, b0 + j0)) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+      *reinterpret_cast<uint4 *>(ta_lo + k32_offset(b0 + i, b0 + j0)) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+      *reinterpret_cast<uint4 *>(tb() + (b0 + i) * kTbRow + b0 + j0) = make_uint4(tbm[0], tbm[1], tbm[2], tbm[3]);
+    }
+  }
+
+  // D, the forward substitution (one warp): lane `lane` computes column lane % 16 of T00 (lanes 0-15) or
+  // T11 (lanes 16-31) in f32.
+  __device__ __forceinline__ void substitute(float (&col)[kSubBlock]) const {
+    const int block = lane >> 4, j = lane & 15, b0 = kSubBlock * block;
+    const float *L = lmat();
+#pragma unroll
+    for (int i = 0; i < kSubBlock; ++i) {
+      const float4 *row = reinterpret_cast<const float4 *>(L + (b0 + i) * kLRow + b0);
+      float acc[4] = {i == j ? 1.f : 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int m4 = 0; 4 * m4 < i; ++m4) {
+        const float4 l = row[m4];
+        const float lv[4] = {l.x, l.y, l.z, l.w};
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          if (4 * m4 + u < i) acc[u] -= lv[u] * col[4 * m4 + u];
+      }
+      col[i] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    }
+  }
+
+  // D, the merge (one warp, T00^T and T11 in shared memory): T10 = -T11 (L10 T00), its T beta hi + lo
+  // and T diag(beta rk) rows 16-31, columns 0-15.
+  __device__ __forceinline__ void merge(uint8_t *stage) const {
+    uint8_t *ta = stage + kStTa, *ta_lo = stage + kStTbetaLo;
+    bf16 *tbm = tb();
+    const float *L = lmat();
     // M^T = T00^T L10^T (A = T00^T row-major, B[k][n] = L10[n][k]); then T10 = -T11 M with B = M taken
     // from the M^T accumulators (register-local: b0/b1 of n tile nb = rows 8 nb + g of M^T).
     const int g = lane >> 2, t = lane & 3;

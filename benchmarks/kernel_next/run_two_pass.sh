@@ -6,9 +6,12 @@
 # counts per kernel, the CPU-only checks, compute-sanitizer memcheck (and racecheck, for information) on
 # a tiny launch, then the full run (o and the final state against float64 and the CPU emulation, pass 1's
 # factors against float64, every output written; timings of pass 1, pass 2 and both for A, E, F) and a
-# summary at the end. Every step has a time limit, so a hang (a barrier bug) still leaves its logs.
-# $OUT (default /tmp/two_pass_out) receives at most 7 files: build.log, host_check.log, memcheck.log,
-# racecheck.log, two_pass.log, summary.txt and extra.tar.gz (the SASS and the GPU line).
+# summary at the end; then a second binary built with -DKN_PHASE_CLOCKS (the real timings stay
+# uninstrumented) prints pass 1's per-phase clock64 table for A (every variant) and F. Every step has a
+# time limit, so a hang (a barrier bug) still leaves its logs.
+# $OUT (default /tmp/two_pass_out) receives at most 8 files (the device call brings back 8, 2 folders
+# deep at most): build.log, host_check.log, memcheck.log, racecheck.log, two_pass.log, phases.log,
+# summary.txt and extra.tar.gz (the SASS, the GPU line, the instrumented build's ptxas log).
 # Environment: OUT, NVCC (default nvcc), BUILD_DIR, REPS, SKIP_SANITIZER=1, SKIP_RACECHECK=1.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -34,24 +37,39 @@ if ! timeout 300 "$nvcc_bin" "${flags[@]}" "$here/two_pass.cu" -o "$build/two_pa
   say "build FAILED"; tail -40 "$out/build.log"; exit 1
 fi
 say "built in $((SECONDS - start)) s; ptxas per kernel:"
+ptxas_report() {
 awk '/Compiling entry function/ && !/pass_kernel/ { name = ""; next }
      /Compiling entry function/ { name = $0; sub(/.*twopass[0-9]+/, "", name); sub(/ILNS0.*|ENS0.*/, "", name);
-       gate = ($0 ~ /GateMathE0/) ? " (tanh gate)" : ($0 ~ /GateMathE1/) ? " (ex2+rcp gate)" : "" }
+       gate = ($0 ~ /GateMathE0/) ? " (tanh gate" : ($0 ~ /GateMathE1/) ? " (ex2+rcp gate" : "";
+       if (gate != "") gate = gate (($0 ~ /Li4EE/) ? ", 4-warp inverse)" : ")") }
      /spill stores/ { spill = $0; sub(/^ +/, "", spill) }
      /Used [0-9]+ registers/ && name != "" { match($0, /Used [0-9]+ registers/);
-       print "  " name gate ": " substr($0, RSTART, RLENGTH) ", " spill; name = "" }' "$out/build.log" | tee -a "$summary"
+       print "  " name gate ": " substr($0, RSTART, RLENGTH) ", " spill; name = "" }' "$1" | tee -a "$summary"
+}
+ptxas_report "$out/build.log"
 say "  C75xx warnings: $(grep -cE 'C75[0-9]+' "$out/build.log")"
+# The instrumented build (pass 1's phase clocks), beside it; its ptxas log goes into extra.tar.gz.
+phases_bin=""
+if timeout 300 "$nvcc_bin" "${flags[@]}" -DKN_PHASE_CLOCKS "$here/two_pass.cu" -o "$build/two_pass_phases" \
+    > "$extra/build_phases.log" 2>&1; then
+  phases_bin="$build/two_pass_phases"
+  say "instrumented build (-DKN_PHASE_CLOCKS), ptxas per kernel:"
+  ptxas_report "$extra/build_phases.log"
+else
+  say "instrumented build FAILED (see extra.tar.gz: extra/build_phases.log)"
+fi
 
 # 2. SASS counts per kernel.
 if command -v cuobjdump > /dev/null; then
   cuobjdump --dump-sass "$build/two_pass" > "$extra/two_pass.sass" 2>&1
   awk '/Function :/ { if (f != "") print f, n, hg, dep, stg, stl, ldl, mma, mufu;
                       f = $3; n = hg = dep = stg = stl = ldl = mma = mufu = 0; next }
-       /^ +\/\*[0-9a-f]{4}\*\// { n++; if (/HGMMA/) hg++; if (/WARPGROUP.DEPBAR/) dep++; if (/ STG/) stg++;
+       /^ +\/\*[0-9a-f]+\*\// { n++; if (/HGMMA/) hg++; if (/WARPGROUP.DEPBAR/) dep++; if (/ STG/) stg++;
                       if (/ STL/) stl++; if (/ LDL/) ldl++; if (/ HMMA/) mma++; if (/ MUFU/) mufu++ }
        END { if (f != "") print f, n, hg, dep, stg, stl, ldl, mma, mufu }' "$extra/two_pass.sass" \
     | grep pass_kernel | awk '{ name = $1; sub(/.*twopass[0-9]+/, "", name); sub(/ILNS0.*|ENS0.*/, "", name);
         gate = ($1 ~ /GateMathE0/) ? "(tanh)" : ($1 ~ /GateMathE1/) ? "(ex2+rcp)" : "";
+        if ($1 ~ /Li4EE/) gate = gate "(4-warp inverse)";
         printf "  SASS %s%s: %d instructions, HGMMA %d, WARPGROUP.DEPBAR %d, STG %d, STL %d, LDL %d, HMMA %d, MUFU %d\n",
           name, gate, $2, $3, $4, $5, $6, $7, $8, $9 }' | tee -a "$summary"
 fi
@@ -78,9 +96,17 @@ rc=$?
 [[ $rc -ne 0 ]] && status=1
 [[ $rc -eq 124 ]] && say "two_pass TIMED OUT (a hang: see the last check line of two_pass.log)"
 
+# 6. Pass 1's phases (instrumented binary, once, after the real timings): A every variant, F the first.
+if [[ -n "$phases_bin" ]]; then
+  timeout 180 "$phases_bin" --phases 1 --reps 10 > "$out/phases.log" 2>&1
+  prc=$?
+  [[ $prc -ne 0 ]] && status=1
+  [[ $prc -eq 124 ]] && say "two_pass_phases TIMED OUT"
+fi
+
 tar -czf "$out/extra.tar.gz" -C "$build" extra 2>/dev/null
 
-# 6. Summary (the reply keeps the end of the output).
+# 7. Summary (the reply keeps the end of the output).
 {
   echo
   echo "==== summary"
@@ -88,5 +114,9 @@ tar -czf "$out/extra.tar.gz" -C "$build" extra 2>/dev/null
   grep -E '^check ' "$out/two_pass.log" | cut -c1-260
   sed -n '/^medians of/,$p' "$out/two_pass.log"
   echo "full run rc $rc, status $status"
+  if [[ -f "$out/phases.log" ]]; then
+    echo "==== pass 1 phases (instrumented build, rc ${prc:-none})"
+    grep -vE '^(two_pass:|pass 1:)' "$out/phases.log" | cut -c1-120
+  fi
 } | tee -a "$summary"
 exit $status

@@ -24,6 +24,8 @@
 // pass 1's factors of a few whole chunks against the float64 factors of common_host.h (< 1e-2 each);
 // every output written. Timings (cudaEvents, median after warm-up) of pass 1, pass 2 and both.
 // `--host-check 1`: CPU-only checks (layouts, the pass-1 schedule, what pass 2 copies, the emulation).
+#include <climits>
+#include <map>
 #include <memory>
 
 #include "fused_prefill_host.h"
@@ -72,8 +74,83 @@ __device__ __forceinline__ uint8_t *aligned_smem(uint8_t *raw) {
   return raw + ((kSwizzleAlign - (smem_address(raw) & (kSwizzleAlign - 1))) & (kSwizzleAlign - 1));
 }
 
+// ---- phase clocks of pass 1 (build flag KN_PHASE_CLOCKS; without it nothing below is compiled in) ----
+// Thread 0 of each pass-1 CTA (warp 0, also the loader) reads %clock64 at each boundary of an item's
+// phases into row `item` of a global buffer: slot 0 at the item's start, slot 1 + p at the end of phase
+// p, then %globaltimer at the start and the end (ns, for the effective clock), %smid and the CTA. The
+// "barrier" phases are warp 0 waiting at the group's named barrier for the slowest warp; the others are
+// warp 0's own work (in the inverse phase the other three warps wait). The phase list lives here only.
+#define KN_PASS1_PHASES(X)                                                                  \
+  X(kPhIssue, "issue", "next item's raw loads + beta, gate constants")                     \
+  X(kPhWaitRaw, "wait raw", "mbarrier wait: this item's q, k, g in the slot")              \
+  X(kPhGate, "A gate", "gate, x_t = Gamma_t - Gamma_15 (warp 0)")                          \
+  X(kPhNorms, "A norms", "row norms (mma), betas (warp 0)")                                \
+  X(kPhBarA, "A barrier", "warp 0 waits for the group")                                    \
+  X(kPhElementwise, "B elementwise", "Qr, Kr, Kc hi + lo, Qd, Kend, decay (warp 0)")       \
+  X(kPhBarB, "B barrier", "warp 0 waits for the group")                                    \
+  X(kPhScores, "C scores", "Aqk, L (mma, warp 0)")                                         \
+  X(kPhBarC, "C barrier", "warp 0 waits for the group")                                    \
+  X(kPhInverse, "D inverse", "(I + L)^-1, merge, T beta hi + lo, T diag(beta rk) (warp 0)") \
+  X(kPhBarD, "D barrier", "warp 0 waits for the group")                                    \
+  X(kPhWProduct, "E W product", "W' (mma) and its stores (warp 0)")                        \
+  X(kPhBarE, "E barrier", "proxy fence, warp 0 waits for the group")
+#define KN_PHASE_ENUM(id, name, what) id,
+enum Pass1Phase : int { KN_PASS1_PHASES(KN_PHASE_ENUM) kPass1Phases };
+#undef KN_PHASE_ENUM
+enum ClockSlot : int {  // long long slots of an item's row: 0 .. kPass1Phases clock64, then these
+  kSlotNsBegin = kPass1Phases + 1, kSlotNsEnd, kSlotSm, kSlotCta, kClockSlots
+};
+
+#ifdef KN_PHASE_CLOCKS
+__device__ long long *g_phase_clocks;  // [items][kClockSlots], set by cudaMemcpyToSymbol
+#endif
+
+// The marks; empty (no code) without KN_PHASE_CLOCKS. The "memory" clobber keeps shared and global accesses
+// on their side of a mark (arithmetic may still move across it).
+struct PhaseClock {
+  long long *row = nullptr;
+  bool on = false;
+  __device__ __forceinline__ static long long clock_now() {
+    long long c;
+    asm volatile("mov.u64 %0, %%clock64;" : "=l"(c)::"memory");
+    return c;
+  }
+  __device__ __forceinline__ static long long ns_now() {
+    long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)::"memory");
+    return t;
+  }
+  __device__ __forceinline__ void begin(int item, int tid) {
+#ifdef KN_PHASE_CLOCKS
+    on = tid == 0;
+    if (on) {
+      row = g_phase_clocks + size_t(item) * kClockSlots;
+      uint32_t sm;
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+      row[kSlotSm] = sm;
+      row[kSlotCta] = blockIdx.x;
+      row[kSlotNsBegin] = ns_now();
+      row[0] = clock_now();
+    }
+#endif
+  }
+  __device__ __forceinline__ void mark(int phase) const {
+#ifdef KN_PHASE_CLOCKS
+    if (on) row[1 + phase] = clock_now();
+#endif
+  }
+  __device__ __forceinline__ void end() const {
+#ifdef KN_PHASE_CLOCKS
+    if (on) row[kSlotNsEnd] = ns_now();
+#endif
+  }
+};
+
 // ---- pass 1 ------------------------------------------------------------------------------------------
-template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid>
+// kInverseWarps: 1 = FactorGroup::invert_and_merge on warp 0 (the fused kernel's form), 4 =
+// invert_and_merge_spread (substitution on warp 0, then the merge and the stores over the four warps;
+// one more group barrier; bit-identical factors).
+template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, int kInverseWarps = 1>
 __global__ void __launch_bounds__(kFactorThreads, kFactorCtasPerSm)
     factor_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
                        uint8_t *factors) {
@@ -106,6 +183,8 @@ __global__ void __launch_bounds__(kFactorThreads, kFactorCtasPerSm)
   }
   int gate_head = -1;
   for (int item = range.first, it = 0; item < range.last; ++item, ++it) {
+    PhaseClock clk;
+    clk.begin(item, fg.tid);
     const int next = item + 1;
     float next_beta_logit = 0.f;
     if (next < range.last) {  // the next item's loads into the other slot (freed at the end of the last one)
@@ -122,23 +201,41 @@ __global__ void __launch_bounds__(kFactorThreads, kFactorCtasPerSm)
     }
     uint8_t *raw = slot_of(it);
     const int valid = valid_tokens(c, p.tokens);
+    clk.mark(kPhIssue);
     mbarrier_wait(&raw_full[it % kRawSlots], uint32_t(it / kRawSlots) & 1u);
+    clk.mark(kPhWaitRaw);
     float x[kSubBlock][2];
     fg.gate_and_offsets(raw, valid, x);
+    clk.mark(kPhGate);
     fg.row_norms(raw);
     fg.write_betas(beta_logit, valid);
+    clk.mark(kPhNorms);
     fg.sync();
+    clk.mark(kPhBarA);
     uint8_t *stage = factors + size_t(item) * kFactorPitch;  // global: factors[chain][chunk]
     fg.elementwise_factors(raw, stage, x);
+    clk.mark(kPhElementwise);
     fg.sync();
+    clk.mark(kPhBarB);
     fg.scores(raw, stage);
+    clk.mark(kPhScores);
     fg.sync();
-    if (fg.warp == 0) fg.invert_and_merge(stage);
+    clk.mark(kPhBarC);
+    if (kInverseWarps == 4) {
+      fg.invert_and_merge_spread(stage);
+    } else if (fg.warp == 0) {
+      fg.invert_and_merge(stage);
+    }
+    clk.mark(kPhInverse);
     fg.sync();
+    clk.mark(kPhBarD);
     fg.w_product(raw, stage);
+    clk.mark(kPhWProduct);
     // The raw slot is refilled by the copy engine (async proxy) after these generic accesses.
     fence_proxy_async();
     fg.sync();
+    clk.mark(kPhBarE);
+    clk.end();
     beta_logit = next_beta_logit;
   }
 }
@@ -211,10 +308,12 @@ using FactorKernel = void (*)(FusedParams, TensorMaps, uint8_t *);
 struct Variant {
   const char *name;
   FactorKernel kernel;
+  int same_factors_as;  // -1, or the variant whose factors this one's must equal bit for bit
 };
 const Variant kVariants[] = {
-    {"ex2+rcp gate", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true>},
-    {"tanh gate", factor_pass_kernel<GateMath::kTanh, true, true>},
+    {"ex2+rcp gate", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true>, -1},
+    {"tanh gate", factor_pass_kernel<GateMath::kTanh, true, true>, -1},
+    {"ex2+rcp inv4w", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4>, 0},  // the inverse on 4 warps
 };
 
 struct Launcher {
@@ -344,6 +443,41 @@ TwoPassCheck check(const Variant &v, Launcher &l, const DeviceProblem &d, std::v
   return out;
 }
 
+// Pass 1 of `v` against pass 1 of `ref` on `d`, byte for byte (the buffer poisoned alike before each): the
+// first and the last up to kCompareItems items. Returns the bytes that differ; `compared` the bytes compared.
+long long factors_differing(const Variant &v, const Variant &ref, Launcher &l, const DeviceProblem &d,
+                            size_t &compared) {
+  constexpr size_t kCompareItems = 2048;
+  l.reserve(d);
+  const size_t items = Launcher::items_of(d), head = std::min(items, kCompareItems),
+               tail = std::min(items - head, kCompareItems);
+  std::vector<uint8_t> out[2];
+  const Variant *both[2] = {&v, &ref};
+  for (int r = 0; r < 2; ++r) {
+    KN_CHECK(cudaMemset(l.factors, 0xFF, items * kFactorPitch));
+    l.pass1(*both[r], d);
+    KN_CHECK(cudaDeviceSynchronize());
+    out[r].resize((head + tail) * kFactorPitch);
+    KN_CHECK(cudaMemcpy(out[r].data(), l.factors, head * kFactorPitch, cudaMemcpyDeviceToHost));
+    if (tail > 0)
+      KN_CHECK(cudaMemcpy(out[r].data() + head * kFactorPitch, l.factors + (items - tail) * kFactorPitch,
+                          tail * kFactorPitch, cudaMemcpyDeviceToHost));
+  }
+  long long bad = 0;
+  for (size_t i = 0; i < out[0].size(); ++i) bad += out[0][i] != out[1][i];
+  compared = out[0].size();
+  return bad;
+}
+bool check_same_factors(const char *label, const Variant &v, Launcher &l, const DeviceProblem &d) {
+  if (v.same_factors_as < 0) return true;
+  const Variant &ref = kVariants[v.same_factors_as];
+  size_t compared = 0;
+  const long long bad = factors_differing(v, ref, l, d, compared);
+  printf("check %-6s factors of %s vs %s, bit for bit: %lld of %zu bytes differ  %s\n", label, v.name, ref.name, bad,
+         compared, bad == 0 ? "PASS" : "FAIL");
+  return bad == 0;
+}
+
 void print_check(const char *label, const Shape &s, const Variant &v, const TwoPassCheck &c) {
   const CheckResult &r = c.r;
   printf("check %-6s B %d T %6d H %3d %-13s chains %3d: o %.2e state %.2e | vs emulation o %.2e state %.2e | "
@@ -447,6 +581,170 @@ PassBytes pass_bytes(const DeviceProblem &d) {
   return b;
 }
 
+// ---- phase report (a KN_PHASE_CLOCKS build, --phases 1) ----------------------------------------------
+#define KN_PHASE_NAME(id, name, what) name,
+#define KN_PHASE_WHAT(id, name, what) what,
+inline const char *phase_name(int k) {
+  static const char *const names[kPass1Phases] = {KN_PASS1_PHASES(KN_PHASE_NAME)};
+  return names[k];
+}
+inline const char *phase_what(int k) {
+  static const char *const what[kPass1Phases] = {KN_PASS1_PHASES(KN_PHASE_WHAT)};
+  return what[k];
+}
+#undef KN_PHASE_NAME
+#undef KN_PHASE_WHAT
+
+double quantile(std::vector<double> v, double q) {
+  if (v.empty()) return NAN;
+  std::sort(v.begin(), v.end());
+  return v[size_t(q * double(v.size() - 1) + 0.5)];
+}
+double mean_of(const std::vector<double> &v) {
+  double s = 0;
+  for (double x : v) s += x;
+  return v.empty() ? NAN : s / double(v.size());
+}
+
+// Pass 1 of `v` on `d` with the clocks on: its instrumented time, a factor check of two chunks, then the
+// per-phase table over the items that are not a CTA's first (whose raw wait is the cold load), the first
+// items apart, the effective clock, and per SM the CTAs resident at once and the cycles per item.
+bool phase_report(const char *label, const Variant &v, Launcher &l, const DeviceProblem &d, int warmup, int reps) {
+#ifndef KN_PHASE_CLOCKS
+  (void)label, (void)v, (void)l, (void)d, (void)warmup, (void)reps;
+  printf("phase report: this binary was built without -DKN_PHASE_CLOCKS\n");
+  return false;
+#else
+  l.reserve(d);
+  const size_t items = Launcher::items_of(d);
+  const int grid = l.factor_grid(d);
+  long long *clocks = nullptr;
+  KN_CHECK(cudaMalloc(&clocks, items * kClockSlots * sizeof(long long)));
+  KN_CHECK(cudaMemcpyToSymbol(g_phase_clocks, &clocks, sizeof(clocks)));
+  const Timing t = timing_of(time_launches([&] { l.pass1(v, d); }, warmup, reps));
+  KN_CHECK(cudaMemset(clocks, 0, items * kClockSlots * sizeof(long long)));
+  KN_CHECK(cudaMemset(l.factors, 0xFF, items * kFactorPitch));
+  l.pass1(v, d);
+  KN_CHECK(cudaDeviceSynchronize());
+  std::vector<long long> h(items * kClockSlots);
+  KN_CHECK(cudaMemcpy(h.data(), clocks, h.size() * sizeof(long long), cudaMemcpyDeviceToHost));
+  KN_CHECK(cudaFree(clocks));
+  FactorErrors fe;
+  const int whole = d.shape.tokens / kChunk;
+  int checked = 0;
+  if (whole > 0) {
+    const ChainInputs in = fetch_chain(d, 0, 0);
+    for (int c : {0, whole - 1}) {
+      check_factors(d, l, in, 0, 0, c, fe);
+      ++checked;
+      if (whole == 1) break;
+    }
+  }
+  const bool factors_ok = checked == 0 || fe.worst() < kFactorTolerance;
+
+  std::vector<char> first(items, 0);
+  for (int b = 0; b < grid; ++b) first[items_of(b, grid, int(items)).first] = 1;
+  std::vector<std::vector<double>> dur(kPass1Phases + 1);  // [kPass1Phases]: the whole item
+  std::vector<double> first_total, first_wait;
+  long long bad = 0;
+  auto row_ok = [&](const long long *r) {
+    if (r[0] == 0 || r[kSlotNsBegin] == 0 || r[kSlotNsEnd] < r[kSlotNsBegin]) return false;
+    for (int k = 0; k < kPass1Phases; ++k)
+      if (r[k + 1] < r[k]) return false;
+    return true;
+  };
+  for (size_t i = 0; i < items; ++i) {
+    const long long *r = &h[i * kClockSlots];
+    if (!row_ok(r)) {
+      ++bad;
+      continue;
+    }
+    if (first[i]) {
+      first_total.push_back(double(r[kPass1Phases] - r[0]));
+      first_wait.push_back(double(r[1 + kPhWaitRaw] - r[kPhWaitRaw]));
+      continue;
+    }
+    for (int k = 0; k < kPass1Phases; ++k) dur[k].push_back(double(r[k + 1] - r[k]));
+    dur[kPass1Phases].push_back(double(r[kPass1Phases] - r[0]));
+  }
+  // Per CTA: clock and ns from its first item's start to its last item's end; per SM: the CTAs' spans.
+  struct Span {
+    long long c0, c1;
+    int items;
+  };
+  std::vector<double> mhz;
+  std::map<long long, std::vector<Span>> per_sm;
+  for (int b = 0; b < grid; ++b) {
+    const ItemRange rg = items_of(b, grid, int(items));
+    const long long *r0 = &h[size_t(rg.first) * kClockSlots], *r1 = &h[size_t(rg.last - 1) * kClockSlots];
+    if (!row_ok(r0) || !row_ok(r1) || r0[kSlotSm] != r1[kSlotSm]) continue;
+    const double ns = double(r1[kSlotNsEnd] - r0[kSlotNsBegin]);
+    if (ns > 0) mhz.push_back(double(r1[kPass1Phases] - r0[0]) / ns * 1e3);
+    per_sm[r0[kSlotSm]].push_back(Span{r0[0], r1[kPass1Phases], rg.last - rg.first});
+  }
+  std::vector<double> overlap, per_item;
+  for (auto &kv : per_sm) {
+    std::vector<std::pair<long long, int>> ev;
+    long long lo = LLONG_MAX, hi = LLONG_MIN;
+    int n = 0;
+    for (const Span &sp : kv.second) {
+      ev.push_back({sp.c0, 1});
+      ev.push_back({sp.c1, -1});
+      lo = std::min(lo, sp.c0);
+      hi = std::max(hi, sp.c1);
+      n += sp.items;
+    }
+    std::sort(ev.begin(), ev.end());
+    int cur = 0, most = 0;
+    for (auto &e : ev) most = std::max(most, cur += e.second);
+    overlap.push_back(most);
+    per_item.push_back(double(hi - lo) / n);
+  }
+  const double clock_mhz = quantile(mhz, 0.5);
+  const std::vector<double> &total = dur[kPass1Phases];
+  const double total_mean = mean_of(total);
+
+  printf("\nphases of pass 1, %s (B %d T %d H %d), %s: %zu items on %d CTAs; %zu steady items (each CTA's first "
+         "item apart), %lld bad rows; factors (%d chunks) worst %.1e %s\n",
+         label, d.shape.batch, d.shape.tokens, d.shape.heads, v.name, items, grid, total.size(), bad, checked,
+         checked ? fe.worst() : 0.0, factors_ok ? "PASS" : "FAIL");
+  printf("  instrumented pass 1: %.4f ms (median of %d; the uninstrumented time is in two_pass.log); effective SM "
+         "clock %.0f MHz (clock64 / globaltimer, median over CTAs)\n",
+         t.ms, reps, clock_mhz);
+  printf("  %-14s %8s %8s %8s %8s %6s  %s\n", "phase", "median", "mean", "p10", "p90", "share", "(cycles per item; "
+         "share of the mean item; thread 0 = warp 0's view)");
+  for (int k = 0; k <= kPass1Phases; ++k) {
+    const bool all = k == kPass1Phases;
+    printf("  %-14s %8.0f %8.0f %8.0f %8.0f %5.1f%%  %s\n", all ? "item total" : phase_name(k),
+           quantile(dur[k], 0.5), mean_of(dur[k]), quantile(dur[k], 0.1), quantile(dur[k], 0.9),
+           100.0 * mean_of(dur[k]) / total_mean, all ? "" : phase_what(k));
+  }
+  // The group-level steps (from one barrier's release to the next): the phases up to and including each barrier.
+  struct Step {
+    const char *name;
+    int last;  // its last phase
+  };
+  const Step kSteps[] = {{"wait+A", kPhBarA}, {"B", kPhBarB}, {"C", kPhBarC}, {"D", kPhBarD}, {"E", kPhBarE}};
+  printf("  steps (barrier to barrier, share of the mean item):");
+  int from = 0;
+  for (const Step &st : kSteps) {
+    double m = 0;
+    for (int k = from; k <= st.last; ++k) m += mean_of(dur[k]);
+    printf(" %s %.0f (%.1f%%)", st.name, m, 100.0 * m / total_mean);
+    from = st.last + 1;
+  }
+  printf("\n  item: median %.0f cycles = %.2f us at %.0f MHz\n", quantile(total, 0.5),
+         quantile(total, 0.5) / clock_mhz, clock_mhz);
+  printf("  first item of each CTA (%zu): median %.0f cycles, of which wait raw %.0f\n", first_total.size(),
+         quantile(first_total, 0.5), quantile(first_wait, 0.5));
+  printf("  per SM (%zu SMs): CTAs resident at once min %.0f median %.0f max %.0f; SM span per item median %.0f "
+         "cycles = %.2f us per chunk per SM (p10 %.0f, p90 %.0f)\n",
+         per_sm.size(), quantile(overlap, 0), quantile(overlap, 0.5), quantile(overlap, 1), quantile(per_item, 0.5),
+         quantile(per_item, 0.5) / clock_mhz, quantile(per_item, 0.1), quantile(per_item, 0.9));
+  return factors_ok && bad == 0;
+#endif
+}
+
 }  // namespace twopass
 }  // namespace fused
 }  // namespace kn
@@ -478,6 +776,21 @@ int main(int argc, char **argv) {
          kFactorThreads, kF1SmBytes, resident, kFactorCtasPerSm, kStateCtaThreads, kS2SmBytes, kPassStages);
   bool all_pass = true;
 
+  if (int_option(argc, argv, "--phases", 0)) {  // the KN_PHASE_CLOCKS build: per-phase clocks of pass 1 only
+    const Shape shapes[] = {{"A", 1, 8192, 96}, {"F", 1, 2048, 32}};
+    for (const Shape &s : shapes) {
+      DeviceProblem d = make_problem(s, 29);
+      for (const Variant &v : kVariants) {
+        all_pass = phase_report(s.name, v, l, d, warmup, reps) && all_pass;
+        if (s.heads < 96) break;  // the other shape: the first variant only
+      }
+      free_problem(d);
+    }
+    if (l.factors != nullptr) KN_CHECK(cudaFree(l.factors));
+    printf("two_pass phases: %s\n", all_pass ? "ALL CHECKS PASS" : "SOME CHECKS FAIL");
+    return all_pass ? 0 : 1;
+  }
+
   // 1. Short cases, every chain: whole chunks (T 64, 96, 1024) and partial last chunks (50, 7, 1); T96
   // once more with a zero initial state (initial_state = nullptr: the buffer zeroed for the reference).
   const Shape short_shapes[] = {{"T64", 2, 64, 4}, {"T96", 2, 96, 4},    {"T50", 3, 50, 4},
@@ -486,10 +799,11 @@ int main(int argc, char **argv) {
     if (tiny && std::strcmp(s.name, "T96") != 0 && std::strcmp(s.name, "T50") != 0) continue;
     DeviceProblem d = make_problem(s, 11);
     for (const Variant &v : kVariants) {
+      if (tiny && &v != &kVariants[0] && v.same_factors_as < 0) continue;  // tiny: the 1- and 4-warp inverse
       const TwoPassCheck r = check(v, l, d, {}, 2);
       print_check(s.name, s, v, r);
       all_pass = all_pass && r.pass;
-      if (tiny) break;
+      all_pass = check_same_factors(s.name, v, l, d) && all_pass;
     }
     free_problem(d);
   }
@@ -546,6 +860,7 @@ int main(int argc, char **argv) {
       const TwoPassCheck r = check(v, l, d, chains, 4);
       print_check(s.name, s, v, r);
       all_pass = all_pass && r.pass;
+      all_pass = check_same_factors(s.name, v, l, d) && all_pass;
       if (skip_timing) continue;
       Row row{s.name, v.name, {}, {}, {}, pass_bytes(d), Launcher::chunks_of(d), s.batch * s.heads, si};
       row.p1 = timing_of(time_launches([&] { l.pass1(v, d); }, warmup, reps));
