@@ -1,4 +1,4 @@
-"""KDA prefill benchmark: cases A-G of ANCHORS.md, every implementation in one process on one GPU.
+"""KDA prefill benchmark: cases A-G of ANCHORS.md (and I, J of issue 14), every implementation in one process on one GPU.
 
     python benchmarks/bench_prefill.py [--cases ABCDEFG] [--json out.json] [--plot out.png]
 
@@ -44,6 +44,8 @@ CASES = {  # name: (sequence lengths, heads)
     "E": ([32768], 32),
     "F": ([2048], 32),
     "G": ([131072], 32),
+    "I": ([65536], 8),  # issue 14: long prompts with few heads per GPU
+    "J": ([131072], 4),
 }
 K = V = 128
 LOWER_BOUND = -5.0

@@ -1,0 +1,141 @@
+"""Few long sequences cut into segments: time and error against the number of segments (issue 14).
+
+    python benchmarks/sweep_segments.py [--cases IJEG] [--pieces 1,2,4,8,16,32,64] [--json out.json]
+    python benchmarks/sweep_segments.py --cpu --scale 512 --pieces 1,2,8   # a smoke run on a CPU
+
+Cases (one sequence each; bench_prefill.py's input recipe, bounded gate, fp32 initial and final
+state): E 32768 tokens x 32 heads, G 131072 x 32, I 65536 x 8, J 131072 x 4 (issue 14's). For each
+segment count P the call runs as `segments.split_prefill` does on the kernels: one prefill of the P
+segments with transition columns, the fold of the segment summaries, the correction (the kernel on a
+GPU, XLA on a CPU); P = 1 is the uncut call. Printed: median ms of back-to-back jitted calls
+(`timing.time_jax`), the speed-up over P = 1, and the relative RMS error of o and of the final state
+against the float64 recurrence on the first `--check-heads` heads. The library's own choice
+(`paths.sequence_pieces`) is printed beside, and the uncut time per 16-token chunk of one chain (what
+`paths._CHUNK_SECONDS` models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from oracle import kda_oracle, rel_err  # noqa: E402
+
+from jax_kda import api, cuda, paths, segments  # noqa: E402
+from jax_kda.primitive import kda_prefill_inner_run  # noqa: E402
+from timing import time_jax  # noqa: E402
+
+CASES = {"E": (32768, 32), "G": (131072, 32), "I": (65536, 8), "J": (131072, 4)}  # tokens, heads
+K = V = 128
+FLAGS = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+             lower_bound=-5.0, state_v_first=True, output_final_state=True)
+ARRAYS = ("q", "k", "v", "g", "beta", "initial_state")
+LIBRARY_MAX_PIECES = paths._MAX_PIECES
+
+
+def make_inputs(tokens, heads, seed=0):
+    """bench_prefill.py's recipe, drawn with JAX."""
+    ks = jax.random.split(jax.random.key(seed), 8)
+    shape = (1, tokens, heads, K)
+    unit = lambda k: (lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True))(jax.random.normal(k, shape))
+    return dict(
+        q=unit(ks[0]).astype(jnp.bfloat16), k=unit(ks[1]).astype(jnp.bfloat16),
+        v=jax.random.normal(ks[2], shape, jnp.bfloat16), g=jax.random.normal(ks[3], shape, jnp.bfloat16),
+        beta=jax.random.normal(ks[4], shape[:3], jnp.bfloat16), A_log=jax.random.uniform(ks[5], (heads,)),
+        dt_bias=jax.random.uniform(ks[6], (heads, K)),
+        initial_state=0.1 * jax.random.normal(ks[7], (1, heads, V, K)),
+    )
+
+
+def cut_call(x, pieces, correct):
+    """A jitted call of the prefill of `x` cut into `pieces` segments (1: uncut), taking ARRAYS."""
+    params = {n: a for n, a in x.items() if n not in ARRAYS}
+
+    def call(*arrays):
+        xs, opts = api.prefill_call(**dict(zip(ARRAYS, arrays)), **params, **FLAGS)
+        if pieces == 1:
+            return kda_prefill_inner_run(xs, opts)
+        o, final = segments.split_prefill(xs, opts, kda_prefill_inner_run, pieces, correct)
+        return o, final
+
+    return jax.jit(call)
+
+
+def float64_reference(x, heads):
+    """The float64 recurrence on the first `heads` heads: (o, final state)."""
+    host = {n: np.asarray(jnp.asarray(a, jnp.float32), np.float64) for n, a in x.items()}
+    for n in ("q", "k", "v", "g", "beta"):
+        host[n] = host[n][:, :, :heads]
+    host["A_log"], host["dt_bias"] = host["A_log"][:heads], host["dt_bias"][:heads]
+    host["initial_state"] = host["initial_state"][:, :heads]
+    operands = [host.pop(n) for n in ("q", "k", "v", "g", "beta")]
+    return kda_oracle(*operands, **host, **FLAGS)
+
+
+def sweep(name, tokens, heads, pieces_list, check_heads, on_gpu):
+    x = make_inputs(tokens, heads)
+    arrays = [x[n] for n in ARRAYS]
+    xs, opts = api.prefill_call(**x, **FLAGS)
+    paths._MAX_PIECES = LIBRARY_MAX_PIECES
+    chosen = paths.sequence_pieces(xs, opts)
+    paths._MAX_PIECES = 1  # only the cut given here: the kernels' own cut of each segment stays off
+    want_o, want_state = float64_reference(x, check_heads)
+    correct = cuda.correct_segments if on_gpu else segments.correct_xla
+    rows, uncut_ms = [], None
+    for pieces in pieces_list:
+        if tokens < pieces * 16:
+            break
+        call = cut_call(x, pieces, correct)
+        o, state = call(*arrays)
+        ms = time_jax(call, *arrays)
+        uncut_ms = uncut_ms or ms
+        row = dict(case=name, tokens=tokens, heads=heads, pieces=pieces, library_choice=chosen, ms=ms,
+                   speedup=uncut_ms / ms, err_o=rel_err(o[:, :, :check_heads], want_o),
+                   err_state=rel_err(state[:, :check_heads], want_state))
+        rows.append(row)
+        print(f"| {name} | {tokens} | {heads} | {pieces} | {ms:.3f} | {row['speedup']:.2f}x | {row['err_o']:.2e} "
+              f"| {row['err_state']:.2e} | {chosen} |", flush=True)
+        del o, state
+    if on_gpu and rows and rows[0]["pieces"] == 1:
+        waves = -(-heads // paths.multiprocessors())
+        print(f"{name}: uncut, {rows[0]['ms'] * 1e3 / (waves * -(-tokens // 16)):.2f} us per 16-token chunk of a chain")
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default="IJEG")
+    p.add_argument("--pieces", default="1,2,4,8,16,32,64")
+    p.add_argument("--check-heads", type=int, default=1, help="heads checked against float64")
+    p.add_argument("--scale", type=int, default=1, help="divide every token count by this (a smoke run)")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU (the XLA path)")
+    p.add_argument("--json")
+    args = p.parse_args()
+    if args.cpu:
+        jax.config.update("jax_platforms", "cpu")
+    on_gpu = jax.devices()[0].platform == "gpu"
+    card = jax.devices()[0].device_kind
+    print(f"{card}; token counts divided by {args.scale}")
+    print("| case | tokens | heads | segments | ms | vs uncut | err o | err state | library's choice |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for name in args.cases:
+        tokens, heads = CASES[name]
+        rows += sweep(name, max(16, tokens // args.scale), heads, [int(s) for s in args.pieces.split(",")],
+                      args.check_heads, on_gpu)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(card=card, scale=args.scale, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
