@@ -3,7 +3,7 @@
 # jax_kda with its kernels, then run what is asked: `test` (the GPU test suite), `bench` (the prefill
 # benchmark; BENCH_ARGS are passed to it), `profile` (Nsight Compute on one case), `decode` (generation
 # with the notebook's model, and the decode step, XLA and the kernel, against its bytes; DECODE_ARGS are
-# passed to it), `profile-decode` (Nsight Compute on the decode kernel; PROFILE_DECODE_ARGS e.g. "k-first
+# passed to it), `segments` (time and error against the number of segments; SWEEP_ARGS), `profile-decode` (Nsight Compute on the decode kernel; PROFILE_DECODE_ARGS e.g. "k-first
 # bfloat16"), `sharded` (time against the number of GPUs), `notebook` (runs NOTEBOOK in a Jupyter kernel,
 # returned with outputs), in any order. PREBUILT_WHEELS names a folder holding a jax_kda wheel built
 # on this machine earlier, installed instead of building. Logs, the benchmark tables (JSON) and plot go to $OUT.
@@ -62,6 +62,9 @@ for step in "$@"; do
     sharded)
       (cd /tmp && python3 "$repo/benchmarks/bench_sharded.py" --json "$out/sharded.json" 2>&1 | tee "$out/sharded.log" \
         | tail -12) || status=1 ;;
+    segments)  # time and error against the number of segments (issue 14); SWEEP_ARGS are passed to it
+      (cd /tmp && python3 "$repo/benchmarks/sweep_segments.py" --json "$out/segments.json" ${SWEEP_ARGS:-} 2>&1 \
+        | tee "$out/segments.log" | tail -34) || status=1 ;;
     decode)
       (cd /tmp && python3 "$repo/benchmarks/bench_decode.py" ${DECODE_ARGS:-} 2>&1 | tee "$out/decode.log" \
         | tail -16) || status=1 ;;
