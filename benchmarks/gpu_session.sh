@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One session on a lent Hopper GPU (see ../.library/device): install the carried wheels (.whl/), build
-# jax_kda with its kernels, then run what is asked: `test` (the GPU test suite), `bench` (the prefill
-# benchmark; BENCH_ARGS are passed to it), `profile` (Nsight Compute on one case), `decode` (generation
-# with the notebook's model, and the decode step, XLA and the kernel, against its bytes; DECODE_ARGS are
-# passed to it), `segments` (time and error against the number of segments; SWEEP_ARGS), `profile-decode` (Nsight Compute on the decode kernel; PROFILE_DECODE_ARGS e.g. "k-first
-# bfloat16"), `sharded` (time against the number of GPUs), `notebook` (runs NOTEBOOK in a Jupyter kernel,
-# returned with outputs), in any order. PREBUILT_WHEELS names a folder holding a jax_kda wheel built
-# on this machine earlier, installed instead of building. Logs, the benchmark tables (JSON) and plot go to $OUT.
+# jax_kda with its kernels, then run what is asked, in any order: `test` (the GPU test suite), `bench`
+# (the prefill benchmark; BENCH_ARGS are passed to it), `profile` (Nsight Compute on one case),
+# `decode` (generation with the notebook's model, and the decode step, XLA and the kernel, against its
+# bytes; DECODE_ARGS), `segments` (time and error against the number of segments; SWEEP_ARGS),
+# `profile-decode` (Nsight Compute on the decode kernel; PROFILE_DECODE_ARGS e.g. "k-first bfloat16"),
+# `sharded` (time against the number of GPUs), `notebook` (runs NOTEBOOK in a Jupyter kernel, returned
+# with outputs). PREBUILT_WHEELS names a folder holding a jax_kda wheel built on this machine earlier,
+# installed instead of building. Logs, the benchmark tables (JSON) and plot go to $OUT.
 #   BENCH_ARGS="--cases AEF" bash benchmarks/gpu_session.sh test bench
 #   TESTS=tests/test_sharding_gpu.py NOTEBOOK=sharded_prefill bash benchmarks/gpu_session.sh test sharded notebook
 set -uo pipefail
