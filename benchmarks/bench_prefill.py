@@ -1,9 +1,10 @@
-"""KDA prefill benchmark: cases A-G of ANCHORS.md (and I, J of issue 14), every implementation in one process on one GPU.
+"""KDA prefill benchmark: cases A-G of ANCHORS.md and I, J, K, S (CASES), every implementation in one
+process on one GPU.
 
     python benchmarks/bench_prefill.py [--cases ABCDEFG] [--json out.json] [--plot out.png]
 
 Inputs follow FlashKDA's benchmark recipe (ANCHORS.md): bf16 q, k = l2normalize(randn), v, g, beta =
-randn; fp32 A_log = rand(H), dt_bias = rand(H, K); lower_bound = -5; K = V = 128; an fp32 initial state
+randn; fp32 A_log = rand(H), dt_bias = rand(H, K); lower_bound = -5; K = V = 128 (64 in case K); an fp32 initial state
 [N, H, V, K] and the final state written back; gate, L2 norm and beta sigmoid fused. Rows:
   jax_kda            our CUDA kernels (bounded gate), jitted
   jax_kda softplus   the same with the softplus gate (Kimi-Linear-48B's), which FlashKDA cannot run
@@ -36,22 +37,25 @@ from jax_kda import kda_prefill  # noqa: E402
 from report import plot, table  # noqa: E402
 from timing import time_jax  # noqa: E402
 
-CASES = {  # name: (sequence lengths, heads)
-    "A": ([8192], 96),
-    "B": ([8192], 64),
-    "C": ([1300, 547, 2048, 963, 271, 3063], 96),
-    "D": ([1024] * 8, 96),
-    "E": ([32768], 32),
-    "F": ([2048], 32),
-    "G": ([131072], 32),
-    "I": ([65536], 8),  # issue 14: long prompts with few heads per GPU
-    "J": ([131072], 4),
+_SHORT = [int(n) for n in np.random.default_rng(14).integers(1, 65, 4096)]  # 4096 sequences of 1-64 tokens
+CASES = {  # name: (sequence lengths, heads, K = V)
+    "A": ([8192], 96, 128),
+    "B": ([8192], 64, 128),
+    "C": ([1300, 547, 2048, 963, 271, 3063], 96, 128),
+    "D": ([1024] * 8, 96, 128),
+    "E": ([32768], 32, 128),
+    "F": ([2048], 32, 128),
+    "G": ([131072], 32, 128),
+    "I": ([65536], 8, 128),  # issue 14: long prompts with few heads per GPU
+    "J": ([131072], 4, 128),
+    "K": ([8192], 96, 64),  # issue 10: case A with K = V = 64
+    "S": (_SHORT, 32, 128),  # issue 10: many short packed sequences
 }
-K = V = 128
 LOWER_BOUND = -5.0
 
 
-def make_inputs(seqlens, heads, seed=0):
+def make_inputs(seqlens, heads, K=128, seed=0):
+    V = K
     torch.manual_seed(seed)
     T, N = sum(seqlens), len(seqlens)
     dev = "cuda"
@@ -89,7 +93,8 @@ def copy_bandwidth():
     return 2 * src.numel() / (ms * 1e-3)
 
 
-def byte_floor_ms(seqlens, heads, bandwidth):
+def byte_floor_ms(seqlens, heads, K, bandwidth):
+    V = K
     T, N = sum(seqlens), len(seqlens)
     tokens = T * heads
     read = tokens * (K + K + V + K) * 2 + tokens * 2 + N * heads * K * V * 4 + heads * (K + 1) * 4
@@ -102,11 +107,11 @@ def rel(a, b):
     return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))
 
 
-def bench_case(name, seqlens, heads, args, bandwidth):
-    x, cu = make_inputs(seqlens, heads)
+def bench_case(name, seqlens, heads, K, args, bandwidth):
+    x, cu = make_inputs(seqlens, heads, K)
     packed = len(seqlens) > 1
-    row = {"case": name, "T": sum(seqlens), "H": heads, "N": len(seqlens),
-           "floor": byte_floor_ms(seqlens, heads, bandwidth)}
+    row = {"case": name, "T": sum(seqlens), "H": heads, "N": len(seqlens), "K": K,
+           "floor": byte_floor_ms(seqlens, heads, K, bandwidth)}
 
     jx = {n: to_jax(t) for n, t in x.items()}
     jcu = to_jax(cu.int()) if packed else None
@@ -190,8 +195,8 @@ def main():
     print(f"{device}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows = []
     for name in args.cases:
-        seqlens, heads = CASES[name]
-        rows.append(bench_case(name, seqlens, heads, args, bandwidth))
+        seqlens, heads, dim = CASES[name]
+        rows.append(bench_case(name, seqlens, heads, dim, args, bandwidth))
         print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
     text = table(rows, device)

@@ -11,8 +11,8 @@ import jax
 from bench_prefill import CASES, LOWER_BOUND, make_inputs, to_jax
 from jax_kda import kda_prefill
 
-seqlens, heads = CASES[sys.argv[1] if len(sys.argv) > 1 else "F"]
-x, cu = make_inputs(seqlens, heads)
+seqlens, heads, dim = CASES[sys.argv[1] if len(sys.argv) > 1 else "F"]
+x, cu = make_inputs(seqlens, heads, dim)
 args = {n: to_jax(t) for n, t in x.items()}
 run = jax.jit(lambda a, cu: kda_prefill(
     a["q"], a["k"], a["v"], a["g"], a["beta"], A_log=a["A_log"], dt_bias=a["dt_bias"], initial_state=a["h0"],

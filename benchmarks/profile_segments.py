@@ -21,8 +21,8 @@ FUSED = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sig
 
 
 def main(name="E"):
-    seqlens, heads = CASES[name]
-    x, _ = make_inputs(seqlens, heads)
+    seqlens, heads, dim = CASES[name]
+    x, _ = make_inputs(seqlens, heads, dim)
     j = {n: to_jax(t) for n, t in x.items()}
     args = dict(A_log=j["A_log"], dt_bias=j["dt_bias"], initial_state=j["h0"], **FUSED)
     call = lambda q, k, v, g, b: api.kda_prefill(q, k, v, g, b, **args)
