@@ -13,7 +13,8 @@ randn; fp32 A_log = rand(H), dt_bias = rand(H, K); lower_bound = -5; K = V = 128
   FLA safe_gate      the same with safe_gate=True (its tensor-core diagonal path)
   jla                jax-linear-attention's Pallas Mosaic GPU KDA (gate and beta activations by XLA)
 Times are medians: torch via triton.testing.do_bench (CUDA events), JAX over repeats of back-to-back
-jitted calls (as ANCHORS.md measured). The byte floor reads every input once and writes every output
+jitted calls (as ANCHORS.md measured), and for JAX also from the device trace (`timing.device_ms`:
+CUPTI's span of each call's XLA module on the GPU; columns "jax_kda device", "jla device"). The byte floor reads every input once and writes every output
 once at the copy bandwidth measured in this run.
 """
 
@@ -35,7 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from jax_kda import kda_prefill  # noqa: E402
 from report import plot, table  # noqa: E402
-from timing import time_jax  # noqa: E402
+from timing import device_ms, time_jax  # noqa: E402
 
 _SHORT = [int(n) for n in np.random.default_rng(14).integers(1, 65, 4096)]  # 4096 sequences of 1-64 tokens
 CASES = {  # name: (sequence lengths, heads, K = V)
@@ -107,6 +108,11 @@ def rel(a, b):
     return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))
 
 
+def put_if_measured(row, key, ms):
+    if ms is not None:
+        row[key] = ms
+
+
 def bench_case(name, seqlens, heads, K, args, bandwidth):
     x, cu = make_inputs(seqlens, heads, K)
     packed = len(seqlens) > 1
@@ -127,6 +133,7 @@ def bench_case(name, seqlens, heads, K, args, bandwidth):
     fast = ours("auto", LOWER_BOUND)
     o_ours, s_ours = fast(*jargs)
     row["jax_kda"] = time_jax(fast, *jargs)
+    put_if_measured(row, "jax_kda device", device_ms(fast, *jargs))
     row["jax_kda softplus"] = time_jax(ours("auto", None), *jargs)
     if "xla" in args.rows:
         row["jax_kda xla"] = time_jax(ours("xla", LOWER_BOUND), *jargs, repeats=3)
@@ -175,6 +182,7 @@ def bench_case(name, seqlens, heads, K, args, bandwidth):
         try:
             o_jla, _ = jla(*jla_args)
             row["jla"] = time_jax(jla, *jla_args)
+            put_if_measured(row, "jla device", device_ms(jla, *jla_args))
             if not packed:
                 row["diff vs jla"] = rel(o_ours, o_jla)
         except Exception as e:  # report, keep benchmarking the others

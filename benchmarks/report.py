@@ -18,7 +18,7 @@ TARGET_VS_FLA = {
 }
 
 
-COLUMNS = ["jax_kda", "jax_kda softplus", "jax_kda xla", "FLA", "FLA safe_gate", "jla"]
+COLUMNS = ["jax_kda", "jax_kda device", "jax_kda softplus", "jax_kda xla", "FLA", "FLA safe_gate", "jla", "jla device"]
 
 
 def table(rows, device):
