@@ -53,8 +53,7 @@ def kda_prefill(
         return _no_tokens(x, opts)
     run = kda_reference if opts.impl == "reference" else _run_primitive
     if axis_name is not None:
-        return sharding.context_parallel(x, opts, axis_name, jax.lax.axis_size(axis_name), run,
-                                         paths.default_platform())
+        return sharding.context_parallel(x, opts, axis_name, run, paths.default_platform())
     mesh = sharding.explicit_mesh_of(x)
     if mesh is not None:
         return sharding.explicit_mesh_prefill(x, opts, mesh, run)

@@ -85,13 +85,22 @@ def advance(transition: jax.Array, local: jax.Array, state: jax.Array) -> jax.Ar
     return jnp.einsum("...ij,...jv->...iv", transition, state, precision=_HIGHEST) + local
 
 
+def _then(first, second):
+    """The summary (Φ, S_local) of segment(s) `first` followed by `second`."""
+    (t1, l1), (t2, l2) = first, second
+    return jnp.einsum("...ij,...jk->...ik", t2, t1, precision=_HIGHEST), advance(t2, l2, l1)
+
+
+def running(transition: jax.Array, local: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """The summaries of segments 0..j taken as one, for every j along `axis`, in log depth (fp32): a few
+    batched products however many segments there are, not one small product per segment."""
+    return jax.lax.associative_scan(_then, (transition, local), axis=axis)
+
+
 def combined(s: Summaries) -> tuple[jax.Array, jax.Array]:
     """(local, transition) of all segments of each sequence taken as one: `[B, HV, K, V]`, `[B, HV, K, K]`."""
-    local, transition = s.local[:, 0], s.transition[:, 0]
-    for j in range(1, s.local.shape[1]):
-        local = advance(s.transition[:, j], s.local[:, j], local)
-        transition = jnp.einsum("...ij,...jk->...ik", s.transition[:, j], transition, precision=_HIGHEST)
-    return local, transition
+    transition, local = running(s.transition, s.local, axis=1)
+    return local[:, -1], transition[:, -1]
 
 
 def correct_xla(o_aug: jax.Array, entries: jax.Array, bounds: tuple[int, ...]) -> jax.Array:
@@ -111,10 +120,10 @@ def finish(s: Summaries, entry: jax.Array, correct=correct_xla) -> tuple[jax.Arr
     """The outputs `[B, T, HV, V]` and the final state `[B, HV, K, V]` (float32) when the sequences
     enter their first segment with state `entry` `[B, HV, K, V]` (float32). `correct` is `correct_xla`
     or a kernel with its signature."""
-    states = [entry]
-    for j in range(s.local.shape[1]):
-        states.append(advance(s.transition[:, j], s.local[:, j], states[-1]))
-    return correct(s.o_aug, jnp.stack(states[:-1], axis=1), s.bounds), states[-1]
+    transition, local = running(s.transition, s.local, axis=1)
+    after = advance(transition, local, entry[:, None])  # the state after segments 0..j, [B, P, HV, K, V]
+    entries = jnp.concatenate([entry[:, None], after[:, :-1]], axis=1)
+    return correct(s.o_aug, entries, s.bounds), after[:, -1]
 
 
 def split_prefill(x: KDAOperands, opts: KDAOptions, run, pieces: int, correct=correct_xla):

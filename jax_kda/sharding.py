@@ -35,7 +35,7 @@ from .options import KDAOperands, KDAOptions
 # Context parallelism
 
 
-def context_parallel(x: KDAOperands, opts: KDAOptions, axis_name, axis_size: int, run, platform: str):
+def context_parallel(x: KDAOperands, opts: KDAOptions, axis_name, run, platform: str):
     """This device's outputs of a sequence whose T axis is split over `axis_name` (in index order).
 
     `x` holds the local segment; `run(x, opts) -> (o, final_state)` runs a prefill on local data;
@@ -54,13 +54,14 @@ def context_parallel(x: KDAOperands, opts: KDAOptions, axis_name, axis_size: int
     s = segments.summarize(x._replace(initial_state=None), opts, run, pieces)
     local, transition = segments.combined(s)
 
-    # 2. Every device's summary; fold those before this one into the state entering it.
+    # 2. Every device's summary; those before this one, folded, give the state entering it.
     gathered = jax.lax.all_gather(jnp.concatenate([local, transition], axis=-1), axis_name)  # [P, N, HV, K, V + K]
     me = jax.lax.axis_index(axis_name)
-    state = entry = initial_state_kv(x, opts)
-    for j in range(axis_size):
-        state = segments.advance(gathered[j, ..., vd:], gathered[j, ..., :vd], state)
-        entry = jnp.where(j + 1 == me, state, entry)  # the state after device j enters device j + 1
+    initial = initial_state_kv(x, opts)
+    transition, local = segments.running(gathered[..., vd:], gathered[..., :vd], axis=0)
+    after = segments.advance(transition, local, initial)  # the state after devices 0..j, [P, N, HV, K, V]
+    state = after[-1]
+    entry = jnp.where(me == 0, initial, after[jnp.maximum(me - 1, 0)])
 
     # 3. The outputs from the true entry state, without running the segment again.
     o, _ = segments.finish(s, entry, cuda.correct_segments if on_kernels else segments.correct_xla)
@@ -145,8 +146,7 @@ def partitioned(present: tuple[bool, ...], opts: KDAOptions, bind, run):
             x = KDAOperands.unflatten(present, args)
             if plan.tokens is None:
                 return tuple(bind(x, opts))
-            o, final = context_parallel(x, opts, plan.tokens, _axes_size(mesh, plan.tokens), run,
-                                        paths.mesh_platform(mesh))
+            o, final = context_parallel(x, opts, plan.tokens, run, paths.mesh_platform(mesh))
             return (o,) if final is None else (o, final)
 
         return mesh, per_device, tuple(result_shardings), tuple(operand_shardings)
@@ -210,8 +210,7 @@ def explicit_mesh_prefill(x: KDAOperands, opts: KDAOptions, mesh, run):
         if plan.tokens is None:
             o, final = run(local, opts)
         else:
-            o, final = context_parallel(local, opts, plan.tokens, _axes_size(mesh, plan.tokens), run,
-                                        paths.mesh_platform(mesh))
+            o, final = context_parallel(local, opts, plan.tokens, run, paths.mesh_platform(mesh))
         return (o,) if final is None else (o, final)
 
     mapped = jax.shard_map(per_device, mesh=mesh, in_specs=tuple(operand_specs), out_specs=tuple(result_specs),

@@ -56,6 +56,31 @@ def test_split_prefill_of_bf16_inputs_within_the_bf16_tolerance(case):
     assert rel_err(o, ref_o) < 5e-3 and rel_err(s, ref_s) < 5e-3
 
 
+@pytest.mark.parametrize("pieces", [2, 8, 64])
+@pytest.mark.parametrize("gate", ["bounded", "softplus"])
+def test_many_segments_with_weak_decay_within_the_bf16_tolerance(case, gate, pieces):
+    # A_log = -4: decay per token ~e^-0.02, so the state carries across every segment boundary.
+    c = case(B=1, T=64 * 16, H=2, K=32, V=32, dtype="bfloat16", gate=gate, state_v_first=True)
+    c.kwargs["A_log"] = jnp.full_like(c.kwargs["A_log"], -4.0)
+    x, opts = normalized(c)
+    o, s = segments.split_prefill(x, opts, kda_chunked, pieces)
+    assert len(segments.segment_bounds(x.q.shape[1], pieces)) - 1 == pieces
+    ref_o, ref_s = c.expected()
+    assert rel_err(o, ref_o) < 5e-3 and rel_err(s, ref_s) < 5e-3
+
+
+def test_running_summaries_equal_the_serial_fold(rng):
+    P, K, V = 13, 8, 5
+    transition = jnp.asarray(rng.standard_normal((2, P, 3, K, K)) / np.sqrt(K), jnp.float32)
+    local = jnp.asarray(rng.standard_normal((2, P, 3, K, V)), jnp.float32)
+    got_t, got_l = segments.running(transition, local, axis=1)
+    t, l = transition[:, 0], local[:, 0]
+    for j in range(P):
+        if j:
+            t, l = transition[:, j] @ t, segments.advance(transition[:, j], local[:, j], l)
+        assert rel_err(got_t[:, j], t) < 1e-5 and rel_err(got_l[:, j], l) < 1e-5
+
+
 def test_transition_columns_carry_the_affine_summary(case, rng):
     """The columns after V hold Φ: the final state from any S_in is Φ S_in + S_local."""
     c = case(B=2, T=70, H=2, K=16, V=24, gate="softplus", initial_state=None)
