@@ -9,8 +9,8 @@ the segment's start to token t). The true outputs follow without a second pass:
 
     o_t = o_local_t + (scale q̂_tᵀ Φ_t) S_entry,
 
-where S_entry, the state entering the segment, comes from folding the summaries of the segments
-before it (a short serial loop of K x K products, independent of T).
+where S_entry, the state entering the segment, comes from the summaries of the segments before it,
+composed in fp32 by an associative scan (log depth in the number of segments, independent of T).
 
 The correction is a kernel on GPUs (`jax_kda.cuda.correct_segments`) and XLA elsewhere. Used two
 ways: on one GPU, when a few long sequences would leave most multiprocessors idle (one kernel chain
