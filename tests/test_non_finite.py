@@ -21,7 +21,7 @@ PATHS = ["reference", "xla", f"chunk={CPU_CHUNK}", "chunk=8"]
 
 def run(case, path):
     if path.startswith("chunk="):
-        o, final = kda_chunked(*api._normalize(*case.args, **case.kwargs), chunk=int(path[6:]))
+        o, final = kda_chunked(*api.prefill_call(*case.args, **case.kwargs), chunk=int(path[6:]))
     else:
         o, final = kda_prefill(*case.args, impl=path, **case.kwargs)
     return np.asarray(o, np.float64), np.asarray(final, np.float64)
