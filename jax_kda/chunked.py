@@ -1,7 +1,7 @@
 """Chunk-parallel KDA in pure JAX (the `xla` path): the CPU path and the GPU fallback.
 
 Each chunk of `chunk` tokens (`CHUNK` on GPUs, `CPU_CHUNK` on CPUs) is solved with the chunked form of
-SPEC.md; a `lax.scan` carries the `K x V` state from chunk to chunk for every (sequence, head) at
+docs/CONTRACT.md; a `lax.scan` carries the `K x V` state from chunk to chunk for every (sequence, head) at
 once, so the serial depth is T / chunk.
 
 Numerics: no decay is the exponential of a difference of log-decay sums. Every token contributes its
