@@ -25,7 +25,12 @@ from .options import KDAOperands, KDAOptions
 from .packing import chunk_layout
 
 CHUNK = 64  # GPUs
-CPU_CHUNK = 16  # docs/PERFLOG.md, CPU section
+# CPUs (docs/PERFLOG.md, CPU section): the state-independent work per token grows with the chunk and
+# the per-step overhead shrinks; 16 was the fastest on a 2-core x86 box from 8 to 32 heads of 128 x 128.
+CPU_CHUNK = 16
+# Below this many float32 state elements over all chains (256 KB), the token scan's state stays in
+# the caches of a 2-core x86 box (512 KB L2 per core) and the scan beats the chunked path there.
+_CPU_SCAN_STATE_ELEMENTS = 2**16
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -203,3 +208,14 @@ def kda_chunked(x: KDAOperands, opts: KDAOptions, chunk: int = CHUNK):
 
     o = o.astype(x.q.dtype)
     return o, (finish_state(final, opts) if opts.output_final_state else None)
+
+
+def scan_is_faster_on_cpu(num_tokens: int, chains: int, head_dim_k: int, head_dim_v: int) -> bool:
+    """Whether the token scan (`reference`) beats the chunked path (at `CPU_CHUNK`) on a CPU, for
+    `chains` independent recurrences (lanes x value heads: B * HV, or HV with `cu_seqlens`) of
+    `num_tokens` tokens each (T) and a `head_dim_k x head_dim_v` state per chain.
+
+    From measurements on a 2-core x86 box (docs/PERFLOG.md, CPU section): the scan wins when there is
+    less than one chunk of tokens, or when the whole state is small enough to stay in the caches.
+    """
+    return num_tokens < CPU_CHUNK or chains * head_dim_k * head_dim_v < _CPU_SCAN_STATE_ELEMENTS
