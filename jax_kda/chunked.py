@@ -25,9 +25,10 @@ from .options import KDAOperands, KDAOptions
 from .packing import chunk_layout
 
 CHUNK = 64  # GPUs
-# CPUs (docs/PERFLOG.md, CPU section): the state-independent work per token grows with the chunk and
-# the per-step overhead shrinks; 16 was the fastest on a 2-core x86 box from 8 to 32 heads of 128 x 128.
-CPU_CHUNK = 16
+# CPUs (docs/PERFLOG.md, CPU section): the state-independent work per token grows with the chunk, the
+# per-step overhead shrinks. On a 2-core x86 box, 8 ran 15-25% faster than 16 at 32 heads of 128 x 128
+# and within 7% of it at 8 heads.
+CPU_CHUNK = 8
 # Below this many float32 state elements over all chains (256 KB), the token scan's state stays in
 # the caches of a 2-core x86 box (512 KB L2 per core) and the scan beats the chunked path there.
 _CPU_SCAN_STATE_ELEMENTS = 2**16
