@@ -91,9 +91,9 @@ def poison(case, where, value, token, head):
 
 
 def check_isolated(bad, clean, before, hit, reaches_later):
-    """bad/clean: outputs `[tokens, HV, V]` or final states `[N, HV, ...]`. `before`: token mask of
-    outputs that precede the bad token; `hit`: value-head mask of what it feeds. Everything else equals
-    the clean run; the bad token's output (and, when `reaches_later`, every later one) is non-finite."""
+    """bad/clean: one sequence's outputs `[tokens, HV, V]`. `before`: token mask of the outputs that
+    precede the bad token; `hit`: value-head mask of what it feeds. Everything else equals the clean
+    run; the bad token's output (and, when `reaches_later`, every later one) is non-finite."""
     tokens = np.arange(bad.shape[0])
     same = ~hit[None, :] | before[:, None]
     if not reaches_later:
