@@ -32,7 +32,7 @@ IMPLS = ("xla", "reference")
 def runners(chunks):
     run = {impl: (lambda x, impl=impl: kda_prefill(**x, **FLAGS, impl=impl)) for impl in IMPLS}
     for c in chunks:
-        run[f"chunk={c}"] = lambda x, c=c: kda_chunked(*api._normalize(**x, **FLAGS), chunk=c)
+        run[f"chunk={c}"] = lambda x, c=c: kda_chunked(*api.prefill_call(**x, **FLAGS), chunk=c)
     return {name: jax.jit(fn) for name, fn in run.items()}
 
 

@@ -13,7 +13,7 @@ SIZES = sorted({2, 8, CPU_CHUNK, 32, CHUNK, 128})
 
 
 def check(case, chunk, tol=1e-5):
-    o, final = kda_chunked(*api._normalize(*case.args, **case.kwargs), chunk=chunk)
+    o, final = kda_chunked(*api.prefill_call(*case.args, **case.kwargs), chunk=chunk)
     ref_o, ref_final = case.expected()
     assert o.dtype == case.args[0].dtype
     assert rel_err(o, ref_o) < tol, rel_err(o, ref_o)
@@ -59,7 +59,7 @@ def test_bf16_inputs_at_the_cpu_chunk(case):
 def test_chunk_must_be_a_power_of_two_from_two(case, chunk):
     c = case(T=8)
     with pytest.raises(ValueError, match="power of two"):
-        kda_chunked(*api._normalize(*c.args, **c.kwargs), chunk=chunk)
+        kda_chunked(*api.prefill_call(*c.args, **c.kwargs), chunk=chunk)
 
 
 @pytest.mark.parametrize(
