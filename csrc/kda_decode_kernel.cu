@@ -8,7 +8,7 @@
 //      registers until they are written back, and threads of the first two warps fetch the tile's
 //      values v;
 //   2. meanwhile warp 0 forms the head's channel table in shared memory: per key channel the decay
-//      e^a, k̂, scale q̂ and β k̂ (SPEC.md's L2 norm, gate and beta), and the scalar β k̂ · (scale q̂);
+//      e^a, k̂, scale q̂ and β k̂ (the contract's L2 norm, gate and beta), and the scalar β k̂ · (scale q̂);
 //   3. after one barrier, each thread decays its pieces, S' = diag(e^a) S, and forms its share of
 //      both products per value column, S'ᵀ k̂ and S'ᵀ (scale q̂), which are reduced over K;
 //   4. r = v - S'ᵀ k̂, o = S'ᵀ (scale q̂) + r β k̂ · (scale q̂), which equals S_newᵀ (scale q̂) and so
@@ -121,7 +121,7 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// Warp 0 of the CTA: the channel table of value head `vhead` of sequence `seq` (SPEC.md's
+// Warp 0 of the CTA: the channel table of value head `vhead` of sequence `seq` (docs/CONTRACT.md's
 // pre-processing; each lane takes K / 32 consecutive channels).
 template <int K>
 __device__ void channel_table(const DecodeParams &p, int seq, int vhead, Shared<K> &smem) {

@@ -1,7 +1,7 @@
 """Input pre-processing shared by the pure-JAX paths: L2 norm, gate and beta activations, layouts.
 
-Everything here computes in float32 and returns the quantities of SPEC.md's recurrence: scaled and
-normalised q̂, k̂ (one per value head), v, the per-channel log-decay a (<= 0), the write strength β
+Everything here computes in float32 and returns the quantities of the recurrence of docs/CONTRACT.md:
+scaled and normalised q̂, k̂ (one per value head), v, the per-channel log-decay a (<= 0), the write strength β
 and the initial state in `[N, HV, K, V]` layout.
 """
 
@@ -35,7 +35,7 @@ def softplus(x: jax.Array) -> jax.Array:
 
 
 def log_decay(g, A_log, dt_bias, opts: KDAOptions) -> jax.Array:
-    """The per-channel log-decay a_t of SPEC.md from the gate input g `[..., HV, K]`."""
+    """The per-channel log-decay a_t of docs/CONTRACT.md from the gate input g `[..., HV, K]`."""
     g = g.astype(jnp.float32)
     if opts.gate == GATE_GIVEN:
         return g

@@ -28,7 +28,7 @@ class ChunkLayout(NamedTuple):
 
 
 def chunk_layout(cu_seqlens: jax.Array, num_tokens: int, chunk: int) -> ChunkLayout:
-    cu = cu_seqlens.astype(jnp.int32)
+    cu = cu_seqlens  # int32: jax_kda.call casts it once
     n = cu.shape[0] - 1
     lengths = cu[1:] - cu[:-1]
     chunks = (lengths + chunk - 1) // chunk

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import contract
+from . import chunked, contract
 from .options import KDAOperands, KDAOptions
 
 CUDA, XLA, SCAN = "cuda", "xla", "scan"  # the kernels, the chunked pure-JAX path, the token-by-token scan
@@ -33,6 +33,7 @@ class Path(NamedTuple):
     impl: str  # CUDA, XLA or SCAN
     reason: str  # why this path, in words
     pieces: int = 1  # segments each sequence is cut into on the kernels (1: none)
+    chunk: int = chunked.CHUNK  # tokens per serial step of the chunked pure-JAX path
     fallback: bool = False  # the kernels would have run on this platform but cannot take the call
 
     def describe(self) -> str:
@@ -55,7 +56,8 @@ def choose_path(x: KDAOperands, opts: KDAOptions, platform: str) -> Path:
                 f"impl='cuda' runs jax_kda's CUDA kernels, which need a CUDA GPU; this call is lowered for "
                 f"{platform}. Use impl='auto' or impl='xla'."
             )
-        return Path(XLA, f"the platform is {platform}")
+        chunk = chunked.CPU_CHUNK if platform == "cpu" else chunked.CHUNK
+        return Path(XLA, f"the platform is {platform}", chunk=chunk)
     reason = kernel_unsupported_reason(x, opts)
     if reason is not None:
         if opts.impl == "cuda":

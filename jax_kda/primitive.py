@@ -25,7 +25,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
 from . import contract, cuda, paths, sharding
-from .chunked import kda_chunked
+from .chunked import CHUNK, kda_chunked
 from .options import KDAOperands, KDAOptions
 from .reference import kda_reference, kda_token_step
 from .validation import check_operands
@@ -70,9 +70,9 @@ def _abstract_eval(*avals, present, opts):
     return [jax.core.ShapedArray(s.shape, s.dtype) for s in result_shapes(x, opts)]
 
 
-def xla_forward(*args, present, opts):
+def xla_forward(*args, present, opts, chunk=CHUNK):
     """The chunked pure-JAX path on flat operands, returning flat results."""
-    o, final = kda_chunked(KDAOperands.unflatten(present, args), opts)
+    o, final = kda_chunked(KDAOperands.unflatten(present, args), opts, chunk)
     return [o] if final is None else [o, final]
 
 
@@ -206,7 +206,8 @@ def _lower_inner(ctx, *args, present, opts, platform=None):
         return cuda.lower_decode_ffi(ctx, *args, present=present, opts=opts)
     if path.fallback:
         cuda.warn_fallback(path.reason)
-    forward = {paths.SCAN: scan_forward, paths.XLA: xla_forward, paths.TOKEN_STEP: step_forward}[path.impl]
+    forward = {paths.SCAN: scan_forward, paths.XLA: functools.partial(xla_forward, chunk=path.chunk),
+               paths.TOKEN_STEP: step_forward}[path.impl]
     return mlir.lower_fun(functools.partial(forward, present=present, opts=opts), multiple_results=True)(ctx, *args)
 
 

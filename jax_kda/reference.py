@@ -1,4 +1,4 @@
-"""The token-by-token KDA recurrence of SPEC.md in float32: the package's own oracle.
+"""The token-by-token KDA recurrence of docs/CONTRACT.md in float32: the package's own oracle.
 
 One `lax.scan` step per token; slow on long sequences by design, exact in structure.
 """
@@ -48,7 +48,7 @@ def kda_reference(x: KDAOperands, opts: KDAOptions):
     else:
         # B == 1: the carried state is the current sequence's; it restarts at every sequence start.
         seq = token_sequence_ids(x.cu_seqlens, num_tokens)
-        starts = jnp.arange(num_tokens) == x.cu_seqlens.astype(jnp.int32)[seq]
+        starts = jnp.arange(num_tokens) == x.cu_seqlens[seq]
 
         def step(carry, inputs):
             state, finals = carry

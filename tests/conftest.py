@@ -1,3 +1,4 @@
+import gc
 import os
 import sys
 
@@ -34,6 +35,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """Drop JAX's compiled programs after each test file. XLA:CPU keeps every live executable's code in
+    memory mappings of its own, and a process may hold at most vm.max_map_count (65530 by default) of
+    them: the whole suite in one process, hundreds of distinct programs, passed that limit, a compile
+    then failed and the process crashed (docs/PERFLOG.md, CPU section)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture

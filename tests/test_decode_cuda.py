@@ -16,7 +16,7 @@ from poison import run_poisoned
 
 needs_kernels = pytest.mark.skipif(not contract.WITH_CUDA, reason="jax_kda built without its CUDA kernels")
 gpu = pytest.mark.gpu
-BF16_TOL = 5e-3  # one bf16 rounding of o or of the state, with margin (SPEC.md's bar)
+BF16_TOL = 5e-3  # one bf16 rounding of o or of the state, with margin (docs/CONTRACT.md's bar)
 FP32_TOL = 1e-5  # float32 arithmetic on one token
 
 

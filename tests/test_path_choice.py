@@ -34,6 +34,14 @@ def test_cpu_runs_the_xla_path():
     assert prefill_path(*shapes(256, 4), impl="reference", **FUSED).startswith("scan")
 
 
+def test_cpu_takes_the_cpu_chunk():
+    from jax_kda import api, chunked
+
+    x, opts = api.prefill_call(*shapes(256, 4), **FUSED)
+    assert paths.choose_path(x, opts, "cpu").chunk == chunked.CPU_CHUNK
+    assert paths.choose_path(x, opts, "tpu").chunk == chunked.CHUNK
+
+
 def test_impl_cuda_on_a_cpu_names_the_platform():
     with pytest.raises(ValueError, match="lowered for cpu"):
         prefill_path(*shapes(256, 4), impl="cuda", **FUSED)

@@ -1,4 +1,4 @@
-"""Every feature of SPEC.md on the pure-JAX paths, against the float64 oracle."""
+"""Every feature of docs/CONTRACT.md on the pure-JAX paths, against the float64 oracle."""
 
 import jax.numpy as jnp
 import numpy as np
