@@ -32,28 +32,12 @@ from oracle import kda_oracle, rel_err  # noqa: E402
 
 from jax_kda import api, cuda, paths, segments  # noqa: E402
 from jax_kda.primitive import kda_prefill_inner_run  # noqa: E402
+from bench_sharded import FLAGS, make_inputs  # noqa: E402  (one input recipe for the JAX benchmarks)
 from timing import time_jax  # noqa: E402
 
 CASES = {"E": (32768, 32), "G": (131072, 32), "I": (65536, 8), "J": (131072, 4)}  # tokens, heads
-K = V = 128
-FLAGS = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
-             lower_bound=-5.0, state_v_first=True, output_final_state=True)
 ARRAYS = ("q", "k", "v", "g", "beta", "initial_state")
 LIBRARY_MAX_PIECES = paths._MAX_PIECES
-
-
-def make_inputs(tokens, heads, seed=0):
-    """bench_prefill.py's recipe, drawn with JAX."""
-    ks = jax.random.split(jax.random.key(seed), 8)
-    shape = (1, tokens, heads, K)
-    unit = lambda k: (lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True))(jax.random.normal(k, shape))
-    return dict(
-        q=unit(ks[0]).astype(jnp.bfloat16), k=unit(ks[1]).astype(jnp.bfloat16),
-        v=jax.random.normal(ks[2], shape, jnp.bfloat16), g=jax.random.normal(ks[3], shape, jnp.bfloat16),
-        beta=jax.random.normal(ks[4], shape[:3], jnp.bfloat16), A_log=jax.random.uniform(ks[5], (heads,)),
-        dt_bias=jax.random.uniform(ks[6], (heads, K)),
-        initial_state=0.1 * jax.random.normal(ks[7], (1, heads, V, K)),
-    )
 
 
 def cut_call(x, pieces, correct):
@@ -82,7 +66,7 @@ def float64_reference(x, heads):
 
 
 def sweep(name, tokens, heads, pieces_list, check_heads, on_gpu):
-    x = make_inputs(tokens, heads)
+    x = make_inputs(1, tokens, heads)
     arrays = [x[n] for n in ARRAYS]
     xs, opts = api.prefill_call(**x, **FLAGS)
     paths._MAX_PIECES = LIBRARY_MAX_PIECES

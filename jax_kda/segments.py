@@ -97,6 +97,16 @@ def running(transition: jax.Array, local: jax.Array, axis: int) -> tuple[jax.Arr
     return jax.lax.associative_scan(_then, (transition, local), axis=axis)
 
 
+def entry_states(transition: jax.Array, local: jax.Array, initial: jax.Array, axis: int):
+    """The state entering each segment along `axis` when the first is entered with `initial` (the
+    segments' axis absent), and the state after the last: `(entries, final)`."""
+    transition, local = running(transition, local, axis)
+    after = advance(transition, local, jnp.expand_dims(initial, axis))  # the state after segments 0..j
+    before_last = jax.lax.slice_in_dim(after, 0, after.shape[axis] - 1, axis=axis)
+    entries = jnp.concatenate([jnp.expand_dims(initial, axis), before_last], axis=axis)
+    return entries, jnp.take(after, after.shape[axis] - 1, axis=axis)
+
+
 def combined(s: Summaries) -> tuple[jax.Array, jax.Array]:
     """(local, transition) of all segments of each sequence taken as one: `[B, HV, K, V]`, `[B, HV, K, K]`."""
     transition, local = running(s.transition, s.local, axis=1)
@@ -120,10 +130,8 @@ def finish(s: Summaries, entry: jax.Array, correct=correct_xla) -> tuple[jax.Arr
     """The outputs `[B, T, HV, V]` and the final state `[B, HV, K, V]` (float32) when the sequences
     enter their first segment with state `entry` `[B, HV, K, V]` (float32). `correct` is `correct_xla`
     or a kernel with its signature."""
-    transition, local = running(s.transition, s.local, axis=1)
-    after = advance(transition, local, entry[:, None])  # the state after segments 0..j, [B, P, HV, K, V]
-    entries = jnp.concatenate([entry[:, None], after[:, :-1]], axis=1)
-    return correct(s.o_aug, entries, s.bounds), after[:, -1]
+    entries, final = entry_states(s.transition, s.local, entry, axis=1)
+    return correct(s.o_aug, entries, s.bounds), final
 
 
 def split_prefill(x: KDAOperands, opts: KDAOptions, run, pieces: int, correct=correct_xla):

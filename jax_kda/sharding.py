@@ -56,12 +56,9 @@ def context_parallel(x: KDAOperands, opts: KDAOptions, axis_name, run, platform:
 
     # 2. Every device's summary; those before this one, folded, give the state entering it.
     gathered = jax.lax.all_gather(jnp.concatenate([local, transition], axis=-1), axis_name)  # [P, N, HV, K, V + K]
-    me = jax.lax.axis_index(axis_name)
-    initial = initial_state_kv(x, opts)
-    transition, local = segments.running(gathered[..., vd:], gathered[..., :vd], axis=0)
-    after = segments.advance(transition, local, initial)  # the state after devices 0..j, [P, N, HV, K, V]
-    state = after[-1]
-    entry = jnp.where(me == 0, initial, after[jnp.maximum(me - 1, 0)])
+    entries, state = segments.entry_states(gathered[..., vd:], gathered[..., :vd], initial_state_kv(x, opts),
+                                           axis=0)
+    entry = entries[jax.lax.axis_index(axis_name)]
 
     # 3. The outputs from the true entry state, without running the segment again.
     o, _ = segments.finish(s, entry, cuda.correct_segments if on_kernels else segments.correct_xla)
