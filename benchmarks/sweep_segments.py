@@ -10,8 +10,8 @@ segments with transition columns, the fold of the segment summaries, the correct
 GPU, XLA on a CPU); P = 1 is the uncut call. Printed: median ms of back-to-back jitted calls
 (`timing.time_jax`), the speed-up over P = 1, and the relative RMS error of o and of the final state
 against the float64 recurrence on the first `--check-heads` heads. The library's own choice
-(`paths.sequence_pieces`) is printed beside, and the uncut time per 16-token chunk of one chain (what
-`paths._CHUNK_SECONDS` models).
+(`paths.sequence_pieces`) is printed beside, and the CTAs of the launch with the time of one
+16-token step of a chain (the call's time over waves x steps): the figures `paths.CardFigures` holds.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from oracle import kda_oracle, rel_err  # noqa: E402
 
-from jax_kda import api, cuda, paths, segments  # noqa: E402
+from jax_kda import api, contract, cuda, paths, segments  # noqa: E402
 from jax_kda.primitive import kda_prefill_inner_run  # noqa: E402
 from bench_sharded import FLAGS, make_inputs  # noqa: E402  (one input recipe for the JAX benchmarks)
 from timing import time_jax  # noqa: E402
@@ -52,6 +52,17 @@ def cut_call(x, pieces, correct):
         return o, final
 
     return jax.jit(call)
+
+
+def launch_shape(tokens, heads, pieces):
+    """(CTAs of the prefill launch, its serial 16-token steps: waves x steps of the longest segment)."""
+    sms = paths.multiprocessors()
+    width = 128 if pieces == 1 else 256  # V, or V + K transition columns
+    bounds = segments.segment_bounds(tokens, pieces)
+    sequences = len(bounds) - 1
+    ctas = sequences * heads * (width // contract.prefill_v_slice(sequences, heads, width, sms))
+    longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+    return ctas, -(-ctas // sms) * -(-longest // 16)
 
 
 def float64_reference(x, heads):
@@ -82,16 +93,14 @@ def sweep(name, tokens, heads, pieces_list, check_heads, on_gpu):
         o, state = call(*arrays)
         ms = time_jax(call, *arrays)
         uncut_ms = uncut_ms or ms
+        ctas, steps = launch_shape(tokens, heads, pieces)
         row = dict(case=name, tokens=tokens, heads=heads, pieces=pieces, library_choice=chosen, ms=ms,
                    speedup=uncut_ms / ms, err_o=rel_err(o[:, :, :check_heads], want_o),
-                   err_state=rel_err(state[:, :check_heads], want_state))
+                   err_state=rel_err(state[:, :check_heads], want_state), ctas=ctas, us_per_step=ms * 1e3 / steps)
         rows.append(row)
         print(f"| {name} | {tokens} | {heads} | {pieces} | {ms:.3f} | {row['speedup']:.2f}x | {row['err_o']:.2e} "
-              f"| {row['err_state']:.2e} | {chosen} |", flush=True)
+              f"| {row['err_state']:.2e} | {chosen} | {ctas} | {row['us_per_step']:.2f} |", flush=True)
         del o, state
-    if on_gpu and rows and rows[0]["pieces"] == 1:
-        waves = -(-heads // paths.multiprocessors())
-        print(f"{name}: uncut, {rows[0]['ms'] * 1e3 / (waves * -(-tokens // 16)):.2f} us per 16-token chunk of a chain")
     return rows
 
 
@@ -109,8 +118,8 @@ def main():
     on_gpu = jax.devices()[0].platform == "gpu"
     card = jax.devices()[0].device_kind
     print(f"{card}; token counts divided by {args.scale}")
-    print("| case | tokens | heads | segments | ms | vs uncut | err o | err state | library's choice |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| case | tokens | heads | segments | ms | vs uncut | err o | err state | library's choice | CTAs | us a step |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for name in args.cases:
         tokens, heads = CASES[name]

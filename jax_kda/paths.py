@@ -163,21 +163,40 @@ def _local_gpu_compute_capabilities() -> tuple[str, ...]:
 
 # ---------------------------------------------------------------------------------------------
 # The segment plan: cut few long sequences when their (sequence, head) chains leave most
-# multiprocessors idle. The kernels run one chain per CTA, one CTA per multiprocessor, at about this
-# much time per 16-token chunk on an H100 (docs/PERFLOG.md); the cut costs its transition columns
-# (V + K columns instead of V) and a correction pass over o.
+# multiprocessors idle. The kernels run one chain (or V-slice of one) per CTA, one CTA per
+# multiprocessor; a chain's 16-token step takes longer the more CTAs run beside it (they share the
+# memory system). The cut costs its transition columns (V + K columns instead of V), the join of the
+# segment summaries and a correction pass over o.
 _CHUNK = 16
-_CHUNK_SECONDS = 2.3e-6
-_BANDWIDTH = 3.0e12  # bytes / s
-_MAX_PIECES = 4  # each cut adds rounding to the joined state; past 4 the gains are small
+_MAX_PIECES = 64  # the join in fp32 is as accurate at 64 segments as at 1 (docs/PERFLOG.md)
 _MIN_PIECE_TOKENS = 256
-_WORTH_IT = 0.8  # a cut must promise at least 20% less time than the next best choice
+_WORTH_IT = 0.8  # a cut must promise at least 20% less time than the uncut call
+# Piece counts within 5% of the fastest count as fast, and the fewest of them is taken: the model
+# leaves out what more segments cost besides the waves (J measured 6% slower at 32 than at 16).
+_TIE = 0.05
 
 
-def _kernel_seconds(sequences, tokens, value_heads, width, multiprocessors) -> float:
+class CardFigures(NamedTuple):
+    """What the segment plan knows of a GPU, measured with `benchmarks/sweep_segments.py`."""
+
+    chunk_seconds: float  # one 16-token step of a chain whose CTA runs alone
+    crowding: float  # the step's relative slow-down when every multiprocessor runs a CTA
+    bandwidth: float  # bytes / s of a copy (the correction streams o)
+
+
+# By `device_kind`. H200: fitted to the J sweep of 2026-12-02 (2 and 16 segments: 16 CTAs 2.31 us a
+# step, 128 CTAs 3.19 us; docs/PERFLOG.md); it predicts cases E and G of the H200 benchmark within 4%.
+MEASURED_CARDS = {"NVIDIA H200": CardFigures(chunk_seconds=2.19e-6, crowding=0.47, bandwidth=4.2e12)}
+# Cards not measured: an H100 SXM has the H200's multiprocessors and clocks (its copy bandwidth, 3.0
+# TB/s, only enters the small correction term); the multiprocessor count is always the card's own.
+_UNMEASURED = MEASURED_CARDS["NVIDIA H200"]
+
+
+def _kernel_seconds(sequences, tokens, value_heads, width, multiprocessors, card: CardFigures) -> float:
     ctas = sequences * value_heads * (width // contract.prefill_v_slice(sequences, value_heads, width, multiprocessors))
     waves = -(-ctas // multiprocessors)
-    return waves * -(-tokens // _CHUNK) * _CHUNK_SECONDS
+    step = card.chunk_seconds * (1 + card.crowding * min(ctas, multiprocessors) / multiprocessors)
+    return waves * -(-tokens // _CHUNK) * step
 
 
 def sequence_pieces(x: KDAOperands, opts: KDAOptions) -> int:
@@ -192,16 +211,25 @@ def sequence_pieces(x: KDAOperands, opts: KDAOptions) -> int:
     width = vd + kd
     if contract.prefill_unsupported(kd, width) is not None:
         return 1
-    sms = multiprocessors()
-    best, best_s = 1, _kernel_seconds(b, t, hv, width if opts.transition_columns else vd, sms)
-    correction_s = 0.0 if opts.transition_columns else b * t * hv * (width + vd) * 2 / _BANDWIDTH
-    for pieces in range(2, _MAX_PIECES + 1):
-        if t < pieces * _MIN_PIECE_TOKENS:
-            break
-        seconds = _kernel_seconds(b * pieces, -(-t // pieces), hv, width, sms) + correction_s
-        if seconds < _WORTH_IT * best_s:
-            best, best_s = pieces, seconds
-    return best
+    sms, card = multiprocessors(), card_figures()
+    uncut_s = _kernel_seconds(b, t, hv, width if opts.transition_columns else vd, sms, card)
+    correction_s = 0.0 if opts.transition_columns else b * t * hv * (width + vd) * 2 / card.bandwidth
+    cut_s = {pieces: _kernel_seconds(b * pieces, -(-t // pieces), hv, width, sms, card) + correction_s
+             for pieces in range(2, min(_MAX_PIECES, t // _MIN_PIECE_TOKENS) + 1)}
+    if not cut_s:
+        return 1
+    fastest = min(cut_s.values())
+    pieces = min(p for p, seconds in cut_s.items() if seconds <= fastest * (1 + _TIE))
+    return pieces if cut_s[pieces] < _WORTH_IT * uncut_s else 1
+
+
+@functools.lru_cache(maxsize=None)
+def card_figures() -> CardFigures:
+    """The segment plan's figures for this process's first GPU (the measured H200's when unknown)."""
+    try:
+        return MEASURED_CARDS.get(jax.devices("gpu")[0].device_kind, _UNMEASURED)
+    except RuntimeError:
+        return _UNMEASURED
 
 
 @functools.lru_cache(maxsize=None)

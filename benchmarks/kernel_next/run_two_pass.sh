@@ -12,7 +12,8 @@
 # $OUT (default /tmp/two_pass_out) receives at most 8 files (the device call brings back 8, 2 folders
 # deep at most): build.log, host_check.log, memcheck.log, racecheck.log, two_pass.log, phases.log,
 # summary.txt and extra.tar.gz (the SASS, the GPU line, the instrumented build's ptxas log).
-# Environment: OUT, NVCC (default nvcc), BUILD_DIR, REPS, SKIP_SANITIZER=1, SKIP_RACECHECK=1.
+# Environment: OUT, NVCC (default nvcc), BUILD_DIR, REPS, SKIP_SANITIZER=1, SKIP_RACECHECK=1, TWO_PASS_ARGS
+# (e.g. "--timing-only 1": no float64 checks of the timed shapes, which take minutes on the CPU).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-/tmp/two_pass_out}
@@ -91,14 +92,14 @@ if [[ -z "${SKIP_SANITIZER:-}" ]] && command -v compute-sanitizer > /dev/null; t
 fi
 
 # 5. Full run: checks, then timings.
-timeout 420 "$build/two_pass" --reps "${REPS:-20}" > "$out/two_pass.log" 2>&1
+timeout 420 stdbuf -oL "$build/two_pass" --reps "${REPS:-20}" ${TWO_PASS_ARGS:-} > "$out/two_pass.log" 2>&1
 rc=$?
 [[ $rc -ne 0 ]] && status=1
 [[ $rc -eq 124 ]] && say "two_pass TIMED OUT (a hang: see the last check line of two_pass.log)"
 
 # 6. Pass 1's phases (instrumented binary, once, after the real timings): A every variant, F the first.
 if [[ -n "$phases_bin" ]]; then
-  timeout 180 "$phases_bin" --phases 1 --reps 10 > "$out/phases.log" 2>&1
+  timeout 180 stdbuf -oL "$phases_bin" --phases 1 --reps 10 > "$out/phases.log" 2>&1
   prc=$?
   [[ $prc -ne 0 ]] && status=1
   [[ $prc -eq 124 ]] && say "two_pass_phases TIMED OUT"
