@@ -89,31 +89,50 @@ def lower_decode_ffi(ctx, *args, present, opts: KDAOptions):
 
 
 def lower_segmented(ctx, *args, present, opts: KDAOptions, pieces: int, run):
-    """Every sequence cut into `pieces` segments run in one launch through `run(x, opts)` (the inner
-    primitive; the segments' `cu_seqlens` keep them from being cut again), joined by the correction."""
+    """Every sequence cut into `pieces` segments (packed sequences: every T / `pieces` tokens) run in
+    one launch through `run(x, opts)` (the inner primitive; the segments' `cu_seqlens` keep them from
+    being cut again), joined by the correction."""
 
     def split(*flat):
         x = KDAOperands.unflatten(present, flat)
-        o, final = segments.split_prefill(x, opts, run, pieces, correct_segments)
+        if x.cu_seqlens is None:
+            o, final = segments.split_prefill(x, opts, run, pieces, correct_segments)
+        else:
+            o, final = segments.split_packed_prefill(x, opts, run, pieces, correct_packed_segments)
         return [o] if final is None else [o, final]
 
     return mlir.lower_fun(split, multiple_results=True)(ctx, *args)
 
 
+def kernel_corrects(o_aug_dtype, head_dim_k: int, head_dim_v: int) -> bool:
+    """Whether the correction kernel takes these outputs (bf16, sizes it takes)."""
+    return o_aug_dtype == jnp.bfloat16 and contract.correct_unsupported(head_dim_k, head_dim_v) is None
+
+
 def correct_segments(o_aug: jax.Array, entries: jax.Array, bounds: tuple[int, ...]) -> jax.Array:
-    """`segments.correct_xla` as one memory-bound kernel (bf16 outputs, sizes the kernel takes)."""
+    """`segments.correct_xla` as one memory-bound kernel where it takes the call."""
     b, t, hv, width = o_aug.shape
     vd = entries.shape[-1]
-    if o_aug.dtype != jnp.bfloat16 or contract.correct_unsupported(width - vd, vd) is not None:
+    if not kernel_corrects(o_aug.dtype, width - vd, vd):
         return segments.correct_xla(o_aug, entries, bounds)
+    flat = entries.reshape((b * (len(bounds) - 1),) + entries.shape[2:])
+    return correct_packed_segments(o_aug, flat, jnp.asarray(segments.packed_bounds(bounds, b, t)))
+
+
+def correct_packed_segments(o_aug: jax.Array, entries: jax.Array, cu: jax.Array) -> jax.Array:
+    """`segments.correct_packed_xla` as one memory-bound kernel: o_aug `[B, T, HV, V + K]` bf16, entries
+    `[S, HV, K, V]` float32, the segments' bounds `cu` `[S + 1]` over the B x T tokens."""
+    b, t, hv, width = o_aug.shape
+    vd = entries.shape[-1]
+    if not kernel_corrects(o_aug.dtype, width - vd, vd):
+        return segments.correct_packed_xla(o_aug, entries, cu)
     # The entering states V-first as an exact bf16 pair, hi + lo.
-    state = jnp.swapaxes(entries, -1, -2).reshape(b * (len(bounds) - 1), hv, vd, width - vd)
+    state = jnp.swapaxes(entries, -1, -2)
     hi = state.astype(jnp.bfloat16)
     lo = (state - hi.astype(jnp.float32)).astype(jnp.bfloat16)
-    cu = jnp.asarray(segments.packed_bounds(bounds, b, t))
     call = jax.ffi.ffi_call(contract.SEGMENT_CORRECT_TARGET, jax.ShapeDtypeStruct((b, t, hv, vd), o_aug.dtype),
                             vmap_method="sequential")
-    return call(o_aug, hi, lo, cu)
+    return call(o_aug, hi, lo, cu.astype(jnp.int32))
 
 
 @functools.lru_cache(maxsize=None)

@@ -32,12 +32,12 @@ DESCRIPTIONS = {
 class Path(NamedTuple):
     impl: str  # CUDA, XLA or SCAN
     reason: str  # why this path, in words
-    pieces: int = 1  # segments each sequence is cut into on the kernels (1: none)
+    pieces: int = 1  # segments each sequence is cut into on the kernels (1: none; packed: every T / pieces tokens)
     chunk: int = chunked.CHUNK  # tokens per serial step of the chunked pure-JAX path
     fallback: bool = False  # the kernels would have run on this platform but cannot take the call
 
     def describe(self) -> str:
-        cut = f", each sequence cut into {self.pieces} segments" if self.pieces > 1 else ""
+        cut = f", sequences cut into up to {self.pieces} segments" if self.pieces > 1 else ""
         return f"{DESCRIPTIONS[self.impl]}{cut}: {self.reason}"
 
 
@@ -202,18 +202,32 @@ def _kernel_seconds(sequences, tokens, value_heads, width, multiprocessors, card
 def sequence_pieces(x: KDAOperands, opts: KDAOptions) -> int:
     """Into how many segments the kernels' path cuts each sequence of this call (1: none).
 
+    Packed sequences (`cu_seqlens`, whose lengths only the device knows) are cut every T / pieces
+    tokens, planned as one sequence of T tokens, and only when their chains cannot fill the GPU
+    however the tokens are shared out and the pieces outnumber the sequences: then the longest
+    sequence (at least T / N tokens) is always cut, and the short ones never are.
+
     With `opts.transition_columns` the call already pays for them (context parallelism), so only the
     kernel time counts."""
-    if x.cu_seqlens is not None:
-        return 1
     b, t, hv, vd = x.v.shape
     kd = x.q.shape[3]
-    width = vd + kd
-    if contract.prefill_unsupported(kd, width) is not None:
+    if contract.prefill_unsupported(kd, vd + kd) is not None:
         return 1
+    if x.cu_seqlens is None:
+        return _planned_pieces(b, t, hv, kd, vd, opts.transition_columns)
+    n = x.num_sequences
+    if opts.transition_columns or contract.correct_unsupported(kd, vd) is not None or 2 * n * hv > multiprocessors():
+        return 1
+    pieces = _planned_pieces(1, t, hv, kd, vd, False)
+    return pieces if pieces > n else 1
+
+
+def _planned_pieces(b, t, hv, kd, vd, transition_columns: bool) -> int:
+    """The segments per sequence for B sequences of T tokens, by the cost model (1: none)."""
+    width = vd + kd
     sms, card = multiprocessors(), card_figures()
-    uncut_s = _kernel_seconds(b, t, hv, width if opts.transition_columns else vd, sms, card)
-    correction_s = 0.0 if opts.transition_columns else b * t * hv * (width + vd) * 2 / card.bandwidth
+    uncut_s = _kernel_seconds(b, t, hv, width if transition_columns else vd, sms, card)
+    correction_s = 0.0 if transition_columns else b * t * hv * (width + vd) * 2 / card.bandwidth
     cut_s = {pieces: _kernel_seconds(b * pieces, -(-t // pieces), hv, width, sms, card) + correction_s
              for pieces in range(2, min(_MAX_PIECES, t // _MIN_PIECE_TOKENS) + 1)}
     if not cut_s:

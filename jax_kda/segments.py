@@ -14,8 +14,10 @@ composed in fp32 by an associative scan (log depth in the number of segments, in
 
 The correction is a kernel on GPUs (`jax_kda.cuda.correct_segments`) and XLA elsewhere. Used two
 ways: on one GPU, when a few long sequences would leave most multiprocessors idle (one kernel chain
-per (sequence, head)), each sequence is cut into pieces packed as `cu_seqlens`; and for context
-parallelism (`jax_kda.sharding`), where the segments live on different devices.
+per (sequence, head)), each sequence is cut into pieces packed as `cu_seqlens` (in a packed batch,
+`cu_seqlens` known only on the device, each sequence is cut every so many tokens, so only the long
+ones are cut); and for context parallelism (`jax_kda.sharding`), where the segments live on
+different devices.
 """
 
 from __future__ import annotations
@@ -60,8 +62,7 @@ def summarize(x: KDAOperands, opts: KDAOptions, run, pieces: int) -> Summaries:
     kd = x.q.shape[3]
     bounds = segment_bounds(t, pieces)
     p = len(bounds) - 1
-    run_opts = dataclasses.replace(opts, transition_columns=True, output_final_state=True, state_v_first=False,
-                                   final_state_dtype="float32")
+    run_opts = _summary_opts(opts)
     if p == 1:
         o, final = run(x, run_opts)
     else:  # the segments of all sequences as one packed batch
@@ -134,9 +135,92 @@ def finish(s: Summaries, entry: jax.Array, correct=correct_xla) -> tuple[jax.Arr
     return correct(s.o_aug, entries, s.bounds), final
 
 
+def _summary_opts(opts: KDAOptions) -> KDAOptions:
+    """The options of the prefill that yields the segments' summaries."""
+    return dataclasses.replace(opts, transition_columns=True, output_final_state=True, state_v_first=False,
+                               final_state_dtype="float32")
+
+
 def split_prefill(x: KDAOperands, opts: KDAOptions, run, pieces: int, correct=correct_xla):
     """A prefill of unpacked sequences cut into `pieces` segments each, all run at once through `run`;
     returns `(o, final_state or None)` as the uncut prefill would."""
     s = summarize(x._replace(initial_state=None), opts, run, pieces)
     o, final = finish(s, initial_state_kv(x, opts), correct)
     return o, (finish_state(final, opts) if opts.output_final_state else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed batches: `cu_seqlens` lives on the device, so the cut is a rule, not a list: every sequence
+# is cut every `step` tokens from its own start. Sequences shorter than `step` stay whole; the
+# segments are at most N + T / step, padded with empty ones at the end to that static count.
+
+
+class PackedCut(NamedTuple):
+    cu: jax.Array  # [S + 1] int32: the segments' bounds in the packed tokens (empty ones at the end)
+    sequence: jax.Array  # [S] int32: the sequence each segment belongs to (the last one for padding)
+    first: jax.Array  # [S] bool: the segment starts its sequence
+    last: jax.Array  # [N] int32: each sequence's last segment
+
+
+def cut_packed(cu_seqlens: jax.Array, tokens: int, step: int, max_segments: int) -> PackedCut:
+    """Each sequence of `cu_seqlens` (N + 1 offsets into `tokens`) cut every `step` tokens, as
+    `max_segments` segments (at least N + tokens // step)."""
+    cu = cu_seqlens.astype(jnp.int32)
+    n = cu.shape[0] - 1
+    counts = jnp.maximum(1, -(-(cu[1:] - cu[:-1]) // step))  # an empty sequence keeps one empty segment
+    ends = jnp.cumsum(counts)
+    index = jnp.arange(max_segments, dtype=jnp.int32)
+    owner = jnp.searchsorted(ends, index, side="right").astype(jnp.int32)  # N for the padding
+    real = owner < n
+    sequence = jnp.minimum(owner, n - 1)
+    within = index - (ends - counts)[sequence]
+    starts = jnp.where(real, cu[sequence] + within * step, tokens)
+    return PackedCut(jnp.append(starts, jnp.int32(tokens)), sequence, real & (within == 0), ends - 1)
+
+
+def packed_entry_states(transition: jax.Array, local: jax.Array, cut: PackedCut, initial: jax.Array):
+    """The state entering each segment `[S, HV, K, V]` and each sequence's final state `[N, HV, K, V]`
+    from the segments' summaries `[S, HV, K, K]`, `[S, HV, K, V]` and the sequences' initial states:
+    the running summaries restart at each sequence's first segment (a segmented scan, log depth)."""
+
+    def then(earlier, later):
+        t, l = _then(earlier[:2], later[:2])
+        restart = later[2][:, None, None, None]
+        return jnp.where(restart, later[0], t), jnp.where(restart, later[1], l), earlier[2] | later[2]
+
+    transition, local, _ = jax.lax.associative_scan(then, (transition, local, cut.first))
+    start = initial[cut.sequence]
+    after = advance(transition, local, start)  # the state after each segment
+    entries = jnp.where(cut.first[:, None, None, None], start, jnp.roll(after, 1, axis=0))
+    return entries, after[cut.last]
+
+
+def correct_packed_xla(o_aug: jax.Array, entries: jax.Array, cu: jax.Array) -> jax.Array:
+    """o = o_local + q_eff S_entry with the segments given on the device: o_aug `[1, T, HV, V + K]`,
+    entries `[S, HV, K, V]` float32, cu `[S + 1]`. Gathers each token's entering state (T x HV x K x V
+    floats): for checks on small inputs; the kernels' path corrects with `jax_kda.cuda`'s kernel."""
+    b, t, hv, width = o_aug.shape
+    vd = entries.shape[-1]
+    segment = jnp.clip(jnp.searchsorted(cu, jnp.arange(b * t), side="right") - 1, 0, entries.shape[0] - 1)
+    queries = o_aug[..., vd:].reshape(b * t, hv, width - vd).astype(jnp.float32)
+    correction = jnp.einsum("thk,thkv->thv", queries, entries[segment], precision=_HIGHEST)
+    local = o_aug[..., :vd].reshape(b * t, hv, vd).astype(jnp.float32)
+    return (local + correction).astype(o_aug.dtype).reshape(b, t, hv, vd)
+
+
+def split_packed_prefill(x: KDAOperands, opts: KDAOptions, run, pieces: int, correct=correct_packed_xla):
+    """A prefill of packed sequences (`x.cu_seqlens`) where each sequence is cut every T / `pieces`
+    tokens (whole chunks), all segments run at once through `run`; returns `(o, final_state or None)`
+    as the uncut prefill would. `correct(o_aug, entries, cu)` is `correct_packed_xla` or a kernel."""
+    t, vd, kd = x.q.shape[1], x.v.shape[3], x.q.shape[3]
+    n = x.num_sequences
+    step = segment_bounds(t, pieces)[1]
+    cut = cut_packed(x.cu_seqlens, t, step, n + -(-t // step))
+    o_aug, final = run(x._replace(cu_seqlens=cut.cu, initial_state=None), _summary_opts(opts))
+    # An empty segment (an empty sequence, or the padding) leaves the state as it was.
+    empty = (cut.cu[1:] == cut.cu[:-1])[:, None, None, None]
+    transition = jnp.where(empty, jnp.eye(kd, dtype=jnp.float32), final[..., vd:])
+    local = jnp.where(empty, 0.0, final[..., :vd])
+    entries, states = packed_entry_states(transition, local, cut, initial_state_kv(x, opts))
+    o = correct(o_aug, entries, cut.cu)
+    return o, (finish_state(states, opts) if opts.output_final_state else None)

@@ -63,6 +63,21 @@ def test_few_long_sequences_lower_to_segments_and_a_correction(monkeypatch):
 
 
 @needs_kernels
+def test_packed_batch_with_few_sequences_lowers_to_segments(monkeypatch):
+    monkeypatch.setattr(paths, "multiprocessors", lambda: 132)
+    T, H, K = 65536, 8, 128  # case I's tokens as two packed sequences: cut every 8192 tokens
+    f = lambda q, k, v, g, b, cu: kda_prefill(q, k, v, g, b, cu_seqlens=cu, output_final_state=True,
+                                              use_gate_in_kernel=True, lower_bound=-5.0)
+    args = (spec(1, T, H, K),) * 4 + (spec(1, T, H), jax.ShapeDtypeStruct((3,), jnp.int32))
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
+    assert len(calls) == 2, calls
+    assert "transition_columns = true" in calls[0] and "has_cu_seqlens = true" in calls[0]
+    assert "tensor<11xi32>" in calls[0]  # 2 + 65536 / 8192 segments: the padded segment bounds
+    assert f"@{contract.SEGMENT_CORRECT_TARGET}(" in calls[1]
+
+
+@needs_kernels
 def test_impl_cuda_rejects_unsupported_calls():
     f = lambda q: kda_prefill(q, q, q, jnp.zeros(q.shape), jnp.zeros(q.shape[:3]), impl="cuda")
     with pytest.raises(ValueError, match="impl='cuda' cannot run this call: the kernels take bfloat16"):
@@ -317,6 +332,19 @@ def test_cut_sequences(case, features):
 
 @gpu
 @needs_kernels
+@pytest.mark.parametrize("features", [
+    dict(seqlens=[3000, 5, 0, 1, 700], gate="bounded", state_v_first=True),  # 13 pieces: every 288 tokens
+    dict(seqlens=[17, 2500], gate="softplus", HV=4, initial_state="bfloat16", cu_dtype=np.int64),
+    dict(seqlens=[0, 2000, 333], gate="given", K=64, V=64, output_final_state=False),
+], ids=repr)
+def test_cut_packed_sequences(case, features):
+    c = case(**{**dict(H=2, K=128, V=128, dtype="bfloat16"), **features})
+    assert lowered_with_segments(c), "the call was expected to take the segmented path"
+    check_against_oracle(c)
+
+
+@gpu
+@needs_kernels
 def test_transition_columns_in_the_kernel(case, rng):
     """Every element of o and the state written, and the transition columns carry the affine summary."""
     import dataclasses
@@ -379,7 +407,8 @@ def test_error_not_larger_than_fla(case, gate, seqlens):
     fla_kda = pytest.importorskip("fla.ops.kda").chunk_kda
     shape = dict(seqlens=seqlens) if seqlens else dict(B=1, T=4000)  # one sequence the kernels' path cuts
     c = case(**shape, H=4, K=128, V=128, dtype="bfloat16", gate=gate, state_v_first=True)
-    assert lowered_with_segments(c) == (seqlens is None)
+    # The single packed sequence and the unpacked one are cut; the four packed ones are too many for it.
+    assert lowered_with_segments(c) == (seqlens != [300, 0, 77, 600])
     ours_o, ours_s = run_cuda(c)
     t = lambda a: torch.from_dlpack(jnp.asarray(a)) if a is not None else None
     kw = dict(c.kwargs)

@@ -50,7 +50,7 @@ def test_impl_cuda_on_a_cpu_names_the_platform():
 def test_gpu_reports_the_kernels_and_their_cut(on_a_gpu):
     assert prefill_path(*shapes(8192, 96), **FUSED) == "cuda (jax_kda CUTLASS kernels, sm_90a): the kernels take this call"
     described = prefill_path(*shapes(32768, 32), **FUSED)  # case E: 32 chains on 132 multiprocessors
-    assert described.startswith("cuda (jax_kda CUTLASS kernels, sm_90a), each sequence cut into 2 segments")
+    assert described.startswith("cuda (jax_kda CUTLASS kernels, sm_90a), sequences cut into up to 2 segments")
 
 
 def test_gpu_fallback_says_why(on_a_gpu):

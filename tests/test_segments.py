@@ -69,6 +69,48 @@ def test_many_segments_with_weak_decay_within_the_bf16_tolerance(case, gate, pie
     assert rel_err(o, ref_o) < 5e-3 and rel_err(s, ref_s) < 5e-3
 
 
+PACKED = [
+    dict(seqlens=[300, 5, 0, 1, 90], gate="bounded"),  # one long sequence among short and empty ones
+    dict(seqlens=[17, 400], gate="softplus", state_v_first=True, H=2, HV=4, initial_state="bfloat16"),
+    dict(seqlens=[0, 64, 250, 0], gate="given", initial_state=None, output_final_state=False),
+    dict(seqlens=[33, 160, 160], gate="softplus", K=16, V=48, allow_neg_eigval=True),
+]
+
+
+@pytest.mark.parametrize("features", PACKED, ids=repr)
+@pytest.mark.parametrize("pieces", [2, 16])
+def test_split_packed_prefill_equals_one_prefill(case, features, pieces):
+    c = case(**{**dict(H=2, K=32, V=32), **features})
+    x, opts = normalized(c)
+    want_o, want_s = kda_chunked(x, opts)
+    got_o, got_s = jax.jit(segments.split_packed_prefill, static_argnums=(1, 2, 3))(x, opts, kda_chunked, pieces)
+    assert rel_err(got_o, want_o) < 1e-5
+    assert (got_s is None) == (want_s is None)
+    if want_s is not None:
+        assert got_s.dtype == want_s.dtype and rel_err(got_s, want_s) < 1e-5
+    ref_o, _ = c.expected()  # and against the float64 recurrence
+    assert rel_err(got_o, ref_o) < 1e-4
+
+
+def test_packed_cut_cuts_only_the_long_sequences():
+    cu = jnp.array([0, 300, 305, 305, 306, 396], jnp.int32)
+    cut = segments.cut_packed(cu, 396, 128, 5 + 4)
+    assert cut.cu.tolist() == [0, 128, 256, 300, 305, 305, 306, 396, 396, 396]
+    assert cut.sequence.tolist() == [0, 0, 0, 1, 2, 3, 4, 4, 4]
+    assert cut.first.tolist() == [True, False, False, True, True, True, True, False, False]
+    assert cut.last.tolist() == [2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("gate", ["bounded", "softplus"])
+def test_packed_cut_into_many_segments_with_weak_decay_within_the_bf16_tolerance(case, gate):
+    c = case(seqlens=[40 * 16, 7, 23 * 16 + 5], H=2, K=32, V=32, dtype="bfloat16", gate=gate)
+    c.kwargs["A_log"] = jnp.full_like(c.kwargs["A_log"], -4.0)
+    x, opts = normalized(c)
+    o, s = segments.split_packed_prefill(x, opts, kda_chunked, 64)  # a segment every 16 tokens
+    ref_o, ref_s = c.expected()
+    assert rel_err(o, ref_o) < 5e-3 and rel_err(s, ref_s) < 5e-3
+
+
 def test_running_summaries_equal_the_serial_fold(rng):
     P, K, V = 13, 8, 5
     transition = jnp.asarray(rng.standard_normal((2, P, 3, K, K)) / np.sqrt(K), jnp.float32)
@@ -127,3 +169,21 @@ def test_kernel_path_cuts_few_long_sequences(monkeypatch, B, T, HV, want):
     monkeypatch.setattr(paths, "multiprocessors", lambda: 132)  # an H200's (and an H100's)
     _, opts = api.prefill_call(*shapes(B, T, HV)[:5], use_gate_in_kernel=True, lower_bound=-5.0)
     assert paths.sequence_pieces(shapes(B, T, HV), opts) in (want if isinstance(want, range) else [want])
+
+
+def packed_shapes(sequences, T, HV):
+    return shapes(1, T, HV)._replace(cu_seqlens=jax.ShapeDtypeStruct((sequences + 1,), jnp.int32))
+
+
+@pytest.mark.parametrize("sequences,T,HV,want", [
+    (2, 65536, 8, 8),  # planned as case I: a segment every 8192 tokens
+    (5, 131072, 4, 16),  # planned as case J
+    (8, 65536, 8, 1),  # 8 sequences x 8 heads x 2 V-slices already fill the GPU
+    (20, 4096, 1, 1),  # the plan's pieces (16 at most) would not outnumber the sequences: maybe none is cut
+    (1, 300, 4, 1),  # too short
+])
+def test_kernel_path_cuts_packed_sequences_only_when_chains_are_few(monkeypatch, sequences, T, HV, want):
+    monkeypatch.setattr(paths, "multiprocessors", lambda: 132)
+    x = packed_shapes(sequences, T, HV)
+    _, opts = api.prefill_call(*x[:5], use_gate_in_kernel=True, lower_bound=-5.0, cu_seqlens=x.cu_seqlens)
+    assert paths.sequence_pieces(x, opts) == want
