@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.interpreters import mlir
 
-from . import contract, segments
+from . import contract, paths, segments
 from .options import KDAOperands, KDAOptions
 
 
@@ -98,7 +98,8 @@ def lower_segmented(ctx, *args, present, opts: KDAOptions, pieces: int, run):
         if x.cu_seqlens is None:
             o, final = segments.split_prefill(x, opts, run, pieces, correct_segments)
         else:
-            o, final = segments.split_packed_prefill(x, opts, run, pieces, correct_packed_segments)
+            o, final = segments.split_packed_prefill_where_long(x, opts, run, pieces, paths.WORTH_IT,
+                                                                correct_packed_segments)
         return [o] if final is None else [o, final]
 
     return mlir.lower_fun(split, multiple_results=True)(ctx, *args)

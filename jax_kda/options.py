@@ -38,6 +38,9 @@ class KDAOptions:
     # Internal (jax_kda.decode): one token per sequence, run by the decode kernel or the XLA token step
     # instead of the prefill's paths.
     decode_step: bool = False
+    # Internal (jax_kda.segments): run each sequence whole, never cut into segments (the branch of a
+    # packed call whose sequences the device found too short for the cut to pay).
+    whole_sequences: bool = False
 
 
 class KDAOperands(NamedTuple):

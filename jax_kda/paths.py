@@ -56,14 +56,25 @@ def choose_path(x: KDAOperands, opts: KDAOptions, platform: str) -> Path:
                 f"impl='cuda' runs jax_kda's CUDA kernels, which need a CUDA GPU; this call is lowered for "
                 f"{platform}. Use impl='auto' or impl='xla'."
             )
-        chunk = chunked.CPU_CHUNK if platform == "cpu" else chunked.CHUNK
-        return Path(XLA, f"the platform is {platform}", chunk=chunk)
+        if platform != "cpu":
+            return Path(XLA, f"the platform is {platform}")
+        if _scan_is_faster_on_cpu(x, opts):
+            return Path(SCAN, "the platform is cpu, and the token scan is faster there for this shape (a state "
+                              "small enough for the caches, or less than one chunk of tokens)")
+        return Path(XLA, "the platform is cpu", chunk=chunked.CPU_CHUNK)
     reason = kernel_unsupported_reason(x, opts)
     if reason is not None:
         if opts.impl == "cuda":
             raise ValueError(f"impl='cuda' cannot run this call: {reason}")
         return Path(XLA, reason, fallback=True)
     return Path(CUDA, "the kernels take this call", pieces=sequence_pieces(x, opts))
+
+
+def _scan_is_faster_on_cpu(x: KDAOperands, opts: KDAOptions) -> bool:
+    b, t, hv, vd = x.v.shape
+    kd = x.q.shape[3]
+    chains = hv if x.cu_seqlens is not None else b * hv
+    return chunked.scan_is_faster_on_cpu(t, chains, kd, vd + kd if opts.transition_columns else vd)
 
 
 def _choose_decode_path(x: KDAOperands, opts: KDAOptions, platform: str) -> Path:
@@ -170,7 +181,8 @@ def _local_gpu_compute_capabilities() -> tuple[str, ...]:
 _CHUNK = 16
 _MAX_PIECES = 64  # the join in fp32 is as accurate at 64 segments as at 1 (docs/PERFLOG.md)
 _MIN_PIECE_TOKENS = 256
-_WORTH_IT = 0.8  # a cut must promise at least 20% less time than the uncut call
+_MAX_SUMMARY_BYTES = 256 << 20  # a packed batch of many sequences is not cut: its summaries would be large
+WORTH_IT = 0.8  # a cut must promise at least 20% less time than the uncut call
 # Piece counts within 5% of the fastest count as fast, and the fewest of them is taken: the model
 # leaves out what more segments cost besides the waves (J measured 6% slower at 32 than at 16).
 _TIE = 0.05
@@ -202,24 +214,23 @@ def _kernel_seconds(sequences, tokens, value_heads, width, multiprocessors, card
 def sequence_pieces(x: KDAOperands, opts: KDAOptions) -> int:
     """Into how many segments the kernels' path cuts each sequence of this call (1: none).
 
-    Packed sequences (`cu_seqlens`, whose lengths only the device knows) are cut every T / pieces
-    tokens, planned as one sequence of T tokens, and only when their chains cannot fill the GPU
-    however the tokens are shared out and the pieces outnumber the sequences: then the longest
-    sequence (at least T / N tokens) is always cut, and the short ones never are.
+    Packed sequences (`cu_seqlens`, whose lengths only the device knows) are planned as one sequence
+    of all T tokens: the plan is to cut every sequence every T / pieces tokens, and the device takes
+    it when its longest sequence is long enough (`segments.split_packed_prefill_where_long`).
 
     With `opts.transition_columns` the call already pays for them (context parallelism), so only the
     kernel time counts."""
     b, t, hv, vd = x.v.shape
     kd = x.q.shape[3]
-    if contract.prefill_unsupported(kd, vd + kd) is not None:
+    if opts.whole_sequences or contract.prefill_unsupported(kd, vd + kd) is not None:
         return 1
     if x.cu_seqlens is None:
         return _planned_pieces(b, t, hv, kd, vd, opts.transition_columns)
-    n = x.num_sequences
-    if opts.transition_columns or contract.correct_unsupported(kd, vd) is not None or 2 * n * hv > multiprocessors():
+    if opts.transition_columns or contract.correct_unsupported(kd, vd) is not None:
         return 1
     pieces = _planned_pieces(1, t, hv, kd, vd, False)
-    return pieces if pieces > n else 1
+    segments = x.num_sequences + pieces  # at most, and their fp32 summaries
+    return pieces if segments * hv * kd * (vd + kd) * 4 <= _MAX_SUMMARY_BYTES else 1
 
 
 def _planned_pieces(b, t, hv, kd, vd, transition_columns: bool) -> int:
@@ -234,7 +245,7 @@ def _planned_pieces(b, t, hv, kd, vd, transition_columns: bool) -> int:
         return 1
     fastest = min(cut_s.values())
     pieces = min(p for p, seconds in cut_s.items() if seconds <= fastest * (1 + _TIE))
-    return pieces if cut_s[pieces] < _WORTH_IT * uncut_s else 1
+    return pieces if cut_s[pieces] < WORTH_IT * uncut_s else 1
 
 
 @functools.lru_cache(maxsize=None)

@@ -224,3 +224,15 @@ def split_packed_prefill(x: KDAOperands, opts: KDAOptions, run, pieces: int, cor
     entries, states = packed_entry_states(transition, local, cut, initial_state_kv(x, opts))
     o = correct(o_aug, entries, cut.cu)
     return o, (finish_state(states, opts) if opts.output_final_state else None)
+
+
+def split_packed_prefill_where_long(x: KDAOperands, opts: KDAOptions, run, pieces: int, worth_it: float,
+                                    correct=correct_packed_xla):
+    """`split_packed_prefill` when the cut pays for this call's lengths, decided on the device: when its
+    segment length is under `worth_it` times the longest sequence; else one prefill of the whole
+    sequences (`run` with `opts.whole_sequences`)."""
+    step = segment_bounds(x.q.shape[1], pieces)[1]
+    longest = jnp.max(x.cu_seqlens[1:] - x.cu_seqlens[:-1])
+    whole = dataclasses.replace(opts, whole_sequences=True)
+    return jax.lax.cond(step < worth_it * longest, lambda x: split_packed_prefill(x, opts, run, pieces, correct),
+                        lambda x: run(x, whole), x)

@@ -42,6 +42,21 @@ def test_cpu_takes_the_cpu_chunk():
     assert paths.choose_path(x, opts, "tpu").chunk == chunked.CHUNK
 
 
+@pytest.mark.parametrize("T,H,K,want", [
+    (4096, 4, 128, "xla"),  # 4 x 128 x 128 = 2^16 state elements: past the caches, the chunked path
+    (4096, 2, 128, "scan"),  # half of it: the scan
+    (4096, 8, 64, "scan"),
+    (4, 32, 128, "scan"),  # less than one chunk of tokens
+    (8, 32, 128, "xla"),
+])
+def test_cpu_auto_takes_the_faster_pure_jax_path(T, H, K, want):
+    """`chunked.scan_is_faster_on_cpu`'s thresholds, measured on a 2-core box (docs/PERFLOG.md)."""
+    assert prefill_path(*shapes(T, H, K=K, V=K), **FUSED).startswith(want)
+    # A packed batch shares its chains' state: HV chains whatever the sequences.
+    cu = jnp.array([0, T // 2, T], jnp.int32)
+    assert prefill_path(*shapes(T, H, K=K, V=K), cu_seqlens=cu, **FUSED).startswith(want)
+
+
 def test_impl_cuda_on_a_cpu_names_the_platform():
     with pytest.raises(ValueError, match="lowered for cpu"):
         prefill_path(*shapes(256, 4), impl="cuda", **FUSED)

@@ -176,14 +176,40 @@ def packed_shapes(sequences, T, HV):
 
 
 @pytest.mark.parametrize("sequences,T,HV,want", [
-    (2, 65536, 8, 8),  # planned as case I: a segment every 8192 tokens
+    (2, 65536, 8, 8),  # planned as case I: a segment every 8192 tokens, where a sequence is that long
     (5, 131072, 4, 16),  # planned as case J
-    (8, 65536, 8, 1),  # 8 sequences x 8 heads x 2 V-slices already fill the GPU
-    (20, 4096, 1, 1),  # the plan's pieces (16 at most) would not outnumber the sequences: maybe none is cut
+    (64, 65536, 8, 8),  # many sequences: the device decides whether any is long enough
     (1, 300, 4, 1),  # too short
+    (4096, 131072, 32, 1),  # thousands of sequences: their summaries alone would take gigabytes
 ])
-def test_kernel_path_cuts_packed_sequences_only_when_chains_are_few(monkeypatch, sequences, T, HV, want):
+def test_kernel_path_plans_the_packed_cut(monkeypatch, sequences, T, HV, want):
     monkeypatch.setattr(paths, "multiprocessors", lambda: 132)
     x = packed_shapes(sequences, T, HV)
     _, opts = api.prefill_call(*x[:5], use_gate_in_kernel=True, lower_bound=-5.0, cu_seqlens=x.cu_seqlens)
     assert paths.sequence_pieces(x, opts) == want
+
+
+WHOLE = 7.0  # what the spy's whole-sequence branch writes: tells the branches apart
+
+
+def spy_run(x, opts):
+    o, s = kda_chunked(x, opts)
+    return (jnp.full_like(o, WHOLE), s) if opts.whole_sequences else (o, s)
+
+
+@pytest.mark.parametrize("seqlens,cut", [
+    ([600, 5, 0, 30], True),  # the longest is 4.7 segments of 128 tokens
+    ([150, 140, 160, 155, 30], False),  # none past 160 = 128 / 0.8: whole sequences
+])
+def test_packed_cut_is_taken_on_the_device_where_a_sequence_is_long(case, seqlens, cut):
+    c = case(seqlens=seqlens, H=2, K=32, V=32, gate="softplus")
+    x, opts = normalized(c)
+    pieces = 5  # segments of 128 tokens for these 635 tokens
+    assert segments.segment_bounds(x.q.shape[1], pieces)[1] == 128
+    split = jax.jit(segments.split_packed_prefill_where_long, static_argnums=(1, 2, 3, 4))
+    o, s = split(x, opts, spy_run, pieces, paths.WORTH_IT)
+    if cut:
+        want_o, want_s = kda_chunked(x, opts)
+        assert rel_err(o, want_o) < 1e-5 and rel_err(s, want_s) < 1e-5
+    else:
+        assert np.all(np.asarray(o) == WHOLE)
