@@ -5,7 +5,8 @@
 # Steps: build with nvcc for sm_90a (ptxas resource report: registers, spills, C75xx warnings), SASS
 # counts per kernel, the CPU-only checks, compute-sanitizer memcheck (and racecheck, for information) on
 # a tiny launch, then the full run (o and the final state against float64 and the CPU emulation, pass 1's
-# factors against float64, every output written; timings of pass 1, pass 2 and both for A, E, F) and a
+# factors against float64, every output written; windows of chunks, serial and overlapped, bit for bit
+# against one pass; timings of pass 1, pass 2 and both for A, E, F, then both window by window) and a
 # summary at the end; then a second binary built with -DKN_PHASE_CLOCKS (the real timings stay
 # uninstrumented) prints pass 1's per-phase clock64 table for A (every variant) and F. Every step has a
 # time limit, so a hang (a barrier bug) still leaves its logs.

@@ -59,6 +59,14 @@ KN_HD ItemRange items_of(int cta, int ctas, int items) {
   return ItemRange{first, first + per + (cta < extra ? 1 : 0)};
 }
 
+// A window: chunks [first, first + count) of every chain. The passes run window by window so that the
+// factor buffer holds one window (bounded workspace, and small enough to be read back from the L2);
+// the state crosses windows through the final-state buffer (fp32), which the next window's state pass
+// reads as its initial state.
+struct Window {
+  int first, count;
+};
+
 // Pass 2: two state warpgroups and one loader warp; a ring of kPassStages stages.
 constexpr int kPassStages = 5;  // 4 chunks of lookahead (~3 us, ~190 KB in flight at 0.75 us a step) cover the HBM latency
 constexpr int kLoaderWarp = kStateThreads / 32;
@@ -153,7 +161,7 @@ struct PhaseClock {
 template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, int kInverseWarps = 1>
 __global__ void __launch_bounds__(kFactorThreads, kFactorCtasPerSm)
     factor_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
-                       uint8_t *factors) {
+                       uint8_t *factors, Window w) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t *smem = aligned_smem(smem_raw);
   uint64_t *raw_full = reinterpret_cast<uint64_t *>(smem + kF1Barriers);
@@ -162,7 +170,7 @@ __global__ void __launch_bounds__(kFactorThreads, kFactorCtasPerSm)
     fence_barrier_init();
   }
   __syncthreads();
-  const int chunks = (p.tokens + kChunk - 1) / kChunk;
+  const int chunks = w.count;  // items: (chain, chunk w.first + item % chunks); factors at the item's index
   const ItemRange range = items_of(blockIdx.x, gridDim.x, p.batch * p.heads * chunks);
   FactorGroup<kGate, kL2Norm, kBetaSigmoid> fg;
   fg.base = smem;
@@ -178,8 +186,8 @@ __global__ void __launch_bounds__(kFactorThreads, kFactorCtasPerSm)
   if (range.first < range.last) {
     const int item = range.first;
     const Chain chain = chain_of(item / chunks, p.heads, p.tokens);
-    if (loader) issue_raw_loads(maps, chain, item % chunks, slot_of(0), &raw_full[0]);
-    beta_logit = load_beta(p, chain, item % chunks, fg.tid);
+    if (loader) issue_raw_loads(maps, chain, w.first + item % chunks, slot_of(0), &raw_full[0]);
+    beta_logit = load_beta(p, chain, w.first + item % chunks, fg.tid);
   }
   int gate_head = -1;
   for (int item = range.first, it = 0; item < range.last; ++item, ++it) {
@@ -189,12 +197,12 @@ __global__ void __launch_bounds__(kFactorThreads, kFactorCtasPerSm)
     float next_beta_logit = 0.f;
     if (next < range.last) {  // the next item's loads into the other slot (freed at the end of the last one)
       const Chain nc = chain_of(next / chunks, p.heads, p.tokens);
-      if (loader) issue_raw_loads(maps, nc, next % chunks, slot_of(it + 1), &raw_full[(it + 1) % kRawSlots]);
-      next_beta_logit = load_beta(p, nc, next % chunks, fg.tid);
+      if (loader) issue_raw_loads(maps, nc, w.first + next % chunks, slot_of(it + 1), &raw_full[(it + 1) % kRawSlots]);
+      next_beta_logit = load_beta(p, nc, w.first + next % chunks, fg.tid);
     }
     fg.launder_indices();
     const Chain chain = chain_of(item / chunks, p.heads, p.tokens);
-    const int c = item % chunks;
+    const int c = w.first + item % chunks;
     if (chain.head != gate_head) {
       fg.load_gate(p, chain.head);
       gate_head = chain.head;
@@ -248,38 +256,38 @@ struct RingBarriers {
 
 // Lane 0 of the loader warp: chunk c's factors (one bulk copy) and V (two boxes) into stage c % kPassStages.
 __device__ void run_loader(const TensorMaps &maps, const uint8_t *factors, uint8_t *smem,
-                           const RingBarriers &bars, const Chain &chain, int chain_index) {
-  for (int c = 0; c < chain.chunks; ++c) {
-    const int s = ring_stage(c);
+                           const RingBarriers &bars, const Chain &chain, int chain_index, Window w) {
+  for (int i = 0; i < w.count; ++i) {  // the window's i-th chunk, w.first + i
+    const int s = ring_stage(i);
     uint8_t *stage = smem + s * kStBytes;
-    if (c >= kPassStages) mbarrier_wait(&bars.empty[s], ring_parity(c - kPassStages));
-    issue_v_loads(maps, chain, c, stage, &bars.full[s]);  // expects its bytes; the arrival comes next
+    if (i >= kPassStages) mbarrier_wait(&bars.empty[s], ring_parity(i - kPassStages));
+    issue_v_loads(maps, chain, w.first + i, stage, &bars.full[s]);  // expects its bytes; the arrival comes next
     mbarrier_arrive_expect_bytes(&bars.full[s], kPassFactorBytes);
-    bulk_copy_to_shared(stage, factors + (size_t(chain_index) * chain.chunks + c) * kFactorPitch, kPassFactorBytes,
+    bulk_copy_to_shared(stage, factors + (size_t(chain_index) * w.count + i) * kFactorPitch, kPassFactorBytes,
                         &bars.full[s]);
   }
 }
 
 __device__ void run_state(const FusedParams &p, uint8_t *smem, const RingBarriers &bars, const Chain &chain,
-                          int group) {
+                          int group, Window w) {
   const int thread = threadIdx.x % kWarpgroupThreads;
   float s[kStateValues], o[kHalfRo];
   load_initial_state(p, chain, group, thread, s);
   const uint32_t stages = smem_address(smem);
-  for (int c = 0; c < chain.chunks; ++c) {
-    const int st = ring_stage(c);
+  for (int i = 0; i < w.count; ++i) {
+    const int st = ring_stage(i);
     const float *decay = reinterpret_cast<const float *>(smem + st * kStBytes + kStDecay);
-    mbarrier_wait(&bars.full[st], ring_parity(c));
+    mbarrier_wait(&bars.full[st], ring_parity(i));
     state_step(stages + st * kStBytes, decay, group, thread, s, o);
     mbarrier_arrive(&bars.empty[st]);  // every wgmma reading the stage has completed (wait_group 0)
-    store_outputs(p, chain, c, group, thread, o);
+    store_outputs(p, chain, w.first + i, group, thread, o);
   }
   store_final_state(p, chain, group, thread, s);
 }
 
 __global__ void __launch_bounds__(kStateCtaThreads, 1)
     state_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
-                      const uint8_t *factors) {
+                      const uint8_t *factors, Window w) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t *smem = aligned_smem(smem_raw);
   uint64_t *bar_base = reinterpret_cast<uint64_t *>(smem + kS2Barriers);
@@ -297,14 +305,14 @@ __global__ void __launch_bounds__(kStateCtaThreads, 1)
   // code as divergent (C7518).
   const int warp = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / 32, 0);
   if (warp < kLoaderWarp) {
-    run_state(p, smem, bars, chain, warp / (kWarpgroupThreads / 32));
+    run_state(p, smem, bars, chain, warp / (kWarpgroupThreads / 32), w);
   } else if (threadIdx.x % 32 == 0) {
-    run_loader(maps, factors, smem, bars, chain, blockIdx.x);
+    run_loader(maps, factors, smem, bars, chain, blockIdx.x, w);
   }
 }
 
 // ---- host --------------------------------------------------------------------------------------------
-using FactorKernel = void (*)(FusedParams, TensorMaps, uint8_t *);
+using FactorKernel = void (*)(FusedParams, TensorMaps, uint8_t *, Window);
 struct Variant {
   const char *name;
   FactorKernel kernel;
@@ -322,28 +330,93 @@ struct Launcher {
   size_t factor_capacity = 0;  // bytes
 
   static int chunks_of(const DeviceProblem &d) { return (d.shape.tokens + kChunk - 1) / kChunk; }
-  static size_t items_of(const DeviceProblem &d) { return size_t(d.shape.batch) * d.shape.heads * chunks_of(d); }
-  void reserve(const DeviceProblem &d) {
-    const size_t bytes = items_of(d) * kFactorPitch;
+  static size_t chains_of(const DeviceProblem &d) { return size_t(d.shape.batch) * d.shape.heads; }
+  static size_t items_of(const DeviceProblem &d) { return chains_of(d) * chunks_of(d); }
+  static Window whole(const DeviceProblem &d) { return Window{0, chunks_of(d)}; }
+  // The window (chunks per chain) whose factors fill at most `bytes` (one chunk at least).
+  static int window_for(const DeviceProblem &d, size_t bytes) {
+    return int(std::max<size_t>(1, std::min<size_t>(chunks_of(d), bytes / (chains_of(d) * kFactorPitch))));
+  }
+  void reserve(const DeviceProblem &d, int window = 0) {
+    const size_t bytes = chains_of(d) * (window > 0 ? window : chunks_of(d)) * kFactorPitch;
     if (bytes <= factor_capacity) return;
     if (factors != nullptr) KN_CHECK(cudaFree(factors));
     KN_CHECK(cudaMalloc(&factors, bytes));
     factor_capacity = bytes;
   }
-  int factor_grid(const DeviceProblem &d) const {
-    return int(std::min<size_t>(items_of(d), size_t(sms) * factor_ctas_per_sm));
+  int factor_grid(const DeviceProblem &d, Window w) const {
+    return int(std::min<size_t>(chains_of(d) * w.count, size_t(sms) * factor_ctas_per_sm));
   }
-  void pass1(const Variant &v, const DeviceProblem &d) const {
-    const int grid = factor_grid(d);
+  void pass1(const Variant &v, const DeviceProblem &d) const { pass1(v, d, whole(d), factors, nullptr); }
+  void pass2(const DeviceProblem &d) const { pass2(d, whole(d), factors, nullptr); }
+  void pass1(const Variant &v, const DeviceProblem &d, Window w, uint8_t *buffer, cudaStream_t stream) const {
+    const int grid = factor_grid(d, w);
     if (grid == 0) return;
-    v.kernel<<<grid, kFactorThreads, kF1SmBytes>>>(make_params(d), d.maps, factors);
+    v.kernel<<<grid, kFactorThreads, kF1SmBytes, stream>>>(make_params(d), d.maps, buffer, w);
     KN_CHECK(cudaGetLastError());
   }
-  void pass2(const DeviceProblem &d) const {
-    const int ctas = d.shape.batch * d.shape.heads;
+  // After the first window the state enters from the final-state buffer, where the last one left it.
+  void pass2(const DeviceProblem &d, Window w, const uint8_t *buffer, cudaStream_t stream) const {
+    const int ctas = int(chains_of(d));
     if (ctas == 0 || d.shape.tokens == 0) return;
-    state_pass_kernel<<<ctas, kStateCtaThreads, kS2SmBytes>>>(make_params(d), d.maps, factors);
+    FusedParams p = make_params(d);
+    if (w.first > 0) p.initial_state = p.final_state;
+    state_pass_kernel<<<ctas, kStateCtaThreads, kS2SmBytes, stream>>>(p, d.maps, buffer, w);
     KN_CHECK(cudaGetLastError());
+  }
+  // Both passes window by window, `window` chunks per chain at a time (reserve(d, window) first).
+  void windowed(const Variant &v, const DeviceProblem &d, int window) const {
+    for (int first = 0; first < chunks_of(d); first += window) {
+      const Window w{first, std::min(window, chunks_of(d) - first)};
+      pass1(v, d, w, factors, nullptr);
+      pass2(d, w, factors, nullptr);
+    }
+  }
+
+  // Overlapped windows: pass 1 of window n + 1 runs on a side stream while pass 2 of window n runs on
+  // a main stream of higher priority (its CTAs take multiprocessors first as they free up), through two
+  // factor buffers: pass 1 of window n waits until pass 2 of window n - 2 has read its buffer.
+  cudaStream_t main_stream = nullptr, side_stream = nullptr;
+  cudaEvent_t fork{}, join_main{}, join_side{}, ready[2]{}, read[2]{};
+  uint8_t *window_buffers[2] = {nullptr, nullptr};
+  size_t window_capacity = 0;  // bytes of each
+  void reserve_overlapped(const DeviceProblem &d, int window) {
+    if (main_stream == nullptr) {
+      int least = 0, greatest = 0;  // CUDA's priorities: the greatest is the numerically least
+      KN_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+      KN_CHECK(cudaStreamCreateWithPriority(&main_stream, cudaStreamNonBlocking, greatest));
+      KN_CHECK(cudaStreamCreateWithPriority(&side_stream, cudaStreamNonBlocking, least));
+      for (cudaEvent_t *e : {&fork, &join_main, &join_side, &ready[0], &ready[1], &read[0], &read[1]})
+        KN_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
+    }
+    const size_t bytes = chains_of(d) * window * kFactorPitch;
+    if (bytes <= window_capacity) return;
+    for (uint8_t *&b : window_buffers) {
+      if (b != nullptr) KN_CHECK(cudaFree(b));
+      KN_CHECK(cudaMalloc(&b, bytes));
+    }
+    window_capacity = bytes;
+  }
+  // Enqueued behind the legacy default stream's work, and that stream waits for all of it.
+  void overlapped(const Variant &v, const DeviceProblem &d, int window) const {
+    KN_CHECK(cudaEventRecord(fork, nullptr));
+    KN_CHECK(cudaStreamWaitEvent(main_stream, fork));
+    KN_CHECK(cudaStreamWaitEvent(side_stream, fork));
+    int n = 0;
+    for (int first = 0; first < chunks_of(d); first += window, ++n) {
+      const Window w{first, std::min(window, chunks_of(d) - first)};
+      const int b = n % 2;
+      if (n >= 2) KN_CHECK(cudaStreamWaitEvent(side_stream, read[b]));
+      pass1(v, d, w, window_buffers[b], side_stream);
+      KN_CHECK(cudaEventRecord(ready[b], side_stream));
+      KN_CHECK(cudaStreamWaitEvent(main_stream, ready[b]));
+      pass2(d, w, window_buffers[b], main_stream);
+      KN_CHECK(cudaEventRecord(read[b], main_stream));
+    }
+    KN_CHECK(cudaEventRecord(join_main, main_stream));
+    KN_CHECK(cudaEventRecord(join_side, side_stream));
+    KN_CHECK(cudaStreamWaitEvent(nullptr, join_main));
+    KN_CHECK(cudaStreamWaitEvent(nullptr, join_side));
   }
 };
 
@@ -441,6 +514,35 @@ TwoPassCheck check(const Variant &v, Launcher &l, const DeviceProblem &d, std::v
   out.r = evaluate(d, std::move(chains));
   out.pass = out.r.pass && (out.factor_chunks == 0 || out.fe.worst() < kFactorTolerance);
   return out;
+}
+
+// Both passes window by window (`window` chunks per chain) against one pass over all chunks, byte for
+// byte (o and the final state; outputs poisoned before each run): the windows must change nothing.
+long long windows_differing(const Variant &v, Launcher &l, const DeviceProblem &d, int window, bool overlap,
+                            size_t &compared) {
+  const size_t o_bytes = d.token_elems() * kBf16Bytes, s_bytes = d.state_elems() * 4;
+  std::vector<uint8_t> out[2];
+  for (int r = 0; r < 2; ++r) {
+    l.reserve(d, r == 0 ? 0 : window);
+    poison_outputs(d);
+    if (r == 0) {
+      l.pass1(v, d);
+      l.pass2(d);
+    } else if (overlap) {
+      l.reserve_overlapped(d, window);
+      l.overlapped(v, d, window);
+    } else {
+      l.windowed(v, d, window);
+    }
+    KN_CHECK(cudaDeviceSynchronize());
+    out[r].resize(o_bytes + s_bytes);
+    KN_CHECK(cudaMemcpy(out[r].data(), d.o, o_bytes, cudaMemcpyDeviceToHost));
+    KN_CHECK(cudaMemcpy(out[r].data() + o_bytes, d.final_state, s_bytes, cudaMemcpyDeviceToHost));
+  }
+  compared = o_bytes + s_bytes;
+  long long differ = 0;
+  for (size_t i = 0; i < compared; ++i) differ += out[0][i] != out[1][i];
+  return differ;
 }
 
 // Pass 1 of `v` against pass 1 of `ref` on `d`, byte for byte (the buffer poisoned alike before each): the
@@ -617,7 +719,7 @@ bool phase_report(const char *label, const Variant &v, Launcher &l, const Device
 #else
   l.reserve(d);
   const size_t items = Launcher::items_of(d);
-  const int grid = l.factor_grid(d);
+  const int grid = l.factor_grid(d, Launcher::whole(d));
   long long *clocks = nullptr;
   KN_CHECK(cudaMalloc(&clocks, items * kClockSlots * sizeof(long long)));
   KN_CHECK(cudaMemcpyToSymbol(g_phase_clocks, &clocks, sizeof(clocks)));
@@ -806,6 +908,18 @@ int main(int argc, char **argv) {
       print_check(s.name, s, v, r);
       all_pass = all_pass && r.pass;
       all_pass = check_same_factors(s.name, v, l, d) && all_pass;
+      if (&v != &kVariants[0]) continue;
+      for (const int window : {1, 5}) {  // windows of 1 and 5 chunks (a short last one where 5 does not divide)
+        if (window >= Launcher::chunks_of(d)) continue;
+        for (const bool overlap : {false, true}) {
+          size_t compared = 0;
+          const long long differ = windows_differing(v, l, d, window, overlap, compared);
+          printf("check %-6s %s windows of %d chunks vs one pass, o and state bit for bit: %lld of %zu bytes "
+                 "differ  %s\n",
+                 s.name, overlap ? "overlapped" : "serial", window, differ, compared, differ == 0 ? "PASS" : "FAIL");
+          all_pass = all_pass && differ == 0;
+        }
+      }
     }
     free_problem(d);
   }
@@ -851,6 +965,14 @@ int main(int argc, char **argv) {
     int shape;
   };
   std::vector<Row> rows;
+  // Both passes window by window with the 4-warp-inverse variant, the window sized by a factor budget.
+  struct WindowRow {
+    const char *name;
+    int megabytes, window, windows;
+    Timing serial, overlapped;
+  };
+  std::vector<WindowRow> window_rows;
+  const Variant &windowed_variant = kVariants[2];
   for (int si = 0; si < 3; ++si) {
     const Shape &s = timed[si];
     DeviceProblem d = make_problem(s, 29);
@@ -877,6 +999,17 @@ int main(int argc, char **argv) {
           warmup, reps));
       rows.push_back(row);
     }
+    for (const int megabytes : {16, 32, 64, 128}) {
+      if (skip_timing) break;
+      const int window = Launcher::window_for(d, size_t(megabytes) << 20);
+      const int windows = (Launcher::chunks_of(d) + window - 1) / window;
+      l.reserve_overlapped(d, window);
+      window_rows.push_back(
+          {s.name, megabytes, window, windows,
+           timing_of(time_launches([&] { l.windowed(windowed_variant, d, window); }, warmup, reps)),
+           timing_of(time_launches([&] { l.overlapped(windowed_variant, d, window); }, warmup, reps))});
+      if (windows == 1) break;
+    }
     free_problem(d);
   }
 
@@ -896,6 +1029,15 @@ int main(int argc, char **argv) {
     }
     printf("fused = the fused chunk-32 prototype measured on an H200 (fused_prefill.cu); target = 1.5x the best "
            "peer / FlashKDA on A\n");
+  }
+  if (!window_rows.empty()) {
+    printf("\nboth passes window by window (%s; each factor buffer at most the budget; overlapped: two buffers, "
+           "pass 1 of the next window beside pass 2): medians of %d (ms)\n",
+           windowed_variant.name, reps);
+    printf("case  budget MB  chunks/window  windows  serial ms  spread  overlapped ms  spread\n");
+    for (const WindowRow &r : window_rows)
+      printf("%-4s  %9d  %13d  %7d  %9.4f %6.4f  %13.4f %6.4f\n", r.name, r.megabytes, r.window, r.windows,
+             r.serial.ms, r.serial.spread, r.overlapped.ms, r.overlapped.spread);
   }
   if (l.factors != nullptr) KN_CHECK(cudaFree(l.factors));
   printf("two_pass: %s\n", all_pass ? "ALL CHECKS PASS" : "SOME CHECKS FAIL");
