@@ -1,4 +1,4 @@
-"""KDA prefill benchmark: cases A-G of ANCHORS.md and I, J, K, S (CASES), every implementation in one
+"""KDA prefill benchmark: cases A-G of ANCHORS.md and I, J, K, L, P, S (CASES), every implementation in one
 process on one GPU.
 
     python benchmarks/bench_prefill.py [--cases ABCDEFG] [--json out.json] [--plot out.png]
@@ -49,6 +49,8 @@ CASES = {  # name: (sequence lengths, heads, K = V)
     "G": ([131072], 32, 128),
     "I": ([65536], 8, 128),  # issue 14: long prompts with few heads per GPU
     "J": ([131072], 4, 128),
+    "L": ([1048576], 4, 128),  # issue 14: a 1M-token prompt, 4 heads (per token as J or better)
+    "P": ([65536, 512, 3000, 64, 1024, 7000, 300, 100], 8, 128),  # issue 14: a long prompt among short ones
     "K": ([8192], 96, 64),  # issue 10: case A with K = V = 64
     "S": (_SHORT, 32, 128),  # issue 10: many short packed sequences
 }
