@@ -67,6 +67,14 @@ struct Window {
   int first, count;
 };
 
+// Pass 2's optional second slice of each chain: K transition columns, the chain run again with v = 0
+// from the identity (K = V), so that a sequence cut into segments can be joined (jax_kda/segments.py):
+// its outputs are the effective queries scale q^T Phi_t, its final state Phi. Same factors, no V loads.
+struct TransitionOutputs {
+  uint16_t *o = nullptr;  // bf16 [B, T, H, K]; nullptr: no transition slice
+  float *state = nullptr;  // fp32 [B, H, K, K] (rows: the transition columns), the layout of the state
+};
+
 // Pass 2: two state warpgroups and one loader warp; a ring of kPassStages stages.
 constexpr int kPassStages = 5;  // 4 chunks of lookahead (~3 us, ~190 KB in flight at 0.75 us a step) cover the HBM latency
 constexpr int kLoaderWarp = kStateThreads / 32;
@@ -256,12 +264,12 @@ struct RingBarriers {
 
 // Lane 0 of the loader warp: chunk c's factors (one bulk copy) and V (two boxes) into stage c % kPassStages.
 __device__ void run_loader(const TensorMaps &maps, const uint8_t *factors, uint8_t *smem,
-                           const RingBarriers &bars, const Chain &chain, int chain_index, Window w) {
+                           const RingBarriers &bars, const Chain &chain, int chain_index, Window w, bool load_v) {
   for (int i = 0; i < w.count; ++i) {  // the window's i-th chunk, w.first + i
     const int s = ring_stage(i);
     uint8_t *stage = smem + s * kStBytes;
     if (i >= kPassStages) mbarrier_wait(&bars.empty[s], ring_parity(i - kPassStages));
-    issue_v_loads(maps, chain, w.first + i, stage, &bars.full[s]);  // expects its bytes; the arrival comes next
+    if (load_v) issue_v_loads(maps, chain, w.first + i, stage, &bars.full[s]);  // expects its bytes; arrival next
     mbarrier_arrive_expect_bytes(&bars.full[s], kPassFactorBytes);
     bulk_copy_to_shared(stage, factors + (size_t(chain_index) * w.count + i) * kFactorPitch, kPassFactorBytes,
                         &bars.full[s]);
@@ -269,10 +277,15 @@ __device__ void run_loader(const TensorMaps &maps, const uint8_t *factors, uint8
 }
 
 __device__ void run_state(const FusedParams &p, uint8_t *smem, const RingBarriers &bars, const Chain &chain,
-                          int group, Window w) {
+                          int group, Window w, bool from_identity) {
   const int thread = threadIdx.x % kWarpgroupThreads;
   float s[kStateValues], o[kHalfRo];
   load_initial_state(p, chain, group, thread, s);
+  if (from_identity) {
+#pragma unroll
+    for (int i = 0; i < kStateValues; ++i)
+      s[i] = group * kGroupRows + acc_row(thread, i) == acc_col(thread, i) ? 1.f : 0.f;
+  }
   const uint32_t stages = smem_address(smem);
   for (int i = 0; i < w.count; ++i) {
     const int st = ring_stage(i);
@@ -287,10 +300,24 @@ __device__ void run_state(const FusedParams &p, uint8_t *smem, const RingBarrier
 
 __global__ void __launch_bounds__(kStateCtaThreads, 1)
     state_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
-                      const uint8_t *factors, Window w) {
+                      const uint8_t *factors, Window w, TransitionOutputs tr) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t *smem = aligned_smem(smem_raw);
   uint64_t *bar_base = reinterpret_cast<uint64_t *>(smem + kS2Barriers);
+  // blockIdx.y 1: the chain's transition slice: v = 0 (the stages' V stays zero, never loaded), the
+  // state from the identity in the first window, its outputs and final state to `tr`.
+  const bool transition = blockIdx.y == 1;
+  FusedParams q = p;
+  if (transition) {
+    q.o = tr.o;
+    q.final_state = tr.state;
+    q.initial_state = w.first > 0 ? tr.state : nullptr;
+    for (int i = threadIdx.x; i < kPassStages * int(kVBytes / 16); i += blockDim.x) {
+      const int stage = i / int(kVBytes / 16), piece = i % int(kVBytes / 16);
+      reinterpret_cast<uint4 *>(smem + stage * kStBytes + kStV)[piece] = make_uint4(0u, 0u, 0u, 0u);
+    }
+    fence_proxy_async();  // the zeros are read by wgmma (the async proxy)
+  }
   const RingBarriers bars{bar_base, bar_base + kPassStages};
   if (threadIdx.x == 0) {
     for (int i = 0; i < kPassStages; ++i) {
@@ -305,9 +332,9 @@ __global__ void __launch_bounds__(kStateCtaThreads, 1)
   // code as divergent (C7518).
   const int warp = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / 32, 0);
   if (warp < kLoaderWarp) {
-    run_state(p, smem, bars, chain, warp / (kWarpgroupThreads / 32), w);
+    run_state(q, smem, bars, chain, warp / (kWarpgroupThreads / 32), w, transition && w.first == 0);
   } else if (threadIdx.x % 32 == 0) {
-    run_loader(maps, factors, smem, bars, chain, blockIdx.x, w);
+    run_loader(maps, factors, smem, bars, chain, blockIdx.x, w, !transition);
   }
 }
 
@@ -328,6 +355,7 @@ struct Launcher {
   int sms = 132, factor_ctas_per_sm = kFactorCtasPerSm;
   uint8_t *factors = nullptr;
   size_t factor_capacity = 0;  // bytes
+  TransitionOutputs transition{};  // set: pass 2 runs each chain's transition slice too
 
   static int chunks_of(const DeviceProblem &d) { return (d.shape.tokens + kChunk - 1) / kChunk; }
   static size_t chains_of(const DeviceProblem &d) { return size_t(d.shape.batch) * d.shape.heads; }
@@ -361,7 +389,8 @@ struct Launcher {
     if (ctas == 0 || d.shape.tokens == 0) return;
     FusedParams p = make_params(d);
     if (w.first > 0) p.initial_state = p.final_state;
-    state_pass_kernel<<<ctas, kStateCtaThreads, kS2SmBytes, stream>>>(p, d.maps, buffer, w);
+    const dim3 grid(ctas, transition.o != nullptr ? 2 : 1);
+    state_pass_kernel<<<grid, kStateCtaThreads, kS2SmBytes, stream>>>(p, d.maps, buffer, w, transition);
     KN_CHECK(cudaGetLastError());
   }
   // Both passes window by window, `window` chunks per chain at a time (reserve(d, window) first).
@@ -513,6 +542,47 @@ TwoPassCheck check(const Variant &v, Launcher &l, const DeviceProblem &d, std::v
   }
   out.r = evaluate(d, std::move(chains));
   out.pass = out.r.pass && (out.factor_chunks == 0 || out.fe.worst() < kFactorTolerance);
+  return out;
+}
+
+// The transition slice: pass 2 with `l.transition` set, against the float64 recurrence of each chain with
+// v = 0 from the identity (a problem `dt` that differs from `d` in v, the initial state and the outputs),
+// and the value slice against `d`'s; one pass (window 0) or overlapped windows of `window` chunks.
+struct TransitionCheck {
+  CheckResult values, transition;
+  bool pass = false;
+};
+TransitionCheck check_transition(const Variant &v, Launcher &l, const DeviceProblem &d, int window) {
+  DeviceProblem dt = d;
+  std::vector<float> identity(d.state_elems(), 0.f);
+  for (size_t chain = 0; chain < Launcher::chains_of(d); ++chain)
+    for (int i = 0; i < kDimK; ++i) identity[(chain * kDimV + i) * kDimK + i] = 1.f;
+  KN_CHECK(cudaMalloc(&dt.v, d.token_elems() * kBf16Bytes));
+  KN_CHECK(cudaMemset(dt.v, 0, d.token_elems() * kBf16Bytes));
+  KN_CHECK(cudaMalloc(&dt.initial_state, d.state_elems() * 4));
+  KN_CHECK(cudaMemcpy(dt.initial_state, identity.data(), d.state_elems() * 4, cudaMemcpyHostToDevice));
+  KN_CHECK(cudaMalloc(&dt.o, d.token_elems() * kBf16Bytes));
+  KN_CHECK(cudaMalloc(&dt.final_state, d.state_elems() * 4));
+  poison_outputs(d);
+  poison_outputs(dt);
+  l.transition = TransitionOutputs{dt.o, dt.final_state};
+  if (window > 0) {
+    l.reserve_overlapped(d, window);
+    l.overlapped(v, d, window);
+  } else {
+    l.reserve(d);
+    l.pass1(v, d);
+    l.pass2(d);
+  }
+  KN_CHECK(cudaDeviceSynchronize());
+  l.transition = TransitionOutputs{};
+  TransitionCheck out;
+  out.values = evaluate(d, {});
+  out.transition = evaluate(dt, {});
+  out.pass = out.values.pass && out.transition.pass;
+  for (void *ptr : {static_cast<void *>(dt.v), static_cast<void *>(dt.initial_state), static_cast<void *>(dt.o),
+                    static_cast<void *>(dt.final_state)})
+    KN_CHECK(cudaFree(ptr));
   return out;
 }
 
@@ -909,6 +979,15 @@ int main(int argc, char **argv) {
       all_pass = all_pass && r.pass;
       all_pass = check_same_factors(s.name, v, l, d) && all_pass;
       if (&v != &kVariants[0]) continue;
+      for (const int window : {0, 5}) {  // the transition slice in one pass, then in overlapped windows of 5
+        if (window >= Launcher::chunks_of(d)) continue;
+        const TransitionCheck t = check_transition(v, l, d, window);
+        printf("check %-6s transition slice%s: values o %.2e state %.2e bad %lld | transition columns o %.2e "
+               "state %.2e bad %lld  %s\n",
+               s.name, window > 0 ? ", overlapped windows of 5" : "", t.values.o_ref, t.values.s_ref, t.values.bad,
+               t.transition.o_ref, t.transition.s_ref, t.transition.bad, t.pass ? "PASS" : "FAIL");
+        all_pass = all_pass && t.pass;
+      }
       for (const int window : {1, 5}) {  // windows of 1 and 5 chunks (a short last one where 5 does not divide)
         if (window >= Launcher::chunks_of(d)) continue;
         for (const bool overlap : {false, true}) {
@@ -972,6 +1051,11 @@ int main(int argc, char **argv) {
     Timing serial, overlapped;
   };
   std::vector<WindowRow> window_rows;
+  struct TransitionRow {
+    const char *name;
+    Timing p2, p2_transition;
+  };
+  std::vector<TransitionRow> transition_rows;  // pass 2 with the transition slice (the segment cut's cost)
   const Variant &windowed_variant = kVariants[2];
   for (int si = 0; si < 3; ++si) {
     const Shape &s = timed[si];
@@ -998,6 +1082,20 @@ int main(int argc, char **argv) {
           },
           warmup, reps));
       rows.push_back(row);
+    }
+    if (!skip_timing) {
+      uint16_t *o_t = nullptr;
+      float *state_t = nullptr;
+      KN_CHECK(cudaMalloc(&o_t, d.token_elems() * kBf16Bytes));
+      KN_CHECK(cudaMalloc(&state_t, d.state_elems() * 4));
+      l.pass1(windowed_variant, d);
+      const Timing alone = timing_of(time_launches([&] { l.pass2(d); }, warmup, reps));
+      l.transition = TransitionOutputs{o_t, state_t};
+      const Timing with = timing_of(time_launches([&] { l.pass2(d); }, warmup, reps));
+      l.transition = TransitionOutputs{};
+      transition_rows.push_back({s.name, alone, with});
+      KN_CHECK(cudaFree(o_t));
+      KN_CHECK(cudaFree(state_t));
     }
     for (const int megabytes : {16, 32, 64, 128}) {
       if (skip_timing) break;
@@ -1029,6 +1127,12 @@ int main(int argc, char **argv) {
     }
     printf("fused = the fused chunk-32 prototype measured on an H200 (fused_prefill.cu); target = 1.5x the best "
            "peer / FlashKDA on A\n");
+  }
+  if (!transition_rows.empty()) {
+    printf("\npass 2 alone and with each chain's transition slice (2 CTAs a chain): medians of %d (ms)\n", reps);
+    for (const TransitionRow &r : transition_rows)
+      printf("%-4s  pass 2 %8.4f  with transition %8.4f  (x%.2f)\n", r.name, r.p2.ms, r.p2_transition.ms,
+             r.p2_transition.ms / r.p2.ms);
   }
   if (!window_rows.empty()) {
     printf("\nboth passes window by window (%s; each factor buffer at most the budget; overlapped: two buffers, "
