@@ -10,6 +10,7 @@
 # installed instead of building. Logs, the benchmark tables (JSON) and plot go to $OUT.
 #   BENCH_ARGS="--cases AEF" bash benchmarks/gpu_session.sh test bench
 #   TESTS=tests/test_sharding_gpu.py NOTEBOOK=sharded_prefill bash benchmarks/gpu_session.sh test sharded notebook
+#   TESTS="tests/test_decode_cuda.py tests/test_flax_layer.py" bash benchmarks/gpu_session.sh test
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -39,7 +40,8 @@ status=0
 for step in "$@"; do
   case "$step" in
     test)
-      (cd /tmp && python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 "$repo/${TESTS:-tests}" 2>&1 \
+      read -r -a targets <<< "${TESTS:-tests}"  # one or more test files or folders, from the repository root
+      (cd /tmp && python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 "${targets[@]/#/$repo/}" 2>&1 \
         | tee "$out/gpu_tests.log" \
         | tail -25) || status=1 ;;
     bench)
