@@ -67,7 +67,11 @@ def choose_path(x: KDAOperands, opts: KDAOptions, platform: str) -> Path:
         if opts.impl == "cuda":
             raise ValueError(f"impl='cuda' cannot run this call: {reason}")
         return Path(XLA, reason, fallback=True)
-    return Path(CUDA, "the kernels take this call", pieces=sequence_pieces(x, opts))
+    pieces = sequence_pieces(x, opts)
+    if pieces > 1 and x.cu_seqlens is not None:
+        return Path(CUDA, "the kernels take this call (a packed batch: its sequences are cut where the device "
+                          "finds one long enough)", pieces=pieces)
+    return Path(CUDA, "the kernels take this call", pieces=pieces)
 
 
 def _scan_is_faster_on_cpu(x: KDAOperands, opts: KDAOptions) -> bool:

@@ -66,6 +66,9 @@ def test_gpu_reports_the_kernels_and_their_cut(on_a_gpu):
     assert prefill_path(*shapes(8192, 96), **FUSED) == "cuda (jax_kda CUTLASS kernels, sm_90a): the kernels take this call"
     described = prefill_path(*shapes(32768, 32), **FUSED)  # case E: 32 chains on 132 multiprocessors
     assert described.startswith("cuda (jax_kda CUTLASS kernels, sm_90a), sequences cut into up to 2 segments")
+    cu = jnp.array([0, 60000, 65536], jnp.int32)  # case I's tokens, packed: the device decides
+    described = prefill_path(*shapes(65536, 8), cu_seqlens=cu, **FUSED)
+    assert "sequences cut into up to 8 segments" in described and "where the device finds one long enough" in described
 
 
 def test_gpu_fallback_says_why(on_a_gpu):
