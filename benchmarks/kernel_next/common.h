@@ -24,6 +24,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cmath>
 
 #if defined(__CUDACC__)
 #define KN_HD __host__ __device__ __forceinline__
@@ -35,6 +36,20 @@ namespace kn {
 
 // ---- sizes ------------------------------------------------------------------------------------
 constexpr int kChunk = 32;                             // tokens per chunk
+
+// The contract's three gates (docs/CONTRACT.md), natural-log decay of one channel of one token:
+// bounded lower_bound sigmoid(A (g + b)), softplus -A softplus(g + b) (softplus(x) = x past 20), or g
+// given as the log-decay. A = exp(A_log), b = dt_bias. The host references use it; the kernels have
+// their own fast form of each (factor_group.cuh).
+enum class GateMode : int { kBounded, kSoftplus, kLogDecay };
+inline double gate_log_decay(GateMode mode, double g, double a_scale, double bias, double lower_bound) {
+  const double x = g + bias;
+  switch (mode) {
+    case GateMode::kSoftplus: return -a_scale * (x > 20.0 ? x : std::log1p(std::exp(x)));
+    case GateMode::kLogDecay: return g;
+    default: return lower_bound / (1.0 + std::exp(-a_scale * x));
+  }
+}
 constexpr int kSubBlock = 16;                          // tokens per sub-block (anchor at its boundary)
 constexpr int kDimK = 128;                             // key channels
 constexpr int kDimV = 128;                             // value channels

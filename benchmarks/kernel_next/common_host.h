@@ -64,6 +64,7 @@ struct Generator {
 struct GateParams {
   double a_log = 0.0;            // A = exp(a_log)
   double dt_bias[kDimK] = {};
+  GateMode mode = GateMode::kBounded;
   double lower_bound = -5.0;     // bounded gate: a = lower_bound * sigmoid(A (g + dt_bias))
   double scale = 0.08838834764831845;  // 128 ** -0.5
   bool l2norm = true;
@@ -92,7 +93,7 @@ inline void reference_factors(const ChunkInputs &in, const GateParams &gp, Chunk
   for (int d = 0; d < kDimK; ++d) {
     double run = 0.0;
     for (int t = 0; t < kChunk; ++t) {
-      run += gp.lower_bound / (1.0 + std::exp(-a_scale * (double(in.g[t][d]) + gp.dt_bias[d])));
+      run += gate_log_decay(gp.mode, double(in.g[t][d]), a_scale, gp.dt_bias[d], gp.lower_bound);
       gamma[t][d] = run;
     }
   }

@@ -34,6 +34,7 @@ struct TensorMaps {
 };
 
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kSoftplusThreshold = 20.f;  // softplus(x) = x past it (docs/CONTRACT.md)
 constexpr float kNormEpsilon = 1e-6f;
 
 // ---- swizzled raw tiles: ldmatrix operands ------------------------------------------------------
@@ -113,21 +114,30 @@ struct FactorGroup {
     asm volatile("" : "+r"(d0), "+r"(lane), "+r"(tid));
   }
 
-  // Gate constants of this thread's two channels, log2 units: a2 = lower_bound log2(e) sigmoid(A (g + b)).
+  // Gate constants of this thread's two channels, so that the log2 decay is one fma and the gate's
+  // function of z = g gate_mul + gate_add: bounded lower_bound log2(e) sigmoid(A (g + b)); softplus
+  // -A log2(1 + 2^z) with z = (g + b) log2(e) (-A z past softplus's threshold); log-decay z = g log2(e).
   __device__ void load_gate(const FusedParams &p, int head) {
     const float a = expf(p.a_log[head]);
 #pragma unroll
     for (int ch = 0; ch < 2; ++ch) {
       const float bias = p.dt_bias[head * kDimK + d0 + ch];
-      gate_add[ch] = kGate == GateMath::kTanh ? 0.5f * a * bias : -a * kLog2e * bias;
+      gate_add[ch] = kGate == GateMath::kTanh             ? 0.5f * a * bias
+                     : kGate == GateMath::kExp2Reciprocal ? -a * kLog2e * bias
+                     : kGate == GateMath::kSoftplus       ? kLog2e * bias
+                                                          : 0.f;
     }
-    gate_mul = kGate == GateMath::kTanh ? 0.5f * a : -a * kLog2e;
-    gate_out = kGate == GateMath::kTanh ? 0.5f * p.lower_bound * kLog2e : p.lower_bound * kLog2e;
+    gate_mul = kGate == GateMath::kTanh ? 0.5f * a : kGate == GateMath::kExp2Reciprocal ? -a * kLog2e : kLog2e;
+    gate_out = kGate == GateMath::kTanh ? 0.5f * p.lower_bound * kLog2e
+               : kGate == GateMath::kSoftplus ? -a
+                                              : p.lower_bound * kLog2e;
     scale = p.scale;
   }
   __device__ __forceinline__ float log2_decay(float g, int ch) const {
     const float z = fmaf(g, gate_mul, gate_add[ch]);
     if (kGate == GateMath::kTanh) return fmaf(tanh_approx(z), gate_out, gate_out);  // sigmoid = (1 + tanh(z/2)) / 2
+    if (kGate == GateMath::kSoftplus) return gate_out * (z > kSoftplusThreshold * kLog2e ? z : log2_approx(1.f + exp2_approx(z)));
+    if (kGate == GateMath::kLogDecay) return z;
     return gate_out * reciprocal_approx(1.f + exp2_approx(z));                     // sigmoid = 1 / (1 + e^-z)
   }
 

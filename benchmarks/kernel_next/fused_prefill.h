@@ -120,7 +120,9 @@ KN_HD int valid_tokens(int chunk, int tokens) {
 // ---- parameters --------------------------------------------------------------------------------------
 // Compile-time features (template parameters of the kernel). Only the bounded gate is built here; the
 // softplus gate, a given log-decay, varlen, GVA, K = 64, a bf16 state and transition columns are next steps.
-enum class GateMath { kTanh, kExp2Reciprocal };  // sigmoid of the bounded gate: tanh.approx, or ex2 + rcp
+// The factor build's gate: the bounded gate's sigmoid by tanh.approx or by ex2 + rcp; the softplus gate
+// (ex2 + lg2); the log-decay given.
+enum class GateMath { kTanh, kExp2Reciprocal, kSoftplus, kLogDecay };
 
 struct FusedParams {
   int batch, tokens, heads;        // B, T, H (value heads = heads; K = V = 128)

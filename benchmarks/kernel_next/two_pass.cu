@@ -344,11 +344,16 @@ struct Variant {
   const char *name;
   FactorKernel kernel;
   int same_factors_as;  // -1, or the variant whose factors this one's must equal bit for bit
+  GateMode gate = GateMode::kBounded;  // the gate of the problems it is checked on
 };
+// The bounded-gate variants are timed; the softplus and log-decay ones (with the 4-warp inverse) are
+// checked on the short shapes.
 const Variant kVariants[] = {
     {"ex2+rcp gate", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true>, -1},
     {"tanh gate", factor_pass_kernel<GateMath::kTanh, true, true>, -1},
     {"ex2+rcp inv4w", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4>, 0},  // the inverse on 4 warps
+    {"softplus gate", factor_pass_kernel<GateMath::kSoftplus, true, true, 4>, -1, GateMode::kSoftplus},
+    {"log-decay gate", factor_pass_kernel<GateMath::kLogDecay, true, true, 4>, -1, GateMode::kLogDecay},
 };
 
 struct Launcher {
@@ -478,6 +483,7 @@ void check_factors(const DeviceProblem &d, const Launcher &l, const ChainInputs 
   gp.a_log = in.a_log;
   for (int c = 0; c < kDimK; ++c) gp.dt_bias[c] = in.dt_bias[c];
   gp.lower_bound = kLowerBound;
+  gp.mode = in.gate;
   gp.scale = 1.0 / std::sqrt(double(kDimK));
   static ChunkFactors f;
   reference_factors(ci, gp, f);
@@ -954,6 +960,7 @@ int main(int argc, char **argv) {
     for (const Shape &s : shapes) {
       DeviceProblem d = make_problem(s, 29);
       for (const Variant &v : kVariants) {
+        if (v.gate != GateMode::kBounded) continue;  // the problem's gate
         all_pass = phase_report(s.name, v, l, d, warmup, reps) && all_pass;
         if (s.heads < 96) break;  // the other shape: the first variant only
       }
@@ -974,6 +981,12 @@ int main(int argc, char **argv) {
     DeviceProblem d = make_problem(s, 11);
     for (const Variant &v : kVariants) {
       if (tiny && &v != &kVariants[0] && v.same_factors_as < 0) continue;  // tiny: the 1- and 4-warp inverse
+      if (v.gate != d.shape.gate) {  // the variant's gate on the same shape (and the same q, k, v, beta)
+        free_problem(d);
+        Shape gated = s;
+        gated.gate = v.gate;
+        d = make_problem(gated, 11);
+      }
       const TwoPassCheck r = check(v, l, d, {}, 2);
       print_check(s.name, s, v, r);
       all_pass = all_pass && r.pass;
@@ -1062,6 +1075,7 @@ int main(int argc, char **argv) {
     DeviceProblem d = make_problem(s, 29);
     l.reserve(d);
     for (const Variant &v : kVariants) {
+      if (v.gate != GateMode::kBounded) continue;  // checked on the short shapes only
       std::vector<std::pair<int, int>> chains;
       if (s.heads >= 96) chains = {{0, 0}, {0, 41}, {0, s.heads - 1}};
       else chains = {{0, s.heads / 2}};
