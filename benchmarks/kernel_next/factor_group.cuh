@@ -69,8 +69,8 @@ __device__ __forceinline__ void issue_raw_loads(const TensorMaps &maps, const Ch
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int c0 = h * kRawBoxChannels;
-    tensor_copy_4d_to_shared(slot + kRawQ + h * kRawHalfBytes, &maps.q, c0, chain.head, t0, chain.sequence, bar);
-    tensor_copy_4d_to_shared(slot + kRawK + h * kRawHalfBytes, &maps.k, c0, chain.head, t0, chain.sequence, bar);
+    tensor_copy_4d_to_shared(slot + kRawQ + h * kRawHalfBytes, &maps.q, c0, chain.qk_head, t0, chain.sequence, bar);
+    tensor_copy_4d_to_shared(slot + kRawK + h * kRawHalfBytes, &maps.k, c0, chain.qk_head, t0, chain.sequence, bar);
     tensor_copy_4d_to_shared(slot + kRawG + h * kRawHalfBytes, &maps.g, c0, chain.head, t0, chain.sequence, bar);
   }
 }

@@ -104,9 +104,10 @@ constexpr uint32_t kVLoadBytes = kVBytes;
 // ---- the schedule: which CTA runs which chain, which group/stage/slot a chunk uses ----------------
 struct Chain {
   int sequence, head, chunks;
+  int qk_head;  // the q/k head it reads: head / group (grouped value heads)
 };
-KN_HD Chain chain_of(int cta, int heads, int tokens) {
-  return Chain{cta / heads, cta % heads, (tokens + kChunk - 1) / kChunk};
+KN_HD Chain chain_of(int cta, int heads, int tokens, int group = 1) {
+  return Chain{cta / heads, cta % heads, (tokens + kChunk - 1) / kChunk, (cta % heads) / group};
 }
 KN_HD int factor_group_of(int chunk) { return chunk % kFactorGroups; }
 KN_HD int stage_of(int chunk) { return chunk % kStages; }
@@ -125,7 +126,8 @@ KN_HD int valid_tokens(int chunk, int tokens) {
 enum class GateMath { kTanh, kExp2Reciprocal, kSoftplus, kLogDecay };
 
 struct FusedParams {
-  int batch, tokens, heads;        // B, T, H (value heads = heads; K = V = 128)
+  int batch, tokens, heads;        // B, T, HV (value heads; K = V = 128)
+  int group = 1;                   // value heads per q/k head: q, k have heads / group heads
   const uint16_t *beta;            // bf16 [B, T, H] (logits with the beta sigmoid)
   const float *a_log;              // [H]
   const float *dt_bias;            // [H, K]

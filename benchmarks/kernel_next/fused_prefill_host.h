@@ -78,6 +78,8 @@ struct Shape {
   const char *name;
   int batch, tokens, heads;
   GateMode gate = GateMode::kBounded;  // log-decay: g drawn as -0.3 |N(0, 1)| (a decay), else N(0, 1)
+  int group = 1;                       // value heads per q/k head (grouped value heads)
+  int qk_heads() const { return heads / group; }
 };
 
 struct DeviceProblem {
@@ -86,11 +88,13 @@ struct DeviceProblem {
   float *a_log = nullptr, *dt_bias = nullptr, *initial_state = nullptr, *final_state = nullptr;
   TensorMaps maps{};
   size_t token_elems() const { return size_t(shape.batch) * shape.tokens * shape.heads * kDimK; }
+  size_t qk_elems() const { return size_t(shape.batch) * shape.tokens * shape.qk_heads() * kDimK; }
   size_t beta_elems() const { return size_t(shape.batch) * shape.tokens * shape.heads; }
   size_t state_elems() const { return size_t(shape.batch) * shape.heads * kDimV * kDimK; }
   // Bytes the kernel must move at least: q, k, v, g, beta read once, o written, the state read and written.
   double floor_bytes() const {
-    return 5.0 * token_elems() * kBf16Bytes + double(beta_elems()) * kBf16Bytes + 2.0 * state_elems() * 4;
+    return (3.0 * token_elems() + 2.0 * qk_elems()) * kBf16Bytes + double(beta_elems()) * kBf16Bytes +
+           2.0 * state_elems() * 4;
   }
 };
 
@@ -111,11 +115,11 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 
 // A [B, T, heads, 128] bf16 tensor as a 4-D map (channel, head, token, sequence), box 64 x 1 x 32 x 1 with
 // the 128B swizzle; boxes past T arrive as zeros.
-CUtensorMap make_token_map(const uint16_t *base, const Shape &s) {
+CUtensorMap make_token_map(const uint16_t *base, const Shape &s, int heads) {
   CUtensorMap map;
-  const cuuint64_t dims[4] = {cuuint64_t(kDimK), cuuint64_t(s.heads), cuuint64_t(s.tokens), cuuint64_t(s.batch)};
-  const cuuint64_t strides[3] = {cuuint64_t(kDimK) * kBf16Bytes, cuuint64_t(s.heads) * kDimK * kBf16Bytes,
-                                 cuuint64_t(s.tokens) * s.heads * kDimK * kBf16Bytes};
+  const cuuint64_t dims[4] = {cuuint64_t(kDimK), cuuint64_t(heads), cuuint64_t(s.tokens), cuuint64_t(s.batch)};
+  const cuuint64_t strides[3] = {cuuint64_t(kDimK) * kBf16Bytes, cuuint64_t(heads) * kDimK * kBf16Bytes,
+                                 cuuint64_t(s.tokens) * heads * kDimK * kBf16Bytes};
   const cuuint32_t box[4] = {cuuint32_t(kRawBoxChannels), 1, cuuint32_t(kChunk), 1};
   const cuuint32_t element_strides[4] = {1, 1, 1, 1};
   const CUresult r = tensor_map_encoder()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<uint16_t *>(base),
@@ -134,9 +138,9 @@ void launch_blocks(size_t n, int &blocks) { blocks = int(std::min<size_t>((n + 2
 DeviceProblem make_problem(const Shape &s, uint32_t seed) {
   DeviceProblem d;
   d.shape = s;
-  const size_t n = d.token_elems(), nb = d.beta_elems(), ns = d.state_elems();
-  KN_CHECK(cudaMalloc(&d.q, n * 2));
-  KN_CHECK(cudaMalloc(&d.k, n * 2));
+  const size_t n = d.token_elems(), nqk = d.qk_elems(), nb = d.beta_elems(), ns = d.state_elems();
+  KN_CHECK(cudaMalloc(&d.q, nqk * 2));
+  KN_CHECK(cudaMalloc(&d.k, nqk * 2));
   KN_CHECK(cudaMalloc(&d.v, n * 2));
   KN_CHECK(cudaMalloc(&d.g, n * 2));
   KN_CHECK(cudaMalloc(&d.o, n * 2));
@@ -146,13 +150,14 @@ DeviceProblem make_problem(const Shape &s, uint32_t seed) {
   KN_CHECK(cudaMalloc(&d.initial_state, ns * 4));
   KN_CHECK(cudaMalloc(&d.final_state, ns * 4));
   int blocks = 0;
+  launch_blocks(nqk, blocks);
+  fill_normal_bf16<<<blocks, 256>>>(d.q, nqk, seed + 1);
+  fill_normal_bf16<<<blocks, 256>>>(d.k, nqk, seed + 2);
   launch_blocks(n, blocks);
-  fill_normal_bf16<<<blocks, 256>>>(d.q, n, seed + 1);
-  fill_normal_bf16<<<blocks, 256>>>(d.k, n, seed + 2);
   fill_normal_bf16<<<blocks, 256>>>(d.v, n, seed + 3);
   fill_normal_bf16<<<blocks, 256>>>(d.g, n, seed + 4);
   if (s.gate == GateMode::kLogDecay) to_log_decay_bf16<<<blocks, 256>>>(d.g, n);
-  const size_t rows = n / kDimK;
+  const size_t rows = nqk / kDimK;
   l2_normalize_rows<<<int((rows * 32 + 255) / 256), 256>>>(d.q, rows);
   l2_normalize_rows<<<int((rows * 32 + 255) / 256), 256>>>(d.k, rows);
   launch_blocks(nb, blocks);
@@ -164,10 +169,10 @@ DeviceProblem make_problem(const Shape &s, uint32_t seed) {
   fill_f32<<<blocks, 256>>>(d.initial_state, ns, seed + 8, kInitialStateScale, 1);
   KN_CHECK(cudaGetLastError());
   KN_CHECK(cudaDeviceSynchronize());
-  d.maps.q = make_token_map(d.q, s);
-  d.maps.k = make_token_map(d.k, s);
-  d.maps.g = make_token_map(d.g, s);
-  d.maps.v = make_token_map(d.v, s);
+  d.maps.q = make_token_map(d.q, s, s.qk_heads());
+  d.maps.k = make_token_map(d.k, s, s.qk_heads());
+  d.maps.g = make_token_map(d.g, s, s.heads);
+  d.maps.v = make_token_map(d.v, s, s.heads);
   return d;
 }
 
@@ -183,6 +188,7 @@ FusedParams make_params(const DeviceProblem &d) {
   p.batch = d.shape.batch;
   p.tokens = d.shape.tokens;
   p.heads = d.shape.heads;
+  p.group = d.shape.group;
   p.beta = d.beta;
   p.a_log = d.a_log;
   p.dt_bias = d.dt_bias;
@@ -420,18 +426,18 @@ ChainInputs fetch_chain(const DeviceProblem &d, int b, int h) {
   in.tokens = s.tokens;
   in.gate = s.gate;
   const size_t T = size_t(s.tokens);
-  auto rows = [&](const uint16_t *src, std::vector<float> &dst) {
+  auto rows = [&](const uint16_t *src, std::vector<float> &dst, int heads, int head) {
     std::vector<uint16_t> tmp(T * kDimK);
     if (T > 0)
-      KN_CHECK(cudaMemcpy2D(tmp.data(), kDimK * 2, src + (size_t(b) * T * s.heads + h) * kDimK,
-                            size_t(s.heads) * kDimK * 2, kDimK * 2, T, cudaMemcpyDeviceToHost));
+      KN_CHECK(cudaMemcpy2D(tmp.data(), kDimK * 2, src + (size_t(b) * T * heads + head) * kDimK,
+                            size_t(heads) * kDimK * 2, kDimK * 2, T, cudaMemcpyDeviceToHost));
     dst.resize(tmp.size());
     for (size_t i = 0; i < tmp.size(); ++i) dst[i] = bf16_value(tmp[i]);
   };
-  rows(d.q, in.q);
-  rows(d.k, in.k);
-  rows(d.v, in.v);
-  rows(d.g, in.g);
+  rows(d.q, in.q, s.qk_heads(), h / s.group);
+  rows(d.k, in.k, s.qk_heads(), h / s.group);
+  rows(d.v, in.v, s.heads, h);
+  rows(d.g, in.g, s.heads, h);
   std::vector<uint16_t> bt(T);
   if (T > 0)
     KN_CHECK(cudaMemcpy2D(bt.data(), 2, d.beta + size_t(b) * T * s.heads + h, size_t(s.heads) * 2, 2, T,

@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(kFactorThreads, kFactorCtasPerSm)
   float beta_logit = 0.f;
   if (range.first < range.last) {
     const int item = range.first;
-    const Chain chain = chain_of(item / chunks, p.heads, p.tokens);
+    const Chain chain = chain_of(item / chunks, p.heads, p.tokens, p.group);
     if (loader) issue_raw_loads(maps, chain, w.first + item % chunks, slot_of(0), &raw_full[0]);
     beta_logit = load_beta(p, chain, w.first + item % chunks, fg.tid);
   }
@@ -204,12 +204,12 @@ __global__ void __launch_bounds__(kFactorThreads, kFactorCtasPerSm)
     const int next = item + 1;
     float next_beta_logit = 0.f;
     if (next < range.last) {  // the next item's loads into the other slot (freed at the end of the last one)
-      const Chain nc = chain_of(next / chunks, p.heads, p.tokens);
+      const Chain nc = chain_of(next / chunks, p.heads, p.tokens, p.group);
       if (loader) issue_raw_loads(maps, nc, w.first + next % chunks, slot_of(it + 1), &raw_full[(it + 1) % kRawSlots]);
       next_beta_logit = load_beta(p, nc, w.first + next % chunks, fg.tid);
     }
     fg.launder_indices();
-    const Chain chain = chain_of(item / chunks, p.heads, p.tokens);
+    const Chain chain = chain_of(item / chunks, p.heads, p.tokens, p.group);
     const int c = w.first + item % chunks;
     if (chain.head != gate_head) {
       fg.load_gate(p, chain.head);
@@ -327,7 +327,7 @@ __global__ void __launch_bounds__(kStateCtaThreads, 1)
     fence_barrier_init();
   }
   __syncthreads();
-  const Chain chain = chain_of(blockIdx.x, p.heads, p.tokens);
+  const Chain chain = chain_of(blockIdx.x, p.heads, p.tokens, p.group);
   // The role as a warp-uniform value (a broadcast): a plain threadIdx test makes ptxas treat the wgmma
   // code as divergent (C7518).
   const int warp = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / 32, 0);
@@ -974,7 +974,8 @@ int main(int argc, char **argv) {
   // 1. Short cases, every chain: whole chunks (T 64, 96, 1024) and partial last chunks (50, 7, 1); T96
   // once more with a zero initial state (initial_state = nullptr: the buffer zeroed for the reference).
   const Shape short_shapes[] = {{"T64", 2, 64, 4}, {"T96", 2, 96, 4},    {"T50", 3, 50, 4},
-                                {"T7", 2, 7, 4},   {"T1", 1, 1, 2},      {"T1024", 1, 1024, 3}};
+                                {"T7", 2, 7, 4},   {"T1", 1, 1, 2},      {"T1024", 1, 1024, 3},
+                                {"T96gva", 2, 96, 6, GateMode::kBounded, 3}};  // 6 value heads on 2 q/k heads
   for (const Shape &s : short_shapes) {
     if (timing_only) break;
     if (tiny && std::strcmp(s.name, "T96") != 0 && std::strcmp(s.name, "T50") != 0) continue;
