@@ -42,8 +42,8 @@ say "built in $((SECONDS - start)) s; ptxas per kernel:"
 ptxas_report() {
 awk '/Compiling entry function/ && !/pass_kernel/ { name = ""; next }
      /Compiling entry function/ { name = $0; sub(/.*twopass[0-9]+/, "", name); sub(/ILNS0.*|ENS0.*/, "", name);
-       gate = ($0 ~ /GateMathE0/) ? " (tanh gate" : ($0 ~ /GateMathE1/) ? " (ex2+rcp gate" : "";
-       if (gate != "") gate = gate (($0 ~ /Li4EE/) ? ", 4-warp inverse)" : ")") }
+       gate = ($0 ~ /GateMathE0/) ? " (tanh gate" : ($0 ~ /GateMathE1/) ? " (ex2+rcp gate" : ($0 ~ /GateMathE2/) ? " (softplus gate" : ($0 ~ /GateMathE3/) ? " (log-decay gate" : "";
+       if (gate != "") gate = gate (($0 ~ /Li4ELi/) ? ", 4-warp inverse" : "") (($0 ~ /Li1ELi4EE/) ? ", lean)" : ")") }
      /spill stores/ { spill = $0; sub(/^ +/, "", spill) }
      /Used [0-9]+ registers/ && name != "" { match($0, /Used [0-9]+ registers/);
        print "  " name gate ": " substr($0, RSTART, RLENGTH) ", " spill; name = "" }' "$1" | tee -a "$summary"
@@ -70,8 +70,9 @@ if command -v cuobjdump > /dev/null; then
                       if (/ STL/) stl++; if (/ LDL/) ldl++; if (/ HMMA/) mma++; if (/ MUFU/) mufu++ }
        END { if (f != "") print f, n, hg, dep, stg, stl, ldl, mma, mufu }' "$extra/two_pass.sass" \
     | grep pass_kernel | awk '{ name = $1; sub(/.*twopass[0-9]+/, "", name); sub(/ILNS0.*|ENS0.*/, "", name);
-        gate = ($1 ~ /GateMathE0/) ? "(tanh)" : ($1 ~ /GateMathE1/) ? "(ex2+rcp)" : "";
-        if ($1 ~ /Li4EE/) gate = gate "(4-warp inverse)";
+        gate = ($1 ~ /GateMathE0/) ? "(tanh)" : ($1 ~ /GateMathE1/) ? "(ex2+rcp)" : ($1 ~ /GateMathE2/) ? "(softplus)" : ($1 ~ /GateMathE3/) ? "(log-decay)" : "";
+        if ($1 ~ /Li4ELi/) gate = gate "(4-warp inverse)";
+        if ($1 ~ /Li1ELi4EE/) gate = gate "(lean: 1 slot, 4 CTAs)";
         printf "  SASS %s%s: %d instructions, HGMMA %d, WARPGROUP.DEPBAR %d, STG %d, STL %d, LDL %d, HMMA %d, MUFU %d\n",
           name, gate, $2, $3, $4, $5, $6, $7, $8, $9 }' | tee -a "$summary"
 fi

@@ -44,10 +44,17 @@ static_assert(kFactorPitch % 16 == 0, "bulk copies and the 16-byte Kend stores n
 // as in the fused kernel, then the two raw-slot barriers.
 constexpr int kFactorThreads = kWarpgroupThreads;
 constexpr int kFactorCtasPerSm = 3;
-constexpr uint32_t kF1Barriers = kGrBytes;
-constexpr uint32_t kF1SmBytes = kF1Barriers + kRawSlots * 8 + kSwizzleAlign;  // + slack to align the base
+// A factor CTA's shared memory with `slots` raw slots (the group's scratch follows them), its barriers
+// after the scratch, + slack to align the base.
+KN_HD constexpr uint32_t f1_barriers(int slots) { return kGrBytes - (kRawSlots - slots) * kRawSlotBytes; }
+KN_HD constexpr uint32_t f1_smem_bytes(int slots) { return f1_barriers(slots) + slots * 8 + kSwizzleAlign; }
+constexpr uint32_t kF1SmBytes = f1_smem_bytes(kRawSlots);
+// One raw slot (the next item's loads wait for this item's last read) leaves room for four CTAs a SM:
+// more warps to hide latency with, at 128 registers.
+constexpr int kLeanSlots = 1, kLeanCtasPerSm = 4;
 constexpr uint32_t kSmPerSm = 228 * 1024, kSmReservedPerCta = 1024;         // sm_90
 static_assert(kFactorCtasPerSm * (kF1SmBytes + kSmReservedPerCta) <= kSmPerSm, "three factor CTAs per SM");
+static_assert(kLeanCtasPerSm * (f1_smem_bytes(kLeanSlots) + kSmReservedPerCta) <= kSmPerSm, "four lean CTAs per SM");
 
 // Items (chain, chunk) -> CTAs: CTA b takes the contiguous range [first, last).
 struct ItemRange {
@@ -166,22 +173,25 @@ struct PhaseClock {
 // kInverseWarps: 1 = FactorGroup::invert_and_merge on warp 0 (the fused kernel's form), 4 =
 // invert_and_merge_spread (substitution on warp 0, then the merge and the stores over the four warps;
 // one more group barrier; bit-identical factors).
-template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, int kInverseWarps = 1>
-__global__ void __launch_bounds__(kFactorThreads, kFactorCtasPerSm)
+// kSlots: raw slots (2: the next item loads while this one builds; 1: it loads after, and the other
+// CTAs of the SM cover the wait); kCtasPerSm: the launch bound (registers).
+template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, int kInverseWarps = 1, int kSlots = kRawSlots,
+          int kCtasPerSm = kFactorCtasPerSm>
+__global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
     factor_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
                        uint8_t *factors, Window w) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t *smem = aligned_smem(smem_raw);
-  uint64_t *raw_full = reinterpret_cast<uint64_t *>(smem + kF1Barriers);
+  uint64_t *raw_full = reinterpret_cast<uint64_t *>(smem + f1_barriers(kSlots));
   if (threadIdx.x == 0) {
-    for (int i = 0; i < kRawSlots; ++i) mbarrier_init(&raw_full[i], 1);
+    for (int i = 0; i < kSlots; ++i) mbarrier_init(&raw_full[i], 1);
     fence_barrier_init();
   }
   __syncthreads();
   const int chunks = w.count;  // items: (chain, chunk w.first + item % chunks); factors at the item's index
   const ItemRange range = items_of(blockIdx.x, gridDim.x, p.batch * p.heads * chunks);
   FactorGroup<kGate, kL2Norm, kBetaSigmoid> fg;
-  fg.base = smem;
+  fg.base = smem - (kRawSlots - kSlots) * kRawSlotBytes;  // the group's scratch right after the slots in use
   fg.group = 0;
   fg.tid = threadIdx.x;
   fg.warp = fg.tid / 32;
@@ -189,7 +199,7 @@ __global__ void __launch_bounds__(kFactorThreads, kFactorCtasPerSm)
   fg.half = fg.warp >> 1;
   fg.d0 = 2 * (((fg.warp & 1) << 5) | fg.lane);
   const bool loader = fg.tid == kLoaderThread;
-  auto slot_of = [&](int it) { return smem + kGrRaw + (it % kRawSlots) * kRawSlotBytes; };
+  auto slot_of = [&](int it) { return smem + kGrRaw + (it % kSlots) * kRawSlotBytes; };
   float beta_logit = 0.f;
   if (range.first < range.last) {
     const int item = range.first;
@@ -205,7 +215,8 @@ __global__ void __launch_bounds__(kFactorThreads, kFactorCtasPerSm)
     float next_beta_logit = 0.f;
     if (next < range.last) {  // the next item's loads into the other slot (freed at the end of the last one)
       const Chain nc = chain_of(next / chunks, p.heads, p.tokens, p.group);
-      if (loader) issue_raw_loads(maps, nc, w.first + next % chunks, slot_of(it + 1), &raw_full[(it + 1) % kRawSlots]);
+      if (kSlots > 1 && loader)
+        issue_raw_loads(maps, nc, w.first + next % chunks, slot_of(it + 1), &raw_full[(it + 1) % kSlots]);
       next_beta_logit = load_beta(p, nc, w.first + next % chunks, fg.tid);
     }
     fg.launder_indices();
@@ -218,7 +229,7 @@ __global__ void __launch_bounds__(kFactorThreads, kFactorCtasPerSm)
     uint8_t *raw = slot_of(it);
     const int valid = valid_tokens(c, p.tokens);
     clk.mark(kPhIssue);
-    mbarrier_wait(&raw_full[it % kRawSlots], uint32_t(it / kRawSlots) & 1u);
+    mbarrier_wait(&raw_full[it % kSlots], uint32_t(it / kSlots) & 1u);
     clk.mark(kPhWaitRaw);
     float x[kSubBlock][2];
     fg.gate_and_offsets(raw, valid, x);
@@ -250,6 +261,9 @@ __global__ void __launch_bounds__(kFactorThreads, kFactorCtasPerSm)
     // The raw slot is refilled by the copy engine (async proxy) after these generic accesses.
     fence_proxy_async();
     fg.sync();
+    if (kSlots == 1 && loader && next < range.last)  // the one slot is free now
+      issue_raw_loads(maps, chain_of(next / chunks, p.heads, p.tokens, p.group), w.first + next % chunks,
+                      slot_of(it + 1), &raw_full[0]);
     clk.mark(kPhBarE);
     clk.end();
     beta_logit = next_beta_logit;
@@ -345,6 +359,8 @@ struct Variant {
   FactorKernel kernel;
   int same_factors_as;  // -1, or the variant whose factors this one's must equal bit for bit
   GateMode gate = GateMode::kBounded;  // the gate of the problems it is checked on
+  uint32_t smem_bytes = kF1SmBytes;
+  int ctas_per_sm = kFactorCtasPerSm;  // planned; the grid uses the occupancy found at start-up
 };
 // The bounded-gate variants are timed; the softplus and log-decay ones (with the 4-warp inverse) are
 // checked on the short shapes.
@@ -352,12 +368,16 @@ const Variant kVariants[] = {
     {"ex2+rcp gate", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true>, -1},
     {"tanh gate", factor_pass_kernel<GateMath::kTanh, true, true>, -1},
     {"ex2+rcp inv4w", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4>, 0},  // the inverse on 4 warps
+    {"inv4w lean", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kLeanSlots, kLeanCtasPerSm>, 0,
+     GateMode::kBounded, f1_smem_bytes(kLeanSlots), kLeanCtasPerSm},  // one raw slot, four CTAs a SM
     {"softplus gate", factor_pass_kernel<GateMath::kSoftplus, true, true, 4>, -1, GateMode::kSoftplus},
     {"log-decay gate", factor_pass_kernel<GateMath::kLogDecay, true, true, 4>, -1, GateMode::kLogDecay},
 };
+constexpr size_t kVariantCount = sizeof(kVariants) / sizeof(kVariants[0]);
 
 struct Launcher {
-  int sms = 132, factor_ctas_per_sm = kFactorCtasPerSm;
+  int sms = 132;
+  int resident[kVariantCount] = {};  // factor CTAs resident per SM, by variant (found at start-up)
   uint8_t *factors = nullptr;
   size_t factor_capacity = 0;  // bytes
   TransitionOutputs transition{};  // set: pass 2 runs each chain's transition slice too
@@ -377,15 +397,16 @@ struct Launcher {
     KN_CHECK(cudaMalloc(&factors, bytes));
     factor_capacity = bytes;
   }
-  int factor_grid(const DeviceProblem &d, Window w) const {
-    return int(std::min<size_t>(chains_of(d) * w.count, size_t(sms) * factor_ctas_per_sm));
+  int factor_grid(const Variant &v, const DeviceProblem &d, Window w) const {
+    const int per_sm = resident[&v - kVariants] > 0 ? resident[&v - kVariants] : v.ctas_per_sm;
+    return int(std::min<size_t>(chains_of(d) * w.count, size_t(sms) * per_sm));
   }
   void pass1(const Variant &v, const DeviceProblem &d) const { pass1(v, d, whole(d), factors, nullptr); }
   void pass2(const DeviceProblem &d) const { pass2(d, whole(d), factors, nullptr); }
   void pass1(const Variant &v, const DeviceProblem &d, Window w, uint8_t *buffer, cudaStream_t stream) const {
-    const int grid = factor_grid(d, w);
+    const int grid = factor_grid(v, d, w);
     if (grid == 0) return;
-    v.kernel<<<grid, kFactorThreads, kF1SmBytes, stream>>>(make_params(d), d.maps, buffer, w);
+    v.kernel<<<grid, kFactorThreads, v.smem_bytes, stream>>>(make_params(d), d.maps, buffer, w);
     KN_CHECK(cudaGetLastError());
   }
   // After the first window the state enters from the final-state buffer, where the last one left it.
@@ -795,7 +816,7 @@ bool phase_report(const char *label, const Variant &v, Launcher &l, const Device
 #else
   l.reserve(d);
   const size_t items = Launcher::items_of(d);
-  const int grid = l.factor_grid(d, Launcher::whole(d));
+  const int grid = l.factor_grid(v, d, Launcher::whole(d));
   long long *clocks = nullptr;
   KN_CHECK(cudaMalloc(&clocks, items * kClockSlots * sizeof(long long)));
   KN_CHECK(cudaMemcpyToSymbol(g_phase_clocks, &clocks, sizeof(clocks)));
@@ -940,19 +961,20 @@ int main(int argc, char **argv) {
   const int timing_only = int_option(argc, argv, "--timing-only", 0);  // no float64 checks (they take minutes)
   Launcher l;
   l.sms = info.multiprocessors;
-  for (const Variant &v : kVariants) {
-    KN_CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kF1SmBytes)));
-    KN_CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
-  }
-  KN_CHECK(cudaFuncSetAttribute(state_pass_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kS2SmBytes)));
-  int resident = 0;
-  KN_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kVariants[0].kernel, kFactorThreads, kF1SmBytes));
-  l.factor_ctas_per_sm = std::max(1, resident);
   printf("two_pass: %s, %d SMs, max SM clock %.0f MHz\n", info.name.c_str(), info.multiprocessors,
          info.clock_khz / 1e3);
-  printf("pass 1: %d threads, %u B shared memory a CTA, %d CTAs resident per SM (planned %d); pass 2: %d threads, "
-         "%u B, %d stages\n",
-         kFactorThreads, kF1SmBytes, resident, kFactorCtasPerSm, kStateCtaThreads, kS2SmBytes, kPassStages);
+  for (size_t i = 0; i < kVariantCount; ++i) {
+    const Variant &v = kVariants[i];
+    KN_CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(v.smem_bytes)));
+    KN_CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
+    int resident = 0;
+    KN_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, v.kernel, kFactorThreads, v.smem_bytes));
+    l.resident[i] = std::max(1, resident);
+    printf("pass 1, %-15s %d threads, %u B shared memory a CTA, %d CTAs resident per SM (planned %d)\n", v.name,
+           kFactorThreads, v.smem_bytes, resident, v.ctas_per_sm);
+  }
+  KN_CHECK(cudaFuncSetAttribute(state_pass_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kS2SmBytes)));
+  printf("pass 2: %d threads, %u B, %d stages\n", kStateCtaThreads, kS2SmBytes, kPassStages);
   bool all_pass = true;
 
   if (int_option(argc, argv, "--phases", 0)) {  // the KN_PHASE_CLOCKS build: per-phase clocks of pass 1 only
