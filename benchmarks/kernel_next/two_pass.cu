@@ -1102,10 +1102,13 @@ int main(int argc, char **argv) {
       std::vector<std::pair<int, int>> chains;
       if (s.heads >= 96) chains = {{0, 0}, {0, 41}, {0, s.heads - 1}};
       else chains = {{0, s.heads / 2}};
-      if (!timing_only) {
-        const TwoPassCheck r = check(v, l, d, chains, 4);
-        print_check(s.name, s, v, r);
-        all_pass = all_pass && r.pass;
+      if (!timing_only) {  // float64 checks of long chains take a while on the CPU: variants with factors
+                           // of their own only; the others must equal theirs bit for bit
+        if (v.same_factors_as < 0) {
+          const TwoPassCheck r = check(v, l, d, chains, 4);
+          print_check(s.name, s, v, r);
+          all_pass = all_pass && r.pass;
+        }
         all_pass = check_same_factors(s.name, v, l, d) && all_pass;
       }
       if (skip_timing) continue;
