@@ -17,6 +17,7 @@ against the float64 recurrence on the first `--check-heads` heads. The library's
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -37,17 +38,14 @@ from timing import time_jax  # noqa: E402
 
 CASES = {"E": (32768, 32), "G": (131072, 32), "I": (65536, 8), "J": (131072, 4)}  # tokens, heads
 ARRAYS = ("q", "k", "v", "g", "beta", "initial_state")
-LIBRARY_MAX_PIECES = paths._MAX_PIECES
-
-
 def cut_call(x, pieces, correct):
     """A jitted call of the prefill of `x` cut into `pieces` segments (1: uncut), taking ARRAYS."""
     params = {n: a for n, a in x.items() if n not in ARRAYS}
 
     def call(*arrays):
         xs, opts = api.prefill_call(**dict(zip(ARRAYS, arrays)), **params, **FLAGS)
-        if pieces == 1:
-            return kda_prefill_inner_run(xs, opts)
+        if pieces == 1:  # the whole sequence (the library's own cut off)
+            return kda_prefill_inner_run(xs, dataclasses.replace(opts, whole_sequences=True))
         o, final = segments.split_prefill(xs, opts, kda_prefill_inner_run, pieces, correct)
         return o, final
 
@@ -80,9 +78,7 @@ def sweep(name, tokens, heads, pieces_list, check_heads, on_gpu):
     x = make_inputs(1, tokens, heads)
     arrays = [x[n] for n in ARRAYS]
     xs, opts = api.prefill_call(**x, **FLAGS)
-    paths._MAX_PIECES = LIBRARY_MAX_PIECES
     chosen = paths.sequence_pieces(xs, opts)
-    paths._MAX_PIECES = 1  # only the cut given here: the kernels' own cut of each segment stays off
     want_o, want_state = float64_reference(x, check_heads)
     correct = cuda.correct_segments if on_gpu else segments.correct_xla
     rows, uncut_ms = [], None
