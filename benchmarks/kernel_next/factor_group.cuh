@@ -65,13 +65,13 @@ __device__ __forceinline__ void split_bf16(float x0, float x1, uint32_t &hi, uin
 __device__ __forceinline__ void issue_raw_loads(const TensorMaps &maps, const Chain &chain, int chunk, uint8_t *slot,
                                                 uint64_t *bar) {
   mbarrier_arrive_expect_bytes(bar, kRawLoadBytes);
-  const int t0 = chunk * kChunk;
+  const int t0 = chain.token0 + chunk * kChunk;  // rows past the sequence: the next one's, or zeros past T
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int c0 = h * kRawBoxChannels;
-    tensor_copy_4d_to_shared(slot + kRawQ + h * kRawHalfBytes, &maps.q, c0, chain.qk_head, t0, chain.sequence, bar);
-    tensor_copy_4d_to_shared(slot + kRawK + h * kRawHalfBytes, &maps.k, c0, chain.qk_head, t0, chain.sequence, bar);
-    tensor_copy_4d_to_shared(slot + kRawG + h * kRawHalfBytes, &maps.g, c0, chain.head, t0, chain.sequence, bar);
+    tensor_copy_4d_to_shared(slot + kRawQ + h * kRawHalfBytes, &maps.q, c0, chain.qk_head, t0, chain.row, bar);
+    tensor_copy_4d_to_shared(slot + kRawK + h * kRawHalfBytes, &maps.k, c0, chain.qk_head, t0, chain.row, bar);
+    tensor_copy_4d_to_shared(slot + kRawG + h * kRawHalfBytes, &maps.g, c0, chain.head, t0, chain.row, bar);
   }
 }
 // V of `chunk` into its stage (the two state groups' 64-value halves), completing on the stage's full
@@ -82,13 +82,13 @@ __device__ __forceinline__ void issue_v_loads(const TensorMaps &maps, const Chai
 #pragma unroll
   for (int grp = 0; grp < kStateGroups; ++grp)
     tensor_copy_4d_to_shared(stage + kStV + grp * kVGroupBytes, &maps.v, grp * kGroupRows, chain.head,
-                             chunk * kChunk, chain.sequence, full);
+                             chain.token0 + chunk * kChunk, chain.row, full);
 }
 // Beta logit of token `lane` of `chunk` (threads 0-31; a chunk ahead, into a register).
 __device__ __forceinline__ float load_beta(const FusedParams &p, const Chain &chain, int chunk, int lane) {
   const int t = chunk * kChunk + lane;
-  if (lane >= kChunk || t >= p.tokens) return 0.f;
-  const uint16_t bits = __ldg(p.beta + (size_t(chain.sequence) * p.tokens + t) * p.heads + chain.head);
+  if (lane >= kChunk || t >= chain.tokens) return 0.f;
+  const uint16_t bits = __ldg(p.beta + (size_t(chain.row) * p.tokens + chain.token0 + t) * p.heads + chain.head);
   return __uint_as_float(uint32_t(bits) << 16);
 }
 

@@ -105,9 +105,19 @@ constexpr uint32_t kVLoadBytes = kVBytes;
 struct Chain {
   int sequence, head, chunks;
   int qk_head;  // the q/k head it reads: head / group (grouped value heads)
+  int row;      // the sequence's index on the tensors' batch axis (0 when packed)
+  int token0;   // its first token on their token axis (packed: cu_seqlens[sequence])
+  int tokens;   // its length
 };
-KN_HD Chain chain_of(int cta, int heads, int tokens, int group = 1) {
-  return Chain{cta / heads, cta % heads, (tokens + kChunk - 1) / kChunk, (cta % heads) / group};
+// Chain `index` (sequence-major: sequence * heads + head) of B sequences of T tokens.
+KN_HD Chain chain_of(int index, int heads, int tokens, int group = 1) {
+  return Chain{index / heads, index % heads, (tokens + kChunk - 1) / kChunk, (index % heads) / group,
+               index / heads, 0, tokens};
+}
+// Chain `index` of packed sequences (batch 1, sequence n on tokens [cu[n], cu[n + 1])).
+KN_HD Chain packed_chain_of(int index, int heads, const int *cu, int group = 1) {
+  const int n = index / heads, head = index % heads, first = cu[n], tokens = cu[n + 1] - first;
+  return Chain{n, head, (tokens + kChunk - 1) / kChunk, head / group, 0, first, tokens};
 }
 KN_HD int factor_group_of(int chunk) { return chunk % kFactorGroups; }
 KN_HD int stage_of(int chunk) { return chunk % kStages; }
@@ -128,6 +138,8 @@ enum class GateMath { kTanh, kExp2Reciprocal, kSoftplus, kLogDecay };
 struct FusedParams {
   int batch, tokens, heads;        // B, T, HV (value heads; K = V = 128)
   int group = 1;                   // value heads per q/k head: q, k have heads / group heads
+  const int *cu_seqlens = nullptr;  // packed sequences (then batch 1): [sequences + 1] offsets into T
+  int sequences = 0;               // packed: their number
   const uint16_t *beta;            // bf16 [B, T, H] (logits with the beta sigmoid)
   const float *a_log;              // [H]
   const float *dt_bias;            // [H, K]

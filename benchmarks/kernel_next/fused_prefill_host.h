@@ -84,13 +84,25 @@ struct Shape {
 
 struct DeviceProblem {
   Shape shape{};
+  std::vector<int> seqlens;  // packed sequences (shape: batch 1, tokens their sum); empty: B x T
+  int *cu = nullptr;         // their offsets on the device, [sequences + 1]
   uint16_t *q = nullptr, *k = nullptr, *v = nullptr, *g = nullptr, *beta = nullptr, *o = nullptr;
   float *a_log = nullptr, *dt_bias = nullptr, *initial_state = nullptr, *final_state = nullptr;
   TensorMaps maps{};
   size_t token_elems() const { return size_t(shape.batch) * shape.tokens * shape.heads * kDimK; }
   size_t qk_elems() const { return size_t(shape.batch) * shape.tokens * shape.qk_heads() * kDimK; }
   size_t beta_elems() const { return size_t(shape.batch) * shape.tokens * shape.heads; }
-  size_t state_elems() const { return size_t(shape.batch) * shape.heads * kDimV * kDimK; }
+  size_t state_elems() const { return size_t(sequences()) * shape.heads * kDimV * kDimK; }
+  bool packed() const { return !seqlens.empty(); }
+  int sequences() const { return packed() ? int(seqlens.size()) : shape.batch; }
+  int length(int n) const { return packed() ? seqlens[n] : shape.tokens; }
+  // Sequence n's first token as an index into the [B * T] token rows.
+  size_t first_row(int n) const {
+    if (!packed()) return size_t(n) * shape.tokens;
+    size_t at = 0;
+    for (int m = 0; m < n; ++m) at += seqlens[m];
+    return at;
+  }
   // Bytes the kernel must move at least: q, k, v, g, beta read once, o written, the state read and written.
   double floor_bytes() const {
     return (3.0 * token_elems() + 2.0 * qk_elems()) * kBf16Bytes + double(beta_elems()) * kBf16Bytes +
@@ -135,9 +147,21 @@ CUtensorMap make_token_map(const uint16_t *base, const Shape &s, int heads) {
 
 void launch_blocks(size_t n, int &blocks) { blocks = int(std::min<size_t>((n + 255) / 256, 4096)); }
 
-DeviceProblem make_problem(const Shape &s, uint32_t seed) {
+// B x T sequences, or `seqlens` packed (then s.batch is 1 and s.tokens their sum).
+DeviceProblem make_problem(const Shape &s, uint32_t seed, const std::vector<int> &seqlens = {}) {
   DeviceProblem d;
   d.shape = s;
+  d.seqlens = seqlens;
+  if (d.packed()) {
+    std::vector<int> cu(seqlens.size() + 1, 0);
+    for (size_t n = 0; n < seqlens.size(); ++n) cu[n + 1] = cu[n] + seqlens[n];
+    if (s.batch != 1 || cu.back() != s.tokens) {
+      fprintf(stderr, "packed problem %s: batch 1 and T = the sum of the lengths expected\n", s.name);
+      exit(2);
+    }
+    KN_CHECK(cudaMalloc(&d.cu, cu.size() * sizeof(int)));
+    KN_CHECK(cudaMemcpy(d.cu, cu.data(), cu.size() * sizeof(int), cudaMemcpyHostToDevice));
+  }
   const size_t n = d.token_elems(), nqk = d.qk_elems(), nb = d.beta_elems(), ns = d.state_elems();
   KN_CHECK(cudaMalloc(&d.q, nqk * 2));
   KN_CHECK(cudaMalloc(&d.k, nqk * 2));
@@ -178,7 +202,7 @@ DeviceProblem make_problem(const Shape &s, uint32_t seed) {
 
 void free_problem(DeviceProblem &d) {
   for (void *p : {(void *)d.q, (void *)d.k, (void *)d.v, (void *)d.g, (void *)d.o, (void *)d.beta, (void *)d.a_log,
-                  (void *)d.dt_bias, (void *)d.initial_state, (void *)d.final_state})
+                  (void *)d.dt_bias, (void *)d.initial_state, (void *)d.final_state, (void *)d.cu})
     KN_CHECK(cudaFree(p));
   d = DeviceProblem{};
 }
@@ -189,6 +213,8 @@ FusedParams make_params(const DeviceProblem &d) {
   p.tokens = d.shape.tokens;
   p.heads = d.shape.heads;
   p.group = d.shape.group;
+  p.cu_seqlens = d.cu;
+  p.sequences = d.packed() ? d.sequences() : 0;
   p.beta = d.beta;
   p.a_log = d.a_log;
   p.dt_bias = d.dt_bias;
@@ -423,13 +449,13 @@ void emulate_chain(const ChainInputs &in, float lower_bound, float scale, std::v
 ChainInputs fetch_chain(const DeviceProblem &d, int b, int h) {
   const Shape &s = d.shape;
   ChainInputs in;
-  in.tokens = s.tokens;
+  in.tokens = d.length(b);
   in.gate = s.gate;
-  const size_t T = size_t(s.tokens);
+  const size_t T = size_t(in.tokens), row0 = d.first_row(b);
   auto rows = [&](const uint16_t *src, std::vector<float> &dst, int heads, int head) {
     std::vector<uint16_t> tmp(T * kDimK);
     if (T > 0)
-      KN_CHECK(cudaMemcpy2D(tmp.data(), kDimK * 2, src + (size_t(b) * T * heads + head) * kDimK,
+      KN_CHECK(cudaMemcpy2D(tmp.data(), kDimK * 2, src + (row0 * heads + head) * kDimK,
                             size_t(heads) * kDimK * 2, kDimK * 2, T, cudaMemcpyDeviceToHost));
     dst.resize(tmp.size());
     for (size_t i = 0; i < tmp.size(); ++i) dst[i] = bf16_value(tmp[i]);
@@ -440,7 +466,7 @@ ChainInputs fetch_chain(const DeviceProblem &d, int b, int h) {
   rows(d.g, in.g, s.heads, h);
   std::vector<uint16_t> bt(T);
   if (T > 0)
-    KN_CHECK(cudaMemcpy2D(bt.data(), 2, d.beta + size_t(b) * T * s.heads + h, size_t(s.heads) * 2, 2, T,
+    KN_CHECK(cudaMemcpy2D(bt.data(), 2, d.beta + row0 * s.heads + h, size_t(s.heads) * 2, 2, T,
                           cudaMemcpyDeviceToHost));
   in.beta.resize(T);
   for (size_t t = 0; t < T; ++t) in.beta[t] = bf16_value(bt[t]);
@@ -465,10 +491,10 @@ void check_chain(const DeviceProblem &d, int b, int h, ChainErrors &e) {
   const float scale = 1.f / std::sqrt(float(kDimK));
   reference_chain(in, kLowerBound, scale, o_ref, s_ref);
   emulate_chain(in, kLowerBound, scale, o_emu, s_emu);
-  const size_t T = size_t(s.tokens);
+  const size_t T = size_t(in.tokens);
   std::vector<uint16_t> o_dev(T * kDimV);
   if (T > 0)
-    KN_CHECK(cudaMemcpy2D(o_dev.data(), kDimV * 2, d.o + (size_t(b) * T * s.heads + h) * kDimV,
+    KN_CHECK(cudaMemcpy2D(o_dev.data(), kDimV * 2, d.o + (d.first_row(b) * s.heads + h) * kDimV,
                           size_t(s.heads) * kDimV * 2, kDimV * 2, T, cudaMemcpyDeviceToHost));
   std::vector<float> s_dev(size_t(kDimV) * kDimK);
   KN_CHECK(cudaMemcpy(s_dev.data(), d.final_state + (size_t(b) * s.heads + h) * kDimV * kDimK, s_dev.size() * 4,
@@ -512,7 +538,8 @@ struct CheckResult {
 
 // The checks of `chains` (b, h) pairs (all of them when empty) after a launch on poisoned outputs.
 CheckResult evaluate(const DeviceProblem &d, std::vector<std::pair<int, int>> chains) {
-    for (int b = 0; b < d.shape.batch; ++b)
+  if (chains.empty())
+    for (int b = 0; b < d.sequences(); ++b)
       for (int h = 0; h < d.shape.heads; ++h) chains.push_back({b, h});
   ChainErrors e;
   for (const auto &c : chains) check_chain(d, c.first, c.second, e);

@@ -117,10 +117,10 @@ __device__ void store_final_state(const FusedParams &p, const Chain &chain, int 
 // 64 group + acc_row(i), token acc_col(i)).
 __device__ __forceinline__ void store_outputs(const FusedParams &p, const Chain &chain, int chunk, int group,
                                               int thread, const float (&o)[kHalfRo]) {
-  const int valid = valid_tokens(chunk, p.tokens);
+  const int valid = valid_tokens(chunk, chain.tokens);
   const size_t token_stride = size_t(p.heads) * kDimV;
   bf16 *base = reinterpret_cast<bf16 *>(p.o) +
-               ((size_t(chain.sequence) * p.tokens + size_t(chunk) * kChunk) * p.heads + chain.head) * kDimV +
+               ((size_t(chain.row) * p.tokens + chain.token0 + size_t(chunk) * kChunk) * p.heads + chain.head) * kDimV +
                group * kGroupRows;
 #pragma unroll
   for (int i = 0; i < kHalfRo; ++i) {

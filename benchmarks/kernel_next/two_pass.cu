@@ -72,7 +72,30 @@ KN_HD ItemRange items_of(int cta, int ctas, int items) {
 // reads as its initial state.
 struct Window {
   int first, count;
+  // Packed sequences: the exclusive prefix over chains of their items in this window (a chain's chunks
+  // past its end are not items), [chains + 1], and the items in all; nullptr: count items a chain.
+  const int *prefix = nullptr;
+  int items = 0;
 };
+
+// Item `item` of window `w` (chain-major: the chain's chunks in order): its chain and chunk.
+struct ItemPlace {
+  Chain chain;
+  int chunk;
+};
+__device__ __forceinline__ ItemPlace place_of(const FusedParams &p, const Window &w, int item) {
+  if (w.prefix == nullptr) return {chain_of(item / w.count, p.heads, p.tokens, p.group), w.first + item % w.count};
+  int lo = 0, hi = p.sequences * p.heads;  // the last chain whose prefix is <= item (chains without items skipped)
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (w.prefix[mid] <= item) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return {packed_chain_of(lo, p.heads, p.cu_seqlens, p.group), w.first + item - w.prefix[lo]};
+}
 
 // Pass 2's optional second slice of each chain: K transition columns, the chain run again with v = 0
 // from the identity (K = V), so that a sequence cut into segments can be joined (jax_kda/segments.py):
@@ -188,8 +211,9 @@ __global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
     fence_barrier_init();
   }
   __syncthreads();
-  const int chunks = w.count;  // items: (chain, chunk w.first + item % chunks); factors at the item's index
-  const ItemRange range = items_of(blockIdx.x, gridDim.x, p.batch * p.heads * chunks);
+  // Items: (chain, chunk) of the window (place_of); the factors at the item's index.
+  const int items = w.prefix != nullptr ? w.items : p.batch * p.heads * w.count;
+  const ItemRange range = items_of(blockIdx.x, gridDim.x, items);
   FactorGroup<kGate, kL2Norm, kBetaSigmoid> fg;
   fg.base = smem - (kRawSlots - kSlots) * kRawSlotBytes;  // the group's scratch right after the slots in use
   fg.group = 0;
@@ -202,10 +226,9 @@ __global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
   auto slot_of = [&](int it) { return smem + kGrRaw + (it % kSlots) * kRawSlotBytes; };
   float beta_logit = 0.f;
   if (range.first < range.last) {
-    const int item = range.first;
-    const Chain chain = chain_of(item / chunks, p.heads, p.tokens, p.group);
-    if (loader) issue_raw_loads(maps, chain, w.first + item % chunks, slot_of(0), &raw_full[0]);
-    beta_logit = load_beta(p, chain, w.first + item % chunks, fg.tid);
+    const ItemPlace first = place_of(p, w, range.first);
+    if (loader) issue_raw_loads(maps, first.chain, first.chunk, slot_of(0), &raw_full[0]);
+    beta_logit = load_beta(p, first.chain, first.chunk, fg.tid);
   }
   int gate_head = -1;
   for (int item = range.first, it = 0; item < range.last; ++item, ++it) {
@@ -214,20 +237,20 @@ __global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
     const int next = item + 1;
     float next_beta_logit = 0.f;
     if (next < range.last) {  // the next item's loads into the other slot (freed at the end of the last one)
-      const Chain nc = chain_of(next / chunks, p.heads, p.tokens, p.group);
-      if (kSlots > 1 && loader)
-        issue_raw_loads(maps, nc, w.first + next % chunks, slot_of(it + 1), &raw_full[(it + 1) % kSlots]);
-      next_beta_logit = load_beta(p, nc, w.first + next % chunks, fg.tid);
+      const ItemPlace nx = place_of(p, w, next);
+      if (kSlots > 1 && loader) issue_raw_loads(maps, nx.chain, nx.chunk, slot_of(it + 1), &raw_full[(it + 1) % kSlots]);
+      next_beta_logit = load_beta(p, nx.chain, nx.chunk, fg.tid);
     }
     fg.launder_indices();
-    const Chain chain = chain_of(item / chunks, p.heads, p.tokens, p.group);
-    const int c = w.first + item % chunks;
+    const ItemPlace here = place_of(p, w, item);
+    const Chain &chain = here.chain;
+    const int c = here.chunk;
     if (chain.head != gate_head) {
       fg.load_gate(p, chain.head);
       gate_head = chain.head;
     }
     uint8_t *raw = slot_of(it);
-    const int valid = valid_tokens(c, p.tokens);
+    const int valid = valid_tokens(c, chain.tokens);
     clk.mark(kPhIssue);
     mbarrier_wait(&raw_full[it % kSlots], uint32_t(it / kSlots) & 1u);
     clk.mark(kPhWaitRaw);
@@ -261,9 +284,10 @@ __global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
     // The raw slot is refilled by the copy engine (async proxy) after these generic accesses.
     fence_proxy_async();
     fg.sync();
-    if (kSlots == 1 && loader && next < range.last)  // the one slot is free now
-      issue_raw_loads(maps, chain_of(next / chunks, p.heads, p.tokens, p.group), w.first + next % chunks,
-                      slot_of(it + 1), &raw_full[0]);
+    if (kSlots == 1 && loader && next < range.last) {  // the one slot is free now
+      const ItemPlace nx = place_of(p, w, next);
+      issue_raw_loads(maps, nx.chain, nx.chunk, slot_of(it + 1), &raw_full[0]);
+    }
     clk.mark(kPhBarE);
     clk.end();
     beta_logit = next_beta_logit;
@@ -277,21 +301,22 @@ struct RingBarriers {
 };
 
 // Lane 0 of the loader warp: chunk c's factors (one bulk copy) and V (two boxes) into stage c % kPassStages.
+// Lane 0 of the loader warp: the chain's `count` chunks from `first`, their factors from item `factor0` on.
 __device__ void run_loader(const TensorMaps &maps, const uint8_t *factors, uint8_t *smem,
-                           const RingBarriers &bars, const Chain &chain, int chain_index, Window w, bool load_v) {
-  for (int i = 0; i < w.count; ++i) {  // the window's i-th chunk, w.first + i
+                           const RingBarriers &bars, const Chain &chain, size_t factor0, int first, int count,
+                           bool load_v) {
+  for (int i = 0; i < count; ++i) {  // the window's i-th chunk of the chain, first + i
     const int s = ring_stage(i);
     uint8_t *stage = smem + s * kStBytes;
     if (i >= kPassStages) mbarrier_wait(&bars.empty[s], ring_parity(i - kPassStages));
-    if (load_v) issue_v_loads(maps, chain, w.first + i, stage, &bars.full[s]);  // expects its bytes; arrival next
+    if (load_v) issue_v_loads(maps, chain, first + i, stage, &bars.full[s]);  // expects its bytes; arrival next
     mbarrier_arrive_expect_bytes(&bars.full[s], kPassFactorBytes);
-    bulk_copy_to_shared(stage, factors + (size_t(chain_index) * w.count + i) * kFactorPitch, kPassFactorBytes,
-                        &bars.full[s]);
+    bulk_copy_to_shared(stage, factors + (factor0 + i) * kFactorPitch, kPassFactorBytes, &bars.full[s]);
   }
 }
 
 __device__ void run_state(const FusedParams &p, uint8_t *smem, const RingBarriers &bars, const Chain &chain,
-                          int group, Window w, bool from_identity) {
+                          int group, int first, int count, bool from_identity) {
   const int thread = threadIdx.x % kWarpgroupThreads;
   float s[kStateValues], o[kHalfRo];
   load_initial_state(p, chain, group, thread, s);
@@ -301,13 +326,13 @@ __device__ void run_state(const FusedParams &p, uint8_t *smem, const RingBarrier
       s[i] = group * kGroupRows + acc_row(thread, i) == acc_col(thread, i) ? 1.f : 0.f;
   }
   const uint32_t stages = smem_address(smem);
-  for (int i = 0; i < w.count; ++i) {
+  for (int i = 0; i < count; ++i) {
     const int st = ring_stage(i);
     const float *decay = reinterpret_cast<const float *>(smem + st * kStBytes + kStDecay);
     mbarrier_wait(&bars.full[st], ring_parity(i));
     state_step(stages + st * kStBytes, decay, group, thread, s, o);
     mbarrier_arrive(&bars.empty[st]);  // every wgmma reading the stage has completed (wait_group 0)
-    store_outputs(p, chain, w.first + i, group, thread, o);
+    store_outputs(p, chain, first + i, group, thread, o);
   }
   store_final_state(p, chain, group, thread, s);
 }
@@ -341,14 +366,17 @@ __global__ void __launch_bounds__(kStateCtaThreads, 1)
     fence_barrier_init();
   }
   __syncthreads();
-  const Chain chain = chain_of(blockIdx.x, p.heads, p.tokens, p.group);
+  const Chain chain = p.cu_seqlens != nullptr ? packed_chain_of(blockIdx.x, p.heads, p.cu_seqlens, p.group)
+                                               : chain_of(blockIdx.x, p.heads, p.tokens, p.group);
+  const int count = max(0, min(w.count, chain.chunks - w.first));  // the chain's chunks in the window
+  const size_t factor0 = w.prefix != nullptr ? size_t(w.prefix[blockIdx.x]) : size_t(blockIdx.x) * w.count;
   // The role as a warp-uniform value (a broadcast): a plain threadIdx test makes ptxas treat the wgmma
   // code as divergent (C7518).
   const int warp = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / 32, 0);
   if (warp < kLoaderWarp) {
-    run_state(q, smem, bars, chain, warp / (kWarpgroupThreads / 32), w, transition && w.first == 0);
+    run_state(q, smem, bars, chain, warp / (kWarpgroupThreads / 32), w.first, count, transition && w.first == 0);
   } else if (threadIdx.x % 32 == 0) {
-    run_loader(maps, factors, smem, bars, chain, blockIdx.x, w, !transition);
+    run_loader(maps, factors, smem, bars, chain, factor0, w.first, count, !transition);
   }
 }
 
@@ -382,10 +410,74 @@ struct Launcher {
   size_t factor_capacity = 0;  // bytes
   TransitionOutputs transition{};  // set: pass 2 runs each chain's transition slice too
 
-  static int chunks_of(const DeviceProblem &d) { return (d.shape.tokens + kChunk - 1) / kChunk; }
-  static size_t chains_of(const DeviceProblem &d) { return size_t(d.shape.batch) * d.shape.heads; }
-  static size_t items_of(const DeviceProblem &d) { return chains_of(d) * chunks_of(d); }
-  static Window whole(const DeviceProblem &d) { return Window{0, chunks_of(d)}; }
+  static int chunks_in(int tokens) { return (tokens + kChunk - 1) / kChunk; }
+  // Chunks of the longest sequence: the windows' range.
+  static int chunks_of(const DeviceProblem &d) {
+    int longest = d.shape.tokens;
+    if (d.packed()) longest = *std::max_element(d.seqlens.begin(), d.seqlens.end());
+    return chunks_in(longest);
+  }
+  static size_t chains_of(const DeviceProblem &d) { return size_t(d.sequences()) * d.shape.heads; }
+  static size_t items_of(const DeviceProblem &d) {
+    if (!d.packed()) return chains_of(d) * chunks_of(d);
+    size_t items = 0;
+    for (int len : d.seqlens) items += size_t(chunks_in(len)) * d.shape.heads;
+    return items;
+  }
+  static size_t items_in(const DeviceProblem &d, const Window &w) {
+    return w.prefix != nullptr ? size_t(w.items) : chains_of(d) * w.count;
+  }
+
+  // The windows of `window` chunks per chain (0: one window of all), with the per-chain item prefixes
+  // of packed problems on the device; kept for the last problem and window size asked.
+  std::vector<Window> plan;
+  int *prefixes = nullptr;
+  size_t prefix_capacity = 0;  // ints
+  std::vector<int> planned_lengths;
+  int planned_tokens = -1, planned_heads = -1, planned_window = -1;
+  const std::vector<Window> &windows(const DeviceProblem &d, int window = 0) {
+    const int chunks = chunks_of(d);
+    if (window <= 0) window = std::max(chunks, 1);
+    if (planned_lengths == d.seqlens && planned_tokens == d.shape.tokens && planned_heads == d.shape.heads &&
+        planned_window == window)
+      return plan;
+    KN_CHECK(cudaDeviceSynchronize());  // launches of the last plan may still read its prefixes
+    plan.clear();
+    std::vector<int> host;
+    for (int first = 0; first < chunks || (first == 0 && chunks == 0); first += window) {
+      Window w{first, std::max(0, std::min(window, chunks - first))};
+      if (d.packed()) {  // prefix offsets into `prefixes`, patched below once the buffer exists
+        w.items = int(host.size());
+        int running = 0;
+        for (int len : d.seqlens)
+          for (int h = 0; h < d.shape.heads; ++h) {
+            host.push_back(running);
+            running += std::max(0, std::min(w.count, chunks_in(len) - first));
+          }
+        host.push_back(running);
+      }
+      plan.push_back(w);
+      if (chunks == 0) break;
+    }
+    if (d.packed()) {
+      if (host.size() > prefix_capacity) {
+        if (prefixes != nullptr) KN_CHECK(cudaFree(prefixes));
+        KN_CHECK(cudaMalloc(&prefixes, host.size() * sizeof(int)));
+        prefix_capacity = host.size();
+      }
+      KN_CHECK(cudaMemcpy(prefixes, host.data(), host.size() * sizeof(int), cudaMemcpyHostToDevice));
+      for (Window &w : plan) {
+        const int at = w.items;
+        w.prefix = prefixes + at;
+        w.items = host[at + chains_of(d)];
+      }
+    }
+    planned_lengths = d.seqlens;
+    planned_tokens = d.shape.tokens;
+    planned_heads = d.shape.heads;
+    planned_window = window;
+    return plan;
+  }
   // The window (chunks per chain) whose factors fill at most `bytes` (one chunk at least).
   static int window_for(const DeviceProblem &d, size_t bytes) {
     return int(std::max<size_t>(1, std::min<size_t>(chunks_of(d), bytes / (chains_of(d) * kFactorPitch))));
@@ -397,12 +489,12 @@ struct Launcher {
     KN_CHECK(cudaMalloc(&factors, bytes));
     factor_capacity = bytes;
   }
-  int factor_grid(const Variant &v, const DeviceProblem &d, Window w) const {
+  int factor_grid(const Variant &v, const DeviceProblem &d, const Window &w) const {
     const int per_sm = resident[&v - kVariants] > 0 ? resident[&v - kVariants] : v.ctas_per_sm;
-    return int(std::min<size_t>(chains_of(d) * w.count, size_t(sms) * per_sm));
+    return int(std::min<size_t>(items_in(d, w), size_t(sms) * per_sm));
   }
-  void pass1(const Variant &v, const DeviceProblem &d) const { pass1(v, d, whole(d), factors, nullptr); }
-  void pass2(const DeviceProblem &d) const { pass2(d, whole(d), factors, nullptr); }
+  void pass1(const Variant &v, const DeviceProblem &d) { pass1(v, d, windows(d)[0], factors, nullptr); }
+  void pass2(const DeviceProblem &d) { pass2(d, windows(d)[0], factors, nullptr); }
   void pass1(const Variant &v, const DeviceProblem &d, Window w, uint8_t *buffer, cudaStream_t stream) const {
     const int grid = factor_grid(v, d, w);
     if (grid == 0) return;
@@ -420,9 +512,8 @@ struct Launcher {
     KN_CHECK(cudaGetLastError());
   }
   // Both passes window by window, `window` chunks per chain at a time (reserve(d, window) first).
-  void windowed(const Variant &v, const DeviceProblem &d, int window) const {
-    for (int first = 0; first < chunks_of(d); first += window) {
-      const Window w{first, std::min(window, chunks_of(d) - first)};
+  void windowed(const Variant &v, const DeviceProblem &d, int window) {
+    for (const Window &w : windows(d, window)) {
       pass1(v, d, w, factors, nullptr);
       pass2(d, w, factors, nullptr);
     }
@@ -453,14 +544,13 @@ struct Launcher {
     window_capacity = bytes;
   }
   // Enqueued behind the legacy default stream's work, and that stream waits for all of it.
-  void overlapped(const Variant &v, const DeviceProblem &d, int window) const {
+  void overlapped(const Variant &v, const DeviceProblem &d, int window) {
     KN_CHECK(cudaEventRecord(fork, nullptr));
     KN_CHECK(cudaStreamWaitEvent(main_stream, fork));
     KN_CHECK(cudaStreamWaitEvent(side_stream, fork));
     int n = 0;
-    for (int first = 0; first < chunks_of(d); first += window, ++n) {
-      const Window w{first, std::min(window, chunks_of(d) - first)};
-      const int b = n % 2;
+    for (const Window &w : windows(d, window)) {
+      const int b = n++ % 2;
       if (n >= 2) KN_CHECK(cudaStreamWaitEvent(side_stream, read[b]));
       pass1(v, d, w, window_buffers[b], side_stream);
       KN_CHECK(cudaEventRecord(ready[b], side_stream));
@@ -558,10 +648,10 @@ TwoPassCheck check(const Variant &v, Launcher &l, const DeviceProblem &d, std::v
   KN_CHECK(cudaDeviceSynchronize());
   TwoPassCheck out;
   if (chains.empty())
-    for (int b = 0; b < d.shape.batch; ++b)
+    for (int b = 0; b < d.sequences(); ++b)
       for (int h = 0; h < d.shape.heads; ++h) chains.push_back({b, h});
   const int whole = d.shape.tokens / kChunk;
-  if (!chains.empty() && whole > 0 && factor_chunks > 0) {
+  if (!d.packed() && !chains.empty() && whole > 0 && factor_chunks > 0) {  // the item index of a B x T problem
     const ChainInputs in = fetch_chain(d, chains[0].first, chains[0].second);
     const int step = std::max(1, whole / factor_chunks);
     for (int c = 0; c < whole && out.factor_chunks < factor_chunks; c += step, ++out.factor_chunks)
@@ -816,7 +906,7 @@ bool phase_report(const char *label, const Variant &v, Launcher &l, const Device
 #else
   l.reserve(d);
   const size_t items = Launcher::items_of(d);
-  const int grid = l.factor_grid(v, d, Launcher::whole(d));
+  const int grid = l.factor_grid(v, d, l.windows(d)[0]);
   long long *clocks = nullptr;
   KN_CHECK(cudaMalloc(&clocks, items * kClockSlots * sizeof(long long)));
   KN_CHECK(cudaMemcpyToSymbol(g_phase_clocks, &clocks, sizeof(clocks)));
@@ -995,20 +1085,33 @@ int main(int argc, char **argv) {
 
   // 1. Short cases, every chain: whole chunks (T 64, 96, 1024) and partial last chunks (50, 7, 1); T96
   // once more with a zero initial state (initial_state = nullptr: the buffer zeroed for the reference).
-  const Shape short_shapes[] = {{"T64", 2, 64, 4}, {"T96", 2, 96, 4},    {"T50", 3, 50, 4},
-                                {"T7", 2, 7, 4},   {"T1", 1, 1, 2},      {"T1024", 1, 1024, 3},
-                                {"T96gva", 2, 96, 6, GateMode::kBounded, 3}};  // 6 value heads on 2 q/k heads
-  for (const Shape &s : short_shapes) {
+  // Packed: P5 (an empty sequence, partial last chunks, the longest 5 chunks) and P3gva.
+  struct ShortCase {
+    Shape shape;
+    std::vector<int> seqlens;  // packed (shape: batch 1, tokens their sum); empty: B x T
+  };
+  const ShortCase short_cases[] = {{{"T64", 2, 64, 4}, {}},
+                                   {{"T96", 2, 96, 4}, {}},
+                                   {{"T50", 3, 50, 4}, {}},
+                                   {{"T7", 2, 7, 4}, {}},
+                                   {{"T1", 1, 1, 2}, {}},
+                                   {{"T1024", 1, 1024, 3}, {}},
+                                   {{"T96gva", 2, 96, 6, GateMode::kBounded, 3}, {}},  // 6 value heads, 2 q/k heads
+                                   {{"P5", 1, 283, 4}, {50, 0, 96, 7, 130}},
+                                   {{"P3gva", 1, 98, 6, GateMode::kBounded, 3}, {33, 64, 1}}};
+  for (const ShortCase &sc : short_cases) {
+    const Shape &s = sc.shape;
     if (timing_only) break;
-    if (tiny && std::strcmp(s.name, "T96") != 0 && std::strcmp(s.name, "T50") != 0) continue;
-    DeviceProblem d = make_problem(s, 11);
+    if (tiny && std::strcmp(s.name, "T96") != 0 && std::strcmp(s.name, "T50") != 0 && std::strcmp(s.name, "P5") != 0)
+      continue;
+    DeviceProblem d = make_problem(s, 11, sc.seqlens);
     for (const Variant &v : kVariants) {
       if (tiny && &v != &kVariants[0] && v.same_factors_as < 0) continue;  // tiny: the 1- and 4-warp inverse
       if (v.gate != d.shape.gate) {  // the variant's gate on the same shape (and the same q, k, v, beta)
         free_problem(d);
         Shape gated = s;
         gated.gate = v.gate;
-        d = make_problem(gated, 11);
+        d = make_problem(gated, 11, sc.seqlens);
       }
       const TwoPassCheck r = check(v, l, d, {}, 2);
       print_check(s.name, s, v, r);
