@@ -101,6 +101,24 @@ def test_packed_cut_cuts_only_the_long_sequences():
     assert cut.last.tolist() == [2, 3, 4, 5, 6]
 
 
+def test_packed_cut_keeps_a_non_finite_token_to_its_sequence_and_after(case):
+    """A NaN in one sequence's v: the join restarts at the next sequence by selection, so nothing of it
+    reaches another sequence, nor its own earlier tokens (its segment's included)."""
+    c = case(seqlens=[300, 5, 200], H=2, K=32, V=32, gate="softplus")
+    x, opts = normalized(c)
+    split = jax.jit(segments.split_packed_prefill, static_argnums=(1, 2, 3))
+    clean_o, clean_s = split(x, opts, kda_chunked, 8)  # segments of 96 tokens
+    v = np.array(x.v)
+    v[0, 200, 1, 3] = np.nan  # sequence 0, its third segment, value head 1
+    o, s = split(x._replace(v=jnp.asarray(v)), opts, kda_chunked, 8)
+    o, clean_o = np.asarray(o), np.asarray(clean_o)
+    np.testing.assert_array_equal(o[0, :200], clean_o[0, :200])  # its earlier tokens, in its segment too
+    np.testing.assert_array_equal(o[0, 300:], clean_o[0, 300:])  # the other sequences
+    np.testing.assert_array_equal(np.asarray(s)[1:], np.asarray(clean_s)[1:])
+    assert np.isnan(o[0, 200:300, 1]).all() and np.isnan(np.asarray(s)[0, 1]).all()
+    np.testing.assert_array_equal(o[0, :, 0], clean_o[0, :, 0])  # the other value head
+
+
 @pytest.mark.parametrize("gate", ["bounded", "softplus"])
 def test_packed_cut_into_many_segments_with_weak_decay_within_the_bf16_tolerance(case, gate):
     c = case(seqlens=[40 * 16, 7, 23 * 16 + 5], H=2, K=32, V=32, dtype="bfloat16", gate=gate)
