@@ -22,6 +22,15 @@ class Case:
         return kda_oracle(*map(up, self.args), **kw)
 
 
+def strong_softplus_gate(c: Case) -> Case:
+    """`c` (softplus gate) with the gate at large raw values, 30 g + 10 (computed in float32, kept in g's
+    dtype), and A_log + 2: decays of hundreds of nats inside one chunk."""
+    g = c.args[3]
+    c.args = c.args[:3] + ((g.astype(jnp.float32) * 30.0 + 10.0).astype(g.dtype),) + c.args[4:]
+    c.kwargs["A_log"] = c.kwargs["A_log"] + 2.0
+    return c
+
+
 def make_case(
     rng, *, B=1, T=40, H=2, HV=None, K=32, V=32, dtype="float32", gate="given", lower_bound=-5.0,
     use_A_log=True, dt_bias="2d", l2norm=True, beta_sigmoid=True, allow_neg_eigval=False,
