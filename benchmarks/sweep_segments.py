@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from oracle import kda_oracle, rel_err  # noqa: E402
 
-from jax_kda import api, contract, cuda, paths, segments  # noqa: E402
+from jax_kda import api, cuda, paths, segments  # noqa: E402
 from jax_kda.primitive import kda_prefill_inner_run  # noqa: E402
 from bench_sharded import FLAGS, make_inputs  # noqa: E402  (one input recipe for the JAX benchmarks)
 from timing import time_jax  # noqa: E402
@@ -58,7 +58,7 @@ def launch_shape(tokens, heads, pieces):
     width = 128 if pieces == 1 else 256  # V, or V + K transition columns
     bounds = segments.segment_bounds(tokens, pieces)
     sequences = len(bounds) - 1
-    ctas = sequences * heads * (width // contract.prefill_v_slice(sequences, heads, width, sms))
+    ctas = paths.launch_ctas(sequences, heads, width, sms)
     longest = max(b - a for a, b in zip(bounds, bounds[1:]))
     return ctas, -(-ctas // sms) * -(-longest // 16)
 

@@ -208,8 +208,13 @@ MEASURED_CARDS = {"NVIDIA H200": CardFigures(chunk_seconds=2.19e-6, crowding=0.4
 _UNMEASURED = MEASURED_CARDS["NVIDIA H200"]
 
 
+def launch_ctas(sequences, value_heads, width, multiprocessors) -> int:
+    """CTAs of a prefill launch over `width` value columns (V, or V + K with transition columns)."""
+    return sequences * value_heads * (width // contract.prefill_v_slice(sequences, value_heads, width, multiprocessors))
+
+
 def _kernel_seconds(sequences, tokens, value_heads, width, multiprocessors, card: CardFigures) -> float:
-    ctas = sequences * value_heads * (width // contract.prefill_v_slice(sequences, value_heads, width, multiprocessors))
+    ctas = launch_ctas(sequences, value_heads, width, multiprocessors)
     waves = -(-ctas // multiprocessors)
     step = card.chunk_seconds * (1 + card.crowding * min(ctas, multiprocessors) / multiprocessors)
     return waves * -(-tokens // _CHUNK) * step
