@@ -11,6 +11,7 @@
 #   BENCH_ARGS="--cases AEF" bash benchmarks/gpu_session.sh test bench
 #   TESTS=tests/test_sharding_gpu.py NOTEBOOK=sharded_prefill bash benchmarks/gpu_session.sh test sharded notebook
 #   TESTS="tests/test_decode_cuda.py tests/test_flax_layer.py" bash benchmarks/gpu_session.sh test
+#   TESTS=tests/test_cuda.py PYTEST_ARGS="-k 'non_finite or packed'" bash benchmarks/gpu_session.sh test
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -41,7 +42,8 @@ for step in "$@"; do
   case "$step" in
     test)
       read -r -a targets <<< "${TESTS:-tests}"  # one or more test files or folders, from the repository root
-      (cd /tmp && python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 "${targets[@]/#/$repo/}" 2>&1 \
+      eval "selection=(${PYTEST_ARGS:-})"  # shell words, quotes kept: PYTEST_ARGS="-k 'non_finite or cut'"
+      (cd /tmp && python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 "${selection[@]}" "${targets[@]/#/$repo/}" 2>&1 \
         | tee "$out/gpu_tests.log" \
         | tail -25) || status=1 ;;
     bench)

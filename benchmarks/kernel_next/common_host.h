@@ -164,10 +164,14 @@ struct ErrorStats {
     sum_sq_ref += want * want;
     max_abs_err = std::max(max_abs_err, std::fabs(e));
   }
-  // RMS(x - ref) / RMS(ref) (SPEC.md "Accuracy metric"); infinite when anything was not finite.
-  double relative_rms() const {
+  // RMS(x - ref) / RMS(ref) (SPEC.md "Accuracy metric"); infinite when anything was not finite. With a
+  // floor, RMS(ref) counts as at least `floor_rms` (a quantity whose natural scale is known, such as a
+  // transition that maps an O(1) state: decayed to nothing, its entries are only judged against that).
+  double relative_rms(double floor_rms = 0.0) const {
     if (non_finite > 0) return INFINITY;
-    return sum_sq_ref > 0 ? std::sqrt(sum_sq_err / sum_sq_ref) : std::sqrt(sum_sq_err);
+    if (count == 0) return 0.0;
+    const double ref = std::max(std::sqrt(sum_sq_ref / count), floor_rms);
+    return ref > 0 ? std::sqrt(sum_sq_err / count) / ref : std::sqrt(sum_sq_err);
   }
 };
 

@@ -531,13 +531,14 @@ void poison_outputs(const DeviceProblem &d) {
 
 struct CheckResult {
   double o_ref = INFINITY, s_ref = INFINITY, o_emu = INFINITY, s_emu = INFINITY, emu_o = INFINITY, emu_s = INFINITY;
+  double s_rms = 0.0;  // RMS of the float64 final state
   long long bad = 0;
   int chains = 0;
   bool pass = false;
 };
 
 // The checks of `chains` (b, h) pairs (all of them when empty) after a launch on poisoned outputs.
-CheckResult evaluate(const DeviceProblem &d, std::vector<std::pair<int, int>> chains) {
+CheckResult evaluate(const DeviceProblem &d, std::vector<std::pair<int, int>> chains, double state_floor_rms = 0.0) {
   if (chains.empty())
     for (int b = 0; b < d.sequences(); ++b)
       for (int h = 0; h < d.shape.heads; ++h) chains.push_back({b, h});
@@ -545,7 +546,8 @@ CheckResult evaluate(const DeviceProblem &d, std::vector<std::pair<int, int>> ch
   for (const auto &c : chains) check_chain(d, c.first, c.second, e);
   CheckResult r;
   r.o_ref = e.o_ref.relative_rms();
-  r.s_ref = e.s_ref.relative_rms();
+  r.s_ref = e.s_ref.relative_rms(state_floor_rms);
+  r.s_rms = e.s_ref.count > 0 ? std::sqrt(e.s_ref.sum_sq_ref / e.s_ref.count) : 0.0;
   r.o_emu = e.o_emu.relative_rms();
   r.s_emu = e.s_emu.relative_rms();
   r.emu_o = e.emu_o_ref.relative_rms();
