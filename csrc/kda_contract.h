@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "chunk32/stage.h"
+
 namespace jax_kda {
 
 inline constexpr const char *kPrefillTarget = "jax_kda_prefill_cuda";
@@ -52,6 +54,49 @@ constexpr const char *decode_unsupported(int head_dim_k, int head_dim_v) {
   if (!kernel_takes_head_dim_k(head_dim_k)) return "the decode kernel takes K = 64 or 128";
   if (head_dim_v <= 0 || head_dim_v % kDecodeValueStep != 0) return "the decode kernel takes V a multiple of 16";
   return nullptr;
+}
+
+// The two-pass chunk-32 prefill (kda_two_pass_kernel.cu): what it takes today (the chunk-16 kernel serves
+// every other call), and its workspace: the factors of a window of chunks of every chain (at most
+// kTwoPassWorkspaceBudget; the passes run window by window), then, when the call writes no final state,
+// an fp32 state per chain to carry between windows.
+inline constexpr int kTwoPassChunk = kn::kChunk;
+inline constexpr int kTwoPassHeadDim = kn::kDimK;  // K = V = 128
+inline constexpr int64_t kTwoPassFactorBytes = kn::fused::kFactorPitch;  // one chunk of one chain
+inline constexpr int64_t kTwoPassWorkspaceBudget = int64_t(512) << 20;
+// The factor pass anchors each chunk's exponents at its row 15: 16 tokens of the bounded gate's decay
+// stay inside fp32 (2^(16 x 5 x log2 e) = 2^115) from this lower bound up. Softplus and given decays can
+// be stronger: the chunk-16 kernel runs them (it clamps at kMaxLogDecay = 10 nats over 8 tokens).
+inline constexpr float kTwoPassMinLowerBound = -5.f;
+
+// Why the two-pass prefill cannot take a call, or nullptr when it can. `gate` a GateMode code;
+// `plain_inputs`: g and beta bfloat16; `fp32_states`: the initial state (if any) and the final state
+// (if written) float32, in either layout.
+constexpr const char *two_pass_unsupported(int head_dim_k, int head_dim_v, bool transition_columns, bool packed,
+                                           int gate, float lower_bound, bool plain_inputs, bool fp32_states) {
+  if (head_dim_k != kTwoPassHeadDim || head_dim_v != kTwoPassHeadDim || transition_columns) {
+    return "the two-pass kernel takes K = V = 128 without transition columns";
+  }
+  if (packed) return "the two-pass kernel takes sequences of equal length (no cu_seqlens)";
+  if (gate != int32_t(GateMode::kBounded) || !(lower_bound >= kTwoPassMinLowerBound)) {
+    return "the two-pass kernel takes the bounded gate with lower_bound >= -5";
+  }
+  if (!plain_inputs) return "the two-pass kernel takes g and beta in bfloat16";
+  if (!fp32_states) return "the two-pass kernel takes float32 states";
+  return nullptr;
+}
+
+// Chunks of every chain that one window of the two-pass prefill covers, and the workspace it needs.
+constexpr int64_t two_pass_window(int64_t chains, int64_t chunks) {
+  if (chains <= 0 || chunks <= 0) return 0;
+  const int64_t fit = kTwoPassWorkspaceBudget / (chains * kTwoPassFactorBytes);
+  return fit < 1 ? 1 : fit < chunks ? fit : chunks;
+}
+constexpr int64_t two_pass_workspace_bytes(int64_t chains, int64_t chunks, bool carries_state) {
+  const int64_t window = two_pass_window(chains, chunks);
+  if (window == 0) return 0;  // nothing to run
+  return chains * window * kTwoPassFactorBytes +
+         (carries_state ? chains * kTwoPassHeadDim * kTwoPassHeadDim * int64_t(sizeof(float)) : 0);
 }
 
 // Value columns one CTA of the prefill owns (128 or 64 state rows: one or two consumer warpgroups);

@@ -6,7 +6,8 @@
 namespace jax_kda {
 
 // kPrefillTarget. Operands: q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens (absent ones as
-// empty arrays, flagged by the has_* attributes). Results: o, final_state (empty unless write_final_state).
+// empty arrays, flagged by the has_* attributes). Results: o, final_state (empty unless write_final_state),
+// workspace (uint8, two_pass_workspace_bytes of kda_contract.h when two_pass, else empty).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(KdaPrefillCuda);
 
 // kSegmentCorrectTarget. Operands: o_aug (a prefill's output with transition columns), entry_hi,

@@ -1,5 +1,6 @@
-// The FFI handler of the fused prefill: checks the buffers against the kernel's contract and launches
-// it on XLA's stream. No allocation and no host synchronisation, so it can be captured in CUDA graphs.
+// The FFI handler of the prefill: checks the buffers against the kernels' contract and launches the
+// chunk-16 kernel or, where the caller chose it (`two_pass`), the two-pass kernel over the workspace
+// result, on XLA's stream. No allocation and no host synchronisation, so it can be captured in CUDA graphs.
 
 #include "kda_ffi.h"
 
@@ -7,6 +8,7 @@
 
 #include "ffi_helpers.h"
 #include "kda_prefill.h"
+#include "kda_two_pass.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -21,10 +23,11 @@ using ffi_helpers::launch_result;
 ffi::Error PrefillImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                        ffi::AnyBuffer g, ffi::AnyBuffer beta, ffi::AnyBuffer A_log, ffi::AnyBuffer dt_bias,
                        ffi::AnyBuffer initial_state, ffi::AnyBuffer cu_seqlens,
-                       ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> final_state, float scale,
-                       int32_t gate, float lower_bound, bool l2norm, bool beta_sigmoid, bool allow_neg_eigval,
-                       bool state_v_first, bool has_A_log, bool has_dt_bias, bool has_initial_state,
-                       bool has_cu_seqlens, bool write_final_state, bool transition_columns) {
+                       ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> final_state,
+                       ffi::Result<ffi::AnyBuffer> workspace, float scale, int32_t gate, float lower_bound,
+                       bool l2norm, bool beta_sigmoid, bool allow_neg_eigval, bool state_v_first, bool has_A_log,
+                       bool has_dt_bias, bool has_initial_state, bool has_cu_seqlens, bool write_final_state,
+                       bool transition_columns, bool two_pass) {
   auto qd = q.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || vd.size() != 4) {
     return ffi::Error::InvalidArgument("jax_kda prefill: q must be [B, T, H, K] and v [B, T, HV, V], got " +
@@ -92,6 +95,19 @@ ffi::Error PrefillImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, 
   p.state_v_first = state_v_first;
   if (p.tokens == 0 || p.batch == 0) return ffi::Error::Success();
 
+  if (two_pass) {
+    if (const char *why = two_pass_unsupported(p)) {
+      return ffi::Error::InvalidArgument(std::string("jax_kda prefill: ") + why);
+    }
+    const int64_t chunks = (p.tokens + kTwoPassChunk - 1) / kTwoPassChunk;
+    const int64_t needed = two_pass_workspace_bytes(int64_t(p.batch) * p.value_heads, chunks, !write_final_state);
+    if (workspace->element_type() != ffi::DataType::U8 || int64_t(workspace->size_bytes()) < needed) {
+      return ffi::Error::InvalidArgument("jax_kda prefill: the two-pass kernel needs a uint8 workspace of " +
+                                         std::to_string(needed) + " bytes, got " + dims_str(*workspace));
+    }
+    return launch_result(two_pass_launch(p, workspace->untyped_data(), workspace->size_bytes(), stream),
+                         "jax_kda two-pass prefill kernel");
+  }
   return launch_result(prefill_launch(p, stream), "jax_kda prefill kernel");
 }
 
@@ -111,6 +127,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KdaPrefillCuda, PrefillImpl,
                                   .Arg<ffi::AnyBuffer>()  // cu_seqlens
                                   .Ret<ffi::AnyBuffer>()  // o
                                   .Ret<ffi::AnyBuffer>()  // final_state
+                                  .Ret<ffi::AnyBuffer>()  // workspace (uint8; empty unless two_pass)
                                   .Attr<float>("scale")
                                   .Attr<int32_t>("gate")
                                   .Attr<float>("lower_bound")
@@ -123,7 +140,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KdaPrefillCuda, PrefillImpl,
                                   .Attr<bool>("has_initial_state")
                                   .Attr<bool>("has_cu_seqlens")
                                   .Attr<bool>("write_final_state")
-                                  .Attr<bool>("transition_columns"),
+                                  .Attr<bool>("transition_columns")
+                                  .Attr<bool>("two_pass"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace jax_kda

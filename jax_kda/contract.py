@@ -29,6 +29,15 @@ correct_unsupported = _kda_ext.correct_unsupported  # (head_dim_k, head_dim_v) -
 decode_unsupported = _kda_ext.decode_unsupported  # (head_dim_k, head_dim_v) -> reason or None
 prefill_v_slice = _kda_ext.prefill_v_slice  # (sequences, value_heads, head_dim_v, multiprocessors) -> 64 or 128
 
+# The two-pass chunk-32 prefill: the calls it takes, its windows of chunks and its workspace.
+TWO_PASS_CHUNK: int = int(_kda_ext.two_pass_chunk)
+TWO_PASS_FACTOR_BYTES: int = int(_kda_ext.two_pass_factor_bytes)  # one chunk of one chain
+TWO_PASS_WORKSPACE_BUDGET: int = int(_kda_ext.two_pass_workspace_budget)
+two_pass_unsupported = _kda_ext.two_pass_unsupported  # (k, v, transition_columns, packed, gate, lower_bound,
+#                                                        plain_inputs, fp32_states) -> reason or None
+two_pass_window = _kda_ext.two_pass_window  # (chains, chunks) -> chunks a window
+two_pass_workspace_bytes = _kda_ext.two_pass_workspace_bytes  # (chains, chunks, carries_state) -> bytes
+
 
 def cuda_registrations() -> dict:
     """FFI target name -> handler capsule for the CUDA platform (empty without the kernels)."""

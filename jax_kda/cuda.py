@@ -32,8 +32,10 @@ def _preprocessing_attributes(x: KDAOperands, opts: KDAOptions) -> dict:
     )
 
 
-def lower_prefill_ffi(ctx, *args, present, opts: KDAOptions):
-    """The prefill kernel as one custom call on the operands `args` (the present fields of KDAOperands)."""
+def lower_prefill_ffi(ctx, *args, present, opts: KDAOptions, two_pass: bool = False):
+    """The prefill kernel as one custom call on the operands `args` (the present fields of KDAOperands):
+    the chunk-16 kernel, or the two-pass kernel with its workspace (a result XLA assigns with the others,
+    dropped after the call)."""
     x = KDAOperands.unflatten(present, ctx.avals_in)
     # Absent optional operands travel as empty arrays; so does the final state when not asked for.
     values = iter(args)
@@ -49,6 +51,12 @@ def lower_prefill_ffi(ctx, *args, present, opts: KDAOptions):
     avals_out = list(ctx.avals_out)
     if not opts.output_final_state:
         avals_out.append(jax.core.ShapedArray((0,), np.float32))
+    workspace = 0
+    if two_pass:
+        b, t, hv, _ = x.v.shape
+        workspace = contract.two_pass_workspace_bytes(b * hv, -(-t // contract.TWO_PASS_CHUNK),
+                                                      not opts.output_final_state)
+    avals_out.append(jax.core.ShapedArray((workspace,), np.uint8))
 
     rule = jax.ffi.ffi_lowering(contract.PREFILL_TARGET)
     results = rule(
@@ -59,6 +67,7 @@ def lower_prefill_ffi(ctx, *args, present, opts: KDAOptions):
         has_cu_seqlens=x.cu_seqlens is not None,
         write_final_state=opts.output_final_state,
         transition_columns=opts.transition_columns,
+        two_pass=two_pass,
     )
     return results[: len(ctx.avals_out)]
 

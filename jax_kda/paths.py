@@ -2,8 +2,9 @@
 
 `choose_path` is asked by the primitive's lowering (which knows the platform it lowers for), by
 context parallelism (which knows its mesh) and by `jax_kda.prefill_path` (which reports it). It returns
-the implementation, the reason, and the segment plan: into how many pieces the kernels' path cuts each
-sequence (`jax_kda.segments`). A decode step (`opts.decode_step`) has paths of its own: the decode
+the implementation, the reason, the kernel (the chunk-16 fused kernel, or the two-pass chunk-32 kernel
+where it takes the call and the cost model finds it faster), and the segment plan: into how many pieces
+the kernels' path cuts each sequence (`jax_kda.segments`). A decode step (`opts.decode_step`) has paths of its own: the decode
 kernel or the XLA token step.
 """
 
@@ -35,10 +36,12 @@ class Path(NamedTuple):
     pieces: int = 1  # segments each sequence is cut into on the kernels (1: none; packed: every T / pieces tokens)
     chunk: int = chunked.CHUNK  # tokens per serial step of the chunked pure-JAX path
     fallback: bool = False  # the kernels would have run on this platform but cannot take the call
+    two_pass: bool = False  # the kernels' path runs the two-pass chunk-32 kernel (else the chunk-16 one)
 
     def describe(self) -> str:
+        kernel = ", the two-pass chunk-32 kernel" if self.two_pass else ""
         cut = f", sequences cut into up to {self.pieces} segments" if self.pieces > 1 else ""
-        return f"{DESCRIPTIONS[self.impl]}{cut}: {self.reason}"
+        return f"{DESCRIPTIONS[self.impl]}{kernel}{cut}: {self.reason}"
 
 
 def choose_path(x: KDAOperands, opts: KDAOptions, platform: str) -> Path:
@@ -68,6 +71,9 @@ def choose_path(x: KDAOperands, opts: KDAOptions, platform: str) -> Path:
             raise ValueError(f"impl='cuda' cannot run this call: {reason}")
         return Path(XLA, reason, fallback=True)
     pieces = sequence_pieces(x, opts)
+    if two_pass_unsupported_reason(x, opts) is None and two_pass_is_faster(x, pieces):
+        return Path(CUDA, "the two-pass kernel takes this call, and the cost model finds it faster than the "
+                          "chunk-16 kernel" + (" with its segment cut" if pieces > 1 else ""), two_pass=True)
     if pieces > 1 and x.cu_seqlens is not None:
         return Path(CUDA, "the kernels take this call (a packed batch: its sequences are cut where the device "
                           "finds one long enough)", pieces=pieces)
@@ -143,6 +149,18 @@ def kernel_unsupported_reason(x: KDAOperands, opts: KDAOptions) -> str | None:
     return _not_hopper()
 
 
+def two_pass_unsupported_reason(x: KDAOperands, opts: KDAOptions) -> str | None:
+    """Why the two-pass kernel cannot run a call the kernels take (the chunk-16 kernel then runs it), or
+    None if it can (contract.two_pass_unsupported on the call's shapes, gate and dtypes)."""
+    states = [x.initial_state.dtype] if x.initial_state is not None else []
+    if opts.output_final_state:
+        states.append(jnp.dtype(opts.final_state_dtype))
+    return contract.two_pass_unsupported(
+        x.q.shape[3], x.v.shape[3], opts.transition_columns, x.cu_seqlens is not None,
+        contract.GATE_CODES[opts.gate], float(opts.lower_bound if opts.lower_bound is not None else 0.0),
+        x.g.dtype == jnp.bfloat16 and x.beta.dtype == jnp.bfloat16, all(d == jnp.float32 for d in states))
+
+
 def decode_kernel_unsupported_reason(x: KDAOperands, opts: KDAOptions) -> str | None:
     """Why the decode kernel cannot run this step (operands `[N, 1, ...]`, shapes and dtypes may be
     avals), or None if it can."""
@@ -193,16 +211,24 @@ _TIE = 0.05
 
 
 class CardFigures(NamedTuple):
-    """What the segment plan knows of a GPU, measured with `benchmarks/sweep_segments.py`."""
+    """What the kernel choice and the segment plan know of a GPU: the chunk-16 kernel's figures measured
+    with `benchmarks/sweep_segments.py`, the two-pass kernel's with `benchmarks/kernel_next/run_two_pass.sh`."""
 
     chunk_seconds: float  # one 16-token step of a chain whose CTA runs alone
     crowding: float  # the step's relative slow-down when every multiprocessor runs a CTA
     bandwidth: float  # bytes / s of a copy (the correction streams o)
+    factor_seconds: float  # two-pass: one 32-token chunk's factors, per multiprocessor, the GPU full
+    state_seconds: float  # two-pass: one 32-token step of a chain's state pass
+    window_seconds: float  # two-pass: what each window after the first adds (a factor-pass tail, launches)
 
 
-# By `device_kind`. H200: fitted to the J sweep of 2026-12-02 (2 and 16 segments: 16 CTAs 2.31 us a
-# step, 128 CTAs 3.19 us; docs/PERFLOG.md); it predicts cases E and G of the H200 benchmark within 4%.
-MEASURED_CARDS = {"NVIDIA H200": CardFigures(chunk_seconds=2.19e-6, crowding=0.47, bandwidth=4.2e12)}
+# By `device_kind`. H200: the chunk-16 figures fitted to the J sweep of 2026-12-02 (2 and 16 segments:
+# 16 CTAs 2.31 us a step, 128 CTAs 3.19 us; docs/PERFLOG.md; they predict cases E and G of the H200
+# benchmark within 4%); the two-pass ones from the prototype's runs of 2026-12-02 (factor pass 3.8-3.9
+# us a chunk a multiprocessor on A and E; state step 1.05 us on E, 1.38 on A; windows of 128 MB: A +15
+# us, E +23 us a window). They predict the prototype's A, E and F within 5%.
+MEASURED_CARDS = {"NVIDIA H200": CardFigures(chunk_seconds=2.19e-6, crowding=0.47, bandwidth=4.2e12,
+                                             factor_seconds=3.8e-6, state_seconds=1.25e-6, window_seconds=2e-5)}
 # Cards not measured: an H100 SXM has the H200's multiprocessors and clocks (its copy bandwidth, 3.0
 # TB/s, only enters the small correction term); the multiprocessor count is always the card's own.
 _UNMEASURED = MEASURED_CARDS["NVIDIA H200"]
@@ -218,6 +244,32 @@ def _kernel_seconds(sequences, tokens, value_heads, width, multiprocessors, card
     waves = -(-ctas // multiprocessors)
     step = card.chunk_seconds * (1 + card.crowding * min(ctas, multiprocessors) / multiprocessors)
     return waves * -(-tokens // _CHUNK) * step
+
+
+def _two_pass_seconds(sequences, tokens, value_heads, multiprocessors, card: CardFigures) -> float:
+    chains, chunks = sequences * value_heads, -(-tokens // contract.TWO_PASS_CHUNK)
+    windows = -(-chunks // max(contract.two_pass_window(chains, chunks), 1))
+    waves = -(-chains // multiprocessors)  # one state-pass CTA a multiprocessor
+    return (chains * chunks * card.factor_seconds / multiprocessors + waves * chunks * card.state_seconds
+            + (windows - 1) * card.window_seconds)
+
+
+def two_pass_is_faster(x: KDAOperands, pieces: int) -> bool:
+    """Whether the cost model puts the two-pass kernel (uncut) below the chunk-16 kernel cut into
+    `pieces` segments (1: uncut) on this call of equal-length sequences."""
+    b, t, hv, vd = x.v.shape
+    kd = x.q.shape[3]
+    sms, card = multiprocessors(), card_figures()
+    return _two_pass_seconds(b, t, hv, sms, card) < _chunk16_seconds(b, t, hv, kd, vd, pieces, sms, card)
+
+
+def _chunk16_seconds(b, t, hv, kd, vd, pieces, sms, card: CardFigures) -> float:
+    """The chunk-16 kernel's time on B sequences of T tokens, cut into `pieces` segments (1: uncut)."""
+    if pieces == 1:
+        return _kernel_seconds(b, t, hv, vd, sms, card)
+    width = vd + kd
+    correction_s = b * t * hv * (width + vd) * 2 / card.bandwidth
+    return _kernel_seconds(b * pieces, -(-t // pieces), hv, width, sms, card) + correction_s
 
 
 def sequence_pieces(x: KDAOperands, opts: KDAOptions) -> int:
@@ -244,12 +296,15 @@ def sequence_pieces(x: KDAOperands, opts: KDAOptions) -> int:
 
 def _planned_pieces(b, t, hv, kd, vd, transition_columns: bool) -> int:
     """The segments per sequence for B sequences of T tokens, by the cost model (1: none)."""
-    width = vd + kd
     sms, card = multiprocessors(), card_figures()
-    uncut_s = _kernel_seconds(b, t, hv, width if transition_columns else vd, sms, card)
-    correction_s = 0.0 if transition_columns else b * t * hv * (width + vd) * 2 / card.bandwidth
-    cut_s = {pieces: _kernel_seconds(b * pieces, -(-t // pieces), hv, width, sms, card) + correction_s
-             for pieces in range(2, min(_MAX_PIECES, t // _MIN_PIECE_TOKENS) + 1)}
+
+    def seconds(pieces):
+        if transition_columns:  # the call pays for them already: only the kernel time counts
+            return _kernel_seconds(b * pieces, -(-t // pieces), hv, vd + kd, sms, card)
+        return _chunk16_seconds(b, t, hv, kd, vd, pieces, sms, card)
+
+    uncut_s = seconds(1)
+    cut_s = {pieces: seconds(pieces) for pieces in range(2, min(_MAX_PIECES, t // _MIN_PIECE_TOKENS) + 1)}
     if not cut_s:
         return 1
     fastest = min(cut_s.values())

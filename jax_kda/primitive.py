@@ -201,7 +201,7 @@ def _lower_inner(ctx, *args, present, opts, platform=None):
         return cuda.lower_segmented(ctx, *args, present=present, opts=opts, pieces=path.pieces,
                                     run=kda_prefill_inner_run)
     if path.impl == paths.CUDA:
-        return cuda.lower_prefill_ffi(ctx, *args, present=present, opts=opts)
+        return cuda.lower_prefill_ffi(ctx, *args, present=present, opts=opts, two_pass=path.two_pass)
     if path.impl == paths.DECODE_KERNEL:
         return cuda.lower_decode_ffi(ctx, *args, present=present, opts=opts)
     if path.fallback:

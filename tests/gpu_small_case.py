@@ -1,9 +1,10 @@
-"""A small packed KDA prefill, or a decode step, through the CUDA kernels, run in a child process by
+"""A small packed KDA prefill (the chunk-16 kernel), one of equal-length sequences with the bounded gate
+(the two-pass kernel), or a decode step, through the CUDA kernels, run in a child process by
 test_cuda.py and test_decode_cuda.py (under compute-sanitizer, or with XLA's CUDA graphs switched on
 through XLA_FLAGS).
 
-`run`, `run-decode`: the call alone. `check`, `check-decode`: several jitted calls, compared with the
-XLA path; prints "ok".
+`run`, `run-two-pass`, `run-decode`: the call alone. `check`, `check-two-pass`, `check-decode`: several
+jitted calls, compared with the XLA path; prints "ok".
 """
 
 import sys
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_kda import kda_decode_step, kda_prefill
+from jax_kda import kda_decode_step, kda_prefill, prefill_path
 
 rng = np.random.default_rng(0)
 seqlens = [5, 0, 40, 1, 17]
@@ -46,7 +47,13 @@ def decode(impl):
 
 
 decoding = sys.argv[1].endswith("decode")
-if decoding:
+if sys.argv[1].endswith("two-pass"):  # two sequences of 70 tokens: a partial last chunk of 32
+    B, T = 2, 70
+    args = (bf(B, T, H, K), bf(B, T, H, K), bf(B, T, HV, V), bf(B, T, HV, K), bf(B, T, HV))
+    del kwargs["cu_seqlens"]
+    kwargs.update(lower_bound=-5.0, initial_state=kwargs["initial_state"][:B])
+    assert "two-pass" in prefill_path(*args, **kwargs), prefill_path(*args, **kwargs)
+elif decoding:
     N = len(seqlens)
     args = (bf(N, H, K), bf(N, H, K), bf(N, HV, V), bf(N, HV, K), bf(N, HV), kwargs["initial_state"])
 build = decode if decoding else prefill

@@ -91,3 +91,37 @@ def test_kernel_reasons_come_from_the_contract(monkeypatch):
                               output_final_state=False, final_state_dtype="float32", impl="auto")
     reason = paths.kernel_unsupported_reason(x, opts)
     assert reason.startswith(contract.prefill_unsupported(60, 128)) and "K = 60" in reason
+
+
+def test_two_pass_workspace_is_bounded_and_carries_the_state_without_a_final_state():
+    chains, chunks = 96, 256  # case A: 767 MB of factors in one window, more than the budget
+    window = contract.two_pass_window(chains, chunks)
+    assert 1 <= window < chunks
+    assert chains * window * contract.TWO_PASS_FACTOR_BYTES <= contract.TWO_PASS_WORKSPACE_BUDGET
+    assert contract.two_pass_window(4, 3) == 3  # what fits runs in one window
+    assert contract.two_pass_window(10**6, 5) == 1  # and a window holds one chunk at least
+    assert contract.two_pass_window(0, 5) == 0 and contract.two_pass_workspace_bytes(4, 0, True) == 0
+    carry = contract.two_pass_workspace_bytes(chains, chunks, True) - contract.two_pass_workspace_bytes(
+        chains, chunks, False)
+    assert carry == chains * 128 * 128 * 4  # an fp32 state per chain
+    assert contract.TWO_PASS_CHUNK == 32
+
+
+@pytest.mark.parametrize("change,words", [
+    (dict(), None),
+    (dict(head_dim_k=64, head_dim_v=64), "K = V = 128"),
+    (dict(transition_columns=True), "K = V = 128 without transition columns"),
+    (dict(packed=True), "equal length"),
+    (dict(gate="softplus"), "bounded gate"),
+    (dict(lower_bound=-5.5), "lower_bound >= -5"),
+    (dict(lower_bound=float("nan")), "lower_bound >= -5"),
+    (dict(plain_inputs=False), "g and beta in bfloat16"),
+    (dict(fp32_states=False), "float32 states"),
+])
+def test_two_pass_kernel_takes_what_the_contract_says(change, words):
+    call = dict(head_dim_k=128, head_dim_v=128, transition_columns=False, packed=False, gate="bounded",
+                lower_bound=-5.0, plain_inputs=True, fp32_states=True)
+    call.update(change)
+    call["gate"] = contract.GATE_CODES[call["gate"]]
+    why = contract.two_pass_unsupported(**call)
+    assert why is None if words is None else words in why

@@ -38,8 +38,10 @@ def test_lowers_to_the_custom_call_without_a_gpu():
     assert len(calls) == 1 and f"@{contract.PREFILL_TARGET}(" in calls[0]
     for attr in ("gate = 2 : i32", "lower_bound = -5.000000e+00 : f32", "scale = 2.500000e-01 : f32",
                  "l2norm = true", "beta_sigmoid = true", "state_v_first = true", "has_initial_state = true",
-                 "has_cu_seqlens = false", "write_final_state = true"):
+                 "has_cu_seqlens = false", "write_final_state = true", "two_pass = true"):
         assert attr in calls[0], attr
+    # The two-pass kernel's workspace: the factors of its 2 chunks of the 4 chains, one window.
+    assert f"tensor<{4 * 2 * contract.TWO_PASS_FACTOR_BYTES}xui8>" in calls[0]
     # Unsupported sizes lower to the XLA path instead.
     args = tuple(jax.ShapeDtypeStruct(a.shape[:-1] + (60,) if a.ndim == 4 and a.shape[-1] == K else a.shape, a.dtype)
                  for a in args[:5]) + (spec(B, HV, 60, 60, dtype=jnp.float32),)
@@ -49,11 +51,31 @@ def test_lowers_to_the_custom_call_without_a_gpu():
 
 
 @needs_kernels
+@pytest.mark.parametrize("output_final_state", [True, False])
+def test_two_pass_kernel_lowers_with_its_workspace(monkeypatch, output_final_state):
+    monkeypatch.setattr(paths, "multiprocessors", lambda: 132)  # an H100's
+    T, H, K = 32768, 32, 128  # case E of ANCHORS.md: its factors exceed the budget, two windows
+    f = lambda q, k, v, g, b, s: kda_prefill(q, k, v, g, b, initial_state=s, output_final_state=output_final_state,
+                                             use_gate_in_kernel=True, lower_bound=-5.0, state_v_first=True)
+    args = (spec(1, T, H, K),) * 4 + (spec(1, T, H), spec(1, H, K, K, dtype=jnp.float32))
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
+    assert len(calls) == 1 and "two_pass = true" in calls[0], calls
+    chunks = T // contract.TWO_PASS_CHUNK
+    window = contract.two_pass_window(H, chunks)
+    assert 1 < window < chunks
+    factors = H * window * contract.TWO_PASS_FACTOR_BYTES
+    assert factors <= contract.TWO_PASS_WORKSPACE_BUDGET
+    carry = 0 if output_final_state else H * K * K * 4  # the state between windows, when no final state is kept
+    assert f"tensor<{factors + carry}xui8>" in calls[0]
+
+
+@needs_kernels
 def test_few_long_sequences_lower_to_segments_and_a_correction(monkeypatch):
     monkeypatch.setattr(paths, "multiprocessors", lambda: 132)  # an H100's
-    T, H, K = 32768, 32, 128  # case E of ANCHORS.md
+    T, H, K = 32768, 32, 128  # case E of ANCHORS.md with the softplus gate (the two-pass kernel's is bounded)
     f = lambda q, k, v, g, b, s: kda_prefill(q, k, v, g, b, initial_state=s, output_final_state=True,
-                                             use_gate_in_kernel=True, lower_bound=-5.0, state_v_first=True)
+                                             use_gate_in_kernel=True, A_log=jnp.zeros((H,)), state_v_first=True)
     args = (spec(1, T, H, K),) * 4 + (spec(1, T, H), spec(1, H, K, K, dtype=jnp.float32))
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
@@ -310,6 +332,90 @@ def test_gradients_run_through_the_kernel_forward(case):
 
 
 # ---------------------------------------------------------------------------------------------
+# The two-pass chunk-32 kernel: it takes the bounded gate (lower_bound >= -5), K = V = 128, bf16 g and
+# beta, fp32 states and sequences of equal length; the cost model picks it or the chunk-16 kernel.
+
+
+@pytest.fixture(params=["two-pass", "chunk-16"])
+def kernel(request, monkeypatch):
+    """The calls the two-pass kernel takes run on the kernel named, whatever the cost model says."""
+    monkeypatch.setattr(paths, "two_pass_is_faster", lambda x, pieces: request.param == "two-pass")
+    return request.param
+
+
+@pytest.fixture
+def two_pass(monkeypatch):
+    monkeypatch.setattr(paths, "two_pass_is_faster", lambda x, pieces: True)
+
+
+def takes_two_pass(case):
+    return "two-pass" in jax_kda.prefill_path(*case.args, impl="cuda", **case.kwargs)
+
+
+TWO_PASS_CALL = dict(B=2, T=100, H=2, K=128, V=128, dtype="bfloat16", gate="bounded")
+TWO_PASS_FEATURES = [
+    dict(), dict(l2norm=False), dict(beta_sigmoid=False), dict(allow_neg_eigval=True), dict(scale=0.3),
+    dict(initial_state=None), dict(output_final_state=False), dict(initial_state=None, output_final_state=False),
+    dict(use_A_log=False, dt_bias=None), dict(HV=4), dict(lower_bound=-1.0), dict(state_v_first=True),
+]
+
+
+@gpu
+@needs_kernels
+@pytest.mark.parametrize("features", TWO_PASS_FEATURES, ids=repr)
+def test_two_pass_calls_on_either_kernel(case, kernel, features):
+    c = case(**{**TWO_PASS_CALL, **features})
+    assert takes_two_pass(c) == (kernel == "two-pass")
+    check_against_oracle(c)
+
+
+@gpu
+@needs_kernels
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 31), (1, 32), (2, 33), (1, 1000)])
+def test_two_pass_sizes(case, two_pass, B, T):
+    c = case(**{**TWO_PASS_CALL, "B": B, "T": T, "HV": 4})
+    assert takes_two_pass(c)
+    check_against_oracle(c)
+
+
+@gpu
+@needs_kernels
+@pytest.mark.parametrize("output_final_state", [True, False])
+def test_two_pass_windows(case, two_pass, output_final_state):
+    # 96 chains x 188 chunks of factors exceed the workspace budget: two windows, the state carried from
+    # one to the next in the final state (or, when none is kept, in the workspace).
+    c = case(**{**TWO_PASS_CALL, "B": 1, "T": 6000, "H": 48, "HV": 96, "output_final_state": output_final_state})
+    assert contract.two_pass_window(96, -(-6000 // contract.TWO_PASS_CHUNK)) < -(-6000 // contract.TWO_PASS_CHUNK)
+    assert takes_two_pass(c)
+    check_against_oracle(c)
+
+
+@gpu
+@needs_kernels
+def test_two_pass_writes_every_output_element(case, two_pass):
+    c = case(**{**TWO_PASS_CALL, "T": 77, "HV": 4})
+    assert takes_two_pass(c)
+    fn = lambda *a: kda_prefill(*a, impl="cuda", **c.kwargs)
+    (o, final), poisoned = run_poisoned(fn, *c.args)
+    assert poisoned, "the outputs did not land in the poisoned buffers; the check would prove nothing"
+    assert np.isfinite(np.asarray(o, np.float32)).all() and np.isfinite(np.asarray(final)).all()
+    ref_o, ref_final = c.expected()
+    assert rel_err(o, ref_o) < BF16_TOL and rel_err(final, ref_final) < BF16_TOL
+
+
+@gpu
+@needs_kernels
+def test_two_pass_bitwise_deterministic(case, two_pass):
+    c = case(**{**TWO_PASS_CALL, "B": 1, "T": 2000, "H": 4})
+    assert takes_two_pass(c)
+    first = run_cuda(c)
+    for _ in range(3):
+        for a, b in zip(first, run_cuda(c)):
+            np.testing.assert_array_equal(np.asarray(a.view(jnp.uint16) if a.dtype == jnp.bfloat16 else a),
+                                          np.asarray(b.view(jnp.uint16) if b.dtype == jnp.bfloat16 else b))
+
+
+# ---------------------------------------------------------------------------------------------
 # Few long sequences: cut into segments joined through their transition columns (jax_kda.segments)
 
 
@@ -375,25 +481,32 @@ def test_transition_columns_in_the_kernel(case, rng):
 SCRIPT = os.path.join(os.path.dirname(__file__), "gpu_small_case.py")
 
 
+# The chunk-16 kernel (a packed call) and the two-pass kernel's two passes (a call of equal lengths).
+SMALL_CALLS = [("", "kda_prefill_kernel"), ("-two-pass", "pass_kernel")]
+
+
 @gpu
 @needs_kernels
-def test_cuda_graphs():
+@pytest.mark.parametrize("call,kernel_name", SMALL_CALLS)
+def test_cuda_graphs(call, kernel_name):
     env = dict(os.environ, XLA_FLAGS="--xla_gpu_enable_command_buffer=CUSTOM_CALL --xla_gpu_graph_min_graph_size=1")
-    out = subprocess.run([sys.executable, SCRIPT, "check"], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, SCRIPT, "check" + call], env=env, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "ok" in out.stdout
 
 
 @gpu
 @needs_kernels
+@pytest.mark.parametrize("call,kernel_name", SMALL_CALLS)
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
-def test_compute_sanitizer(tool):
+def test_compute_sanitizer(tool, call, kernel_name):
     exe = "compute-sanitizer"
     if subprocess.run(["which", exe], capture_output=True).returncode != 0:
         pytest.skip("compute-sanitizer not on PATH")
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    cmd = [exe, f"--tool={tool}", "--kernel-name", "kns=kda_prefill_kernel", "--error-exitcode=3",
-           sys.executable, SCRIPT, "run"]
+    cmd = [exe, f"--tool={tool}", "--kernel-name", f"kns={kernel_name}", "--error-exitcode=3",
+           sys.executable, SCRIPT, "run" + call]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "ERROR SUMMARY: 0 errors" in out.stdout or "0 hazards" in out.stdout, out.stdout[-2000:]

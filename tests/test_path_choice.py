@@ -62,13 +62,43 @@ def test_impl_cuda_on_a_cpu_names_the_platform():
         prefill_path(*shapes(256, 4), impl="cuda", **FUSED)
 
 
+SOFTPLUS = dict(FUSED, lower_bound=None, A_log=jnp.zeros((32,)))  # Kimi-Linear's gate: the chunk-16 kernel's
+
+
 def test_gpu_reports_the_kernels_and_their_cut(on_a_gpu):
-    assert prefill_path(*shapes(8192, 96), **FUSED) == "cuda (jax_kda CUTLASS kernels, sm_90a): the kernels take this call"
-    described = prefill_path(*shapes(32768, 32), **FUSED)  # case E: 32 chains on 132 multiprocessors
+    assert prefill_path(*shapes(8192, 96), **SOFTPLUS | dict(A_log=jnp.zeros((96,)))) == (
+        "cuda (jax_kda CUTLASS kernels, sm_90a): the kernels take this call")
+    described = prefill_path(*shapes(32768, 32), **SOFTPLUS)  # case E: 32 chains on 132 multiprocessors
     assert described.startswith("cuda (jax_kda CUTLASS kernels, sm_90a), sequences cut into up to 2 segments")
     cu = jnp.array([0, 60000, 65536], jnp.int32)  # case I's tokens, packed: the device decides
     described = prefill_path(*shapes(65536, 8), cu_seqlens=cu, **FUSED)
     assert "sequences cut into up to 8 segments" in described and "where the device finds one long enough" in described
+
+
+@pytest.mark.parametrize("T,H", [(8192, 96), (32768, 32), (2048, 32)])  # cases A, E, F
+def test_gpu_takes_the_two_pass_kernel_where_the_cost_model_finds_it_faster(on_a_gpu, T, H):
+    described = prefill_path(*shapes(T, H), **FUSED)
+    assert described.startswith("cuda (jax_kda CUTLASS kernels, sm_90a), the two-pass chunk-32 kernel: ")
+
+
+def test_gpu_keeps_the_chunk16_kernel_for_few_very_long_sequences(on_a_gpu):
+    # Case J: 4 chains of 4096 steps; the chunk-16 kernel cut into 16 segments is predicted faster.
+    described = prefill_path(*shapes(131072, 4), **FUSED)
+    assert "two-pass" not in described and "cut into up to 16 segments" in described
+
+
+@pytest.mark.parametrize("change,why", [
+    (dict(lower_bound=-6.0), "bounded gate with lower_bound >= -5"),
+    (dict(lower_bound=None, A_log=jnp.zeros((96,))), "bounded gate"),
+    (dict(output_final_state=True, final_state_dtype=jnp.bfloat16), "float32 states"),
+    (dict(initial_state=jnp.zeros((1, 96, 128, 128), jnp.bfloat16)), "float32 states"),
+    (dict(cu_seqlens=jnp.array([0, 8000, 8192], jnp.int32)), "equal length"),
+])
+def test_two_pass_kernel_names_what_it_does_not_take(on_a_gpu, change, why):
+    from jax_kda import api
+    x, opts = api.prefill_call(*shapes(8192, 96), **{**FUSED, **change})
+    assert why in paths.two_pass_unsupported_reason(x, opts)
+    assert "two-pass" not in prefill_path(*shapes(8192, 96), **{**FUSED, **change})
 
 
 def test_gpu_fallback_says_why(on_a_gpu):

@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "common.h"
+#include "layout.h"
 
 #define KN_CHECK(call)                                                                            \
   do {                                                                                            \

@@ -1,4 +1,4 @@
-// Host-only check (runs on a CPU) that the hand-written layouts of common.h agree with CuTe's:
+// Host-only check (runs on a CPU) that the hand-written layouts of layout.h agree with CuTe's:
 //  1. every element offset of the tiles WQ, TA, KendT and V equals the address CuTe's canonical GMMA
 //     layout (swizzle atoms tiled to the same shape and order) gives it;
 //  2. the descriptor fields (LBO, SBO, swizzle mode) equal what CuTe's make_gmma_desc derives from that
@@ -7,7 +7,7 @@
 //  3. the wgmma fragment maps (acc_row/acc_col, a_row/a_col) equal CuTe's CLayout_64xN and
 //     ALayout_64x16, and accumulator values 8 kb + j are A elements j of k-block kb (register-local
 //     conversion).
-// Build: nvcc -std=c++17 -I<cutlass>/include common_layout_check.cu -o common_layout_check
+// Build: nvcc -std=c++17 -I<cutlass>/include -I../../csrc/chunk32 common_layout_check.cu -o common_layout_check
 // (CuTe's host path of cast_smem_ptr_to_uint prints an error line and returns 0: start addresses are
 // therefore compared against element addresses instead.)
 #include <cstdio>
@@ -15,7 +15,7 @@
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 #include <cute/tensor.hpp>
 
-#include "common.h"
+#include "layout.h"
 
 using namespace cute;
 using Bf16 = cute::bfloat16_t;

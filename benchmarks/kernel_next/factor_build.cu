@@ -28,7 +28,7 @@
 //      T beta -> TA rows 0-31, T diag(beta rk) -> scratch.
 //   E  W' = -(T diag(beta rk)) Kr diag(2^Gamma_15) on the tensor cores (W = T beta k̂ 2^Gamma), 32 columns
 //      x 32 rows a warp -> WQ rows 0-31. The raw slot is released to the loader after this phase.
-// The outputs land in the factor-stage layout of common.h (the tiles the state warpgroups read by
+// The outputs land in the factor-stage layout of layout.h (the tiles the state warpgroups read by
 // wgmma); checked chunks are copied to global memory by a bulk store.
 //
 // Checks: the stored factors are poisoned first; the factors of chunks 0-3 and the last two of
@@ -38,7 +38,7 @@
 #include <cstdio>
 #include <memory>
 
-#include "common_device.cuh"
+#include "ptx.cuh"
 #include "common_host.h"
 
 namespace kn {

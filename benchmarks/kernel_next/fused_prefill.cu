@@ -1,6 +1,6 @@
 // Issue 10, stage 2: a standalone fused chunk-32 KDA prefill prototype for Hopper (sm_90a), full-V case
 // (K = V = 128, one CTA per (sequence, head) chain). Kernel: fused_prefill_kernel.cuh; layout and
-// schedule: fused_prefill.h. This program:
+// schedule: stage.h. This program:
 //   * allocates inputs of the ANCHORS.md recipe on the GPU (bf16 q, k = l2normalize(randn), v, g, beta
 //     = randn; fp32 A_log = rand(H), dt_bias = rand(H, K), initial state 0.1 randn, V-first), bounded gate
 //     with lower_bound -5, scale K^-0.5, L2 norm and beta sigmoid in the kernel;

@@ -1,5 +1,5 @@
 // The fused chunk-32 KDA prefill kernel (issue 10, stage 2), device code. Layout and schedule in
-// fused_prefill.h; the host program (inputs, checks, timings) in fused_prefill.cu.
+// stage.h; the host program (inputs, checks, timings) in fused_prefill.cu.
 //
 // Per chunk of 32 tokens (two sub-blocks of 16), Gamma the chunk-local cumulative log2-decay:
 //   factor group (one warpgroup, the microkernel factor_build.cu's algorithm with the rounding that

@@ -15,7 +15,8 @@ out=${OUT:-/tmp/fused_out}
 build=${BUILD_DIR:-/tmp/fused_build}
 nvcc_bin=${NVCC:-nvcc}
 mkdir -p "$out" "$build"
-flags=(-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -lineinfo -Xptxas -v)
+# The kernels' headers are the library's (csrc/chunk32).
+flags=(-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -lineinfo -Xptxas -v -I"$here/../../csrc/chunk32")
 status=0
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv,noheader \

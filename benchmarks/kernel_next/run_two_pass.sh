@@ -22,7 +22,8 @@ build=${BUILD_DIR:-/tmp/two_pass_build}
 extra="$build/extra"
 nvcc_bin=${NVCC:-nvcc}
 mkdir -p "$out" "$build" "$extra"
-flags=(-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -lineinfo -Xptxas -v)
+# The kernels' headers are the library's (csrc/chunk32).
+flags=(-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -lineinfo -Xptxas -v -I"$here/../../csrc/chunk32")
 status=0
 summary="$out/summary.txt"
 : > "$summary"

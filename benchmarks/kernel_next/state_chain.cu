@@ -3,7 +3,7 @@
 // One CTA per chain (grid = one CTA per SM), 1024 steps of 32 tokens. Two state warpgroups each hold
 // 64 rows (values) x 128 columns (key channels) of S^T in wgmma accumulators (64 f32 registers a
 // thread) and feed it back as the register A operand (RS wgmma). A loader warp supplies each step's
-// factors (a "factor stage", common.h) by bulk copy into a two-stage ring: either once at the start
+// factors (a "factor stage", layout.h) by bulk copy into a two-stage ring: either once at the start
 // (resident: the chain waits only for the tensor cores) or every step from a pool in global memory
 // (streamed). Per step and state warpgroup (S^T: 64 x 128, tokens t, t' in 0..31):
 //   two-products form (the design note's):
@@ -15,7 +15,7 @@
 //     S^T <- S^T diag(decay) + R^T Kend                              m64n128k16: 2 RS
 // W' = -W is stored negated so every product accumulates. bf16 operands, f32 accumulation.
 //
-// The accumulator -> A operand conversion is register-local (common.h, checked against CuTe's
+// The accumulator -> A operand conversion is register-local (layout.h, checked against CuTe's
 // CLayout_64xN / ALayout_64x16 by common_layout_check.cu): A register r of k-block kb is
 // bf16x2(acc[8 kb + 2 r], acc[8 kb + 2 r + 1]).
 //
@@ -28,7 +28,7 @@
 #include <cstdio>
 #include <memory>
 
-#include "common_device.cuh"
+#include "ptx.cuh"
 #include "common_host.h"
 
 namespace kn {

@@ -11,7 +11,7 @@
 
 #include <cstdint>
 
-#include "common.h"
+#include "layout.h"
 
 namespace kn {
 namespace fused {
@@ -32,7 +32,7 @@ constexpr int kF16Bytes = 2, kF32Bytes = 4;
 constexpr uint32_t align_up(uint32_t x, uint32_t a) { return (x + a - 1) / a * a; }
 
 // ---- a stage (one chunk's factors, what the state warpgroups read) --------------------------------
-// WQ   64 x 128 f16, K-major, 128B swizzle (common.h wq_offset): rows 0-31 W' = -W, rows 32-63 Qd
+// WQ   64 x 128 f16, K-major, 128B swizzle (layout.h wq_offset): rows 0-31 W' = -W, rows 32-63 Qd
 // TA   64 x 32, K-major, 64B swizzle (k32_offset): rows 0-31 T beta hi part (bf16), rows 32-63 Aqk (f16)
 // TBLO 32 x 32 bf16, like TA: T beta lo part (T beta = hi + lo: the V^T (T beta)^T product is bf16, V's type)
 // KEND 128 x 32 f16 (Kend transposed), like TA
@@ -49,6 +49,12 @@ constexpr uint32_t kStBytes = kStV + kVBytes;                            // 3993
 static_assert(kStTa % kSwizzleAlign == 0 && kStTbetaLo % kSwizzleAlign == 0 && kStKend % kSwizzleAlign == 0 &&
                   kStV % kSwizzleAlign == 0 && kStBytes % kSwizzleAlign == 0,
               "swizzled tiles start 1024-byte aligned");
+
+// What the two-pass prefill's factor pass writes per chunk to global memory (two_pass.cuh): the stage up
+// to V, at this pitch.
+constexpr uint32_t kPassFactorBytes = kStDecay + kDimK * kF32Bytes;  // 31232
+constexpr uint32_t kFactorPitch = kPassFactorBytes;
+static_assert(kFactorPitch % 16 == 0, "bulk copies and the 16-byte Kend stores need 16-byte alignment");
 
 // ---- raw inputs of one chunk (a slot of a factor group) -----------------------------------------
 // q, k, g: [32 tokens][128 channels] bf16 as two bulk-tensor boxes of 32 x 64 (channels 0-63, 64-127), each
@@ -141,11 +147,13 @@ struct FusedParams {
   const int *cu_seqlens = nullptr;  // packed sequences (then batch 1): [sequences + 1] offsets into T
   int sequences = 0;               // packed: their number
   const uint16_t *beta;            // bf16 [B, T, H] (logits with the beta sigmoid)
-  const float *a_log;              // [H]
-  const float *dt_bias;            // [H, K]
+  const float *a_log;              // [H]; nullptr: A = 1
+  const float *dt_bias;            // [H, K]; nullptr: no bias
   float lower_bound, scale;
-  const float *initial_state;      // fp32 [B, H, V, K] (state_v_first); nullptr: zeros
-  float *final_state;              // fp32 [B, H, V, K]
+  float beta_max = 1.f;            // the beta sigmoid's upper bound: 2 allows negative eigenvalues
+  const float *initial_state;      // fp32 [B, H, V, K] (state_v_first) or [B, H, K, V]; nullptr: zeros
+  float *final_state;              // fp32, the same layout
+  bool state_v_first = true;
   uint16_t *o;                     // bf16 [B, T, H, V]
 };
 

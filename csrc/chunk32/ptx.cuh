@@ -8,8 +8,8 @@
 
 #include <cstdint>
 
-#include "common.h"
-#include "common_wgmma.h"
+#include "layout.h"
+#include "wgmma.h"
 
 namespace kn {
 

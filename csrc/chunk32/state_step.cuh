@@ -1,7 +1,7 @@
 // The state step of the chunk-32 KDA prefill (issue 10) for one warpgroup's 64 V rows of S^T (f32 wgmma
 // accumulators, fed back as the f16 register A operand), and its epilogues (o stores, initial and final
 // state). Shared by the fused prototype (fused_prefill_kernel.cuh) and the two-pass program's state pass
-// (two_pass.cu). The stage it reads (fused_prefill.h's layout) holds the factor group's output
+// (two_pass.cu). The stage it reads (stage.h's layout) holds the factor group's output
 // (factor_group.cuh) and the chunk's V (bulk tensor copy). Per chunk ("two-products" form):
 //     R^T  = V^T (T beta hi + T beta lo)^T + S^T W'^T  (4 x m64n32k16 SS bf16, 8 x m64n32k16 RS f16)
 //     O^T  = S^T Qd^T                                   (8 x m64n32k16 RS, f16)
@@ -10,8 +10,8 @@
 //     o (bf16) stored from the O^T accumulators; final state (f32, V-first) at the end.
 #pragma once
 
-#include "common_device.cuh"
-#include "fused_prefill.h"
+#include "ptx.cuh"
+#include "stage.h"
 
 namespace kn {
 namespace fused {
@@ -85,10 +85,17 @@ __device__ __forceinline__ void state_step(uint32_t stage, const float *decay, i
   pin_registers(o);
 }
 
-// Thread value i of the 64 x 128 S^T tile of state group `group`: (row v, column d).
-__device__ __forceinline__ size_t state_row(const FusedParams &p, const Chain &chain, int group, int thread, int i) {
-  const int v = group * kGroupRows + acc_row(thread, i);
-  return ((size_t(chain.sequence) * p.heads + chain.head) * kDimV + v) * kDimK;
+// Thread values i, i + 1 (i even) of the 64 x 128 S^T tile of state group `group` sit at (row v, columns
+// d, d + 1): their offsets in a state [sequence, head, V, K] (V-first), or [sequence, head, K, V].
+struct StatePair {
+  size_t at;      // offset of (v, d)
+  size_t stride;  // from (v, d) to (v, d + 1): 1 V-first
+};
+__device__ __forceinline__ StatePair state_pair(const FusedParams &p, const Chain &chain, int group, int thread, int i) {
+  const size_t head = size_t(chain.sequence) * p.heads + chain.head;
+  const int v = group * kGroupRows + acc_row(thread, i), d = acc_col(thread, i);
+  if (p.state_v_first) return {(head * kDimV + v) * kDimK + d, 1};
+  return {(head * kDimK + d) * kDimV + v, kDimV};
 }
 
 __device__ void load_initial_state(const FusedParams &p, const Chain &chain, int group, int thread,
@@ -96,21 +103,29 @@ __device__ void load_initial_state(const FusedParams &p, const Chain &chain, int
 #pragma unroll
   for (int i = 0; i < kStateValues; i += 2) {
     float2 x = make_float2(0.f, 0.f);
-    if (p.initial_state != nullptr)
-      x = __ldg(reinterpret_cast<const float2 *>(p.initial_state + state_row(p, chain, group, thread, i) +
-                                                 acc_col(thread, i)));
+    if (p.initial_state != nullptr) {
+      const StatePair at = state_pair(p, chain, group, thread, i);
+      x = at.stride == 1 ? __ldg(reinterpret_cast<const float2 *>(p.initial_state + at.at))
+                         : make_float2(__ldg(p.initial_state + at.at), __ldg(p.initial_state + at.at + at.stride));
+    }
     s[i] = x.x;
     s[i + 1] = x.y;
   }
 }
 
-// Epilogue of the chain: the final state, fp32, V-first.
+// Epilogue of the chain: the final state, fp32, in the layout of p.state_v_first.
 __device__ void store_final_state(const FusedParams &p, const Chain &chain, int group, int thread,
                                   const float (&s)[kStateValues]) {
 #pragma unroll
-  for (int i = 0; i < kStateValues; i += 2)
-    *reinterpret_cast<float2 *>(p.final_state + state_row(p, chain, group, thread, i) + acc_col(thread, i)) =
-        make_float2(s[i], s[i + 1]);
+  for (int i = 0; i < kStateValues; i += 2) {
+    const StatePair at = state_pair(p, chain, group, thread, i);
+    if (at.stride == 1) {
+      *reinterpret_cast<float2 *>(p.final_state + at.at) = make_float2(s[i], s[i + 1]);
+    } else {
+      p.final_state[at.at] = s[i];
+      p.final_state[at.at + at.stride] = s[i + 1];
+    }
+  }
 }
 
 // Epilogue of a chunk: o (bf16) of the valid tokens from O^T (m64n32 accumulator order: value i at V row

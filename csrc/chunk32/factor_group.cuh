@@ -1,6 +1,6 @@
 // The factor group of the chunk-32 KDA prefill (issue 10): one warpgroup builds one 32-token chunk's
 // factors from its raw q, k, g (bulk tensor copies into a swizzled raw slot) and beta, and writes them
-// in the stage layout of fused_prefill.h. Shared by the fused prototype (fused_prefill_kernel.cuh: the
+// in the stage layout of stage.h. Shared by the fused prototype (fused_prefill_kernel.cuh: the
 // stage is in shared memory) and the two-pass program (two_pass.cu: the stage is a slice of a global
 // buffer). The group writes its stage through generic pointers only and never reads it back, so either
 // space works.
@@ -23,8 +23,8 @@
 
 #include <cuda.h>
 
-#include "common_device.cuh"
-#include "fused_prefill.h"
+#include "ptx.cuh"
+#include "stage.h"
 
 namespace kn {
 namespace fused {
@@ -100,6 +100,7 @@ struct FactorGroup {
   int half, d0;   // elementwise role: sub-block (tokens 16 half ..) and channel pair (d0, d0 + 1)
   float gate_mul, gate_add[2], gate_out;
   float scale;
+  float beta_max;  // the beta sigmoid's upper bound: 1, or 2 to allow negative eigenvalues
 
   __device__ float *sums() const { return reinterpret_cast<float *>(base + kGrSums); }
   __device__ float *norms() const { return reinterpret_cast<float *>(base + kGrNorms); }
@@ -118,10 +119,10 @@ struct FactorGroup {
   // function of z = g gate_mul + gate_add: bounded lower_bound log2(e) sigmoid(A (g + b)); softplus
   // -A log2(1 + 2^z) with z = (g + b) log2(e) (-A z past softplus's threshold); log-decay z = g log2(e).
   __device__ void load_gate(const FusedParams &p, int head) {
-    const float a = expf(p.a_log[head]);
+    const float a = p.a_log != nullptr ? expf(p.a_log[head]) : 1.f;  // absent: A = 1, no bias
 #pragma unroll
     for (int ch = 0; ch < 2; ++ch) {
-      const float bias = p.dt_bias[head * kDimK + d0 + ch];
+      const float bias = p.dt_bias != nullptr ? p.dt_bias[head * kDimK + d0 + ch] : 0.f;
       gate_add[ch] = kGate == GateMath::kTanh             ? 0.5f * a * bias
                      : kGate == GateMath::kExp2Reciprocal ? -a * kLog2e * bias
                      : kGate == GateMath::kSoftplus       ? kLog2e * bias
@@ -132,6 +133,7 @@ struct FactorGroup {
                : kGate == GateMath::kSoftplus ? -a
                                               : p.lower_bound * kLog2e;
     scale = p.scale;
+    beta_max = p.beta_max;
   }
   __device__ __forceinline__ float log2_decay(float g, int ch) const {
     const float z = fmaf(g, gate_mul, gate_add[ch]);
@@ -206,7 +208,7 @@ struct FactorGroup {
 
   __device__ void write_betas(float logit, int valid) const {
     if (tid < kChunk) {
-      const float b = kBetaSigmoid ? reciprocal_approx(1.f + exp2_approx(-logit * kLog2e)) : logit;
+      const float b = kBetaSigmoid ? beta_max * reciprocal_approx(1.f + exp2_approx(-logit * kLog2e)) : logit;
       betas()[tid] = tid < valid ? b : 0.f;
     }
   }

@@ -1,0 +1,371 @@
+// The chunk-32 KDA prefill in two passes (K = V = 128): the factor pass and the state pass, and their
+// schedule. The library's launcher (csrc/kda_two_pass_kernel.cu) and the prototype's harness
+// (benchmarks/kernel_next/two_pass.cu: checks against float64, timings, variants) both include it.
+//
+//   pass 1  factor_pass_kernel: every (chain, chunk) item of a window in parallel over the whole GPU. A
+//           CTA is one factor group (128 threads, factor_group.cuh) with its raw slots (the next item's
+//           q, k, g arrive by bulk tensor copy while it builds the current one). Each CTA takes a
+//           contiguous range of items (the chains' chunks in order, so the gate constants change
+//           rarely). The group writes the chunk's factors (the first kPassFactorBytes of stage.h's
+//           stage: W' | Qd, T beta hi | Aqk, T beta lo, Kend^T, decay) to factors[item] in global
+//           memory through the same generic stores that write a shared-memory stage in the fused
+//           prototype.
+//   pass 2  state_pass_kernel: one CTA per chain, two state warpgroups (state_step.cuh) and a loader
+//           warp streaming each chunk's factors (one bulk copy) and V (two bulk tensor boxes) into a
+//           kPassStages-deep ring; writes o (bf16) and the final state (fp32). A window after the first
+//           starts from the final state the last one left.
+// Any T >= 1: pass 1 masks the tokens past T, pass 2 stores only valid tokens.
+#pragma once
+
+#include "factor_group.cuh"
+#include "state_step.cuh"
+
+namespace kn {
+namespace fused {
+namespace twopass {
+
+// ---- layout and schedule ---------------------------------------------------------------------------
+
+// Pass 1: one factor group per CTA; its area (two raw slots, lo tiles / inverse scratch, small vectors)
+// as in the fused kernel, then the two raw-slot barriers.
+constexpr int kFactorThreads = kWarpgroupThreads;
+constexpr int kFactorCtasPerSm = 3;
+// A factor CTA's shared memory with `slots` raw slots (the group's scratch follows them), its barriers
+// after the scratch, + slack to align the base.
+KN_HD constexpr uint32_t f1_barriers(int slots) { return kGrBytes - (kRawSlots - slots) * kRawSlotBytes; }
+KN_HD constexpr uint32_t f1_smem_bytes(int slots) { return f1_barriers(slots) + slots * 8 + kSwizzleAlign; }
+constexpr uint32_t kF1SmBytes = f1_smem_bytes(kRawSlots);
+// One raw slot (the next item's loads wait for this item's last read) leaves room for four CTAs a SM:
+// more warps to hide latency with, at 128 registers.
+constexpr int kLeanSlots = 1, kLeanCtasPerSm = 4;
+constexpr uint32_t kSmPerSm = 228 * 1024, kSmReservedPerCta = 1024;         // sm_90
+static_assert(kFactorCtasPerSm * (kF1SmBytes + kSmReservedPerCta) <= kSmPerSm, "three factor CTAs per SM");
+static_assert(kLeanCtasPerSm * (f1_smem_bytes(kLeanSlots) + kSmReservedPerCta) <= kSmPerSm, "four lean CTAs per SM");
+
+// Items (chain, chunk) -> CTAs: CTA b takes the contiguous range [first, last).
+struct ItemRange {
+  int first, last;
+};
+KN_HD ItemRange items_of(int cta, int ctas, int items) {
+  const int per = items / ctas, extra = items % ctas;
+  const int first = cta * per + (cta < extra ? cta : extra);
+  return ItemRange{first, first + per + (cta < extra ? 1 : 0)};
+}
+
+// A window: chunks [first, first + count) of every chain. The passes run window by window so that the
+// factor buffer holds one window (bounded workspace, and small enough to be read back from the L2);
+// the state crosses windows through the final-state buffer (fp32), which the next window's state pass
+// reads as its initial state.
+struct Window {
+  int first, count;
+  // Packed sequences: the exclusive prefix over chains of their items in this window (a chain's chunks
+  // past its end are not items), [chains + 1], and the items in all; nullptr: count items a chain.
+  const int *prefix = nullptr;
+  int items = 0;
+};
+
+// Item `item` of window `w` (chain-major: the chain's chunks in order): its chain and chunk.
+struct ItemPlace {
+  Chain chain;
+  int chunk;
+};
+__device__ __forceinline__ ItemPlace place_of(const FusedParams &p, const Window &w, int item) {
+  if (w.prefix == nullptr) return {chain_of(item / w.count, p.heads, p.tokens, p.group), w.first + item % w.count};
+  int lo = 0, hi = p.sequences * p.heads;  // the last chain whose prefix is <= item (chains without items skipped)
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (w.prefix[mid] <= item) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return {packed_chain_of(lo, p.heads, p.cu_seqlens, p.group), w.first + item - w.prefix[lo]};
+}
+
+// Pass 2's optional second slice of each chain: K transition columns, the chain run again with v = 0
+// from the identity (K = V), so that a sequence cut into segments can be joined (jax_kda/segments.py):
+// its outputs are the effective queries scale q^T Phi_t, its final state Phi. Same factors, no V loads.
+struct TransitionOutputs {
+  uint16_t *o = nullptr;  // bf16 [B, T, H, K]; nullptr: no transition slice
+  float *state = nullptr;  // fp32 [B, H, K, K] (rows: the transition columns), the layout of the state
+};
+
+// Pass 2: two state warpgroups and one loader warp; a ring of kPassStages stages.
+constexpr int kPassStages = 5;  // 4 chunks of lookahead (~3 us, ~190 KB in flight at 0.75 us a step) cover the HBM latency
+constexpr int kLoaderWarp = kStateThreads / 32;
+constexpr int kStateCtaThreads = kStateThreads + 32;  // 288
+constexpr uint32_t kS2Barriers = kPassStages * kStBytes;
+constexpr uint32_t kS2SmBytes = kS2Barriers + 2 * kPassStages * 8 + kSwizzleAlign;
+static_assert(kS2SmBytes <= kSmLimit, "state pass shared memory");
+
+KN_HD int ring_stage(int chunk) { return chunk % kPassStages; }
+KN_HD uint32_t ring_parity(int chunk) { return uint32_t(chunk / kPassStages) & 1u; }
+
+__device__ __forceinline__ uint8_t *aligned_smem(uint8_t *raw) {
+  return raw + ((kSwizzleAlign - (smem_address(raw) & (kSwizzleAlign - 1))) & (kSwizzleAlign - 1));
+}
+
+// ---- phase clocks of pass 1 (build flag KN_PHASE_CLOCKS; without it nothing below is compiled in) ----
+// Thread 0 of each pass-1 CTA (warp 0, also the loader) reads %clock64 at each boundary of an item's
+// phases into row `item` of a global buffer: slot 0 at the item's start, slot 1 + p at the end of phase
+// p, then %globaltimer at the start and the end (ns, for the effective clock), %smid and the CTA. The
+// "barrier" phases are warp 0 waiting at the group's named barrier for the slowest warp; the others are
+// warp 0's own work (in the inverse phase the other three warps wait). The phase list lives here only.
+#define KN_PASS1_PHASES(X)                                                                  \
+  X(kPhIssue, "issue", "next item's raw loads + beta, gate constants")                     \
+  X(kPhWaitRaw, "wait raw", "mbarrier wait: this item's q, k, g in the slot")              \
+  X(kPhGate, "A gate", "gate, x_t = Gamma_t - Gamma_15 (warp 0)")                          \
+  X(kPhNorms, "A norms", "row norms (mma), betas (warp 0)")                                \
+  X(kPhBarA, "A barrier", "warp 0 waits for the group")                                    \
+  X(kPhElementwise, "B elementwise", "Qr, Kr, Kc hi + lo, Qd, Kend, decay (warp 0)")       \
+  X(kPhBarB, "B barrier", "warp 0 waits for the group")                                    \
+  X(kPhScores, "C scores", "Aqk, L (mma, warp 0)")                                         \
+  X(kPhBarC, "C barrier", "warp 0 waits for the group")                                    \
+  X(kPhInverse, "D inverse", "(I + L)^-1, merge, T beta hi + lo, T diag(beta rk) (warp 0)") \
+  X(kPhBarD, "D barrier", "warp 0 waits for the group")                                    \
+  X(kPhWProduct, "E W product", "W' (mma) and its stores (warp 0)")                        \
+  X(kPhBarE, "E barrier", "proxy fence, warp 0 waits for the group")
+#define KN_PHASE_ENUM(id, name, what) id,
+enum Pass1Phase : int { KN_PASS1_PHASES(KN_PHASE_ENUM) kPass1Phases };
+#undef KN_PHASE_ENUM
+enum ClockSlot : int {  // long long slots of an item's row: 0 .. kPass1Phases clock64, then these
+  kSlotNsBegin = kPass1Phases + 1, kSlotNsEnd, kSlotSm, kSlotCta, kClockSlots
+};
+
+#ifdef KN_PHASE_CLOCKS
+__device__ long long *g_phase_clocks;  // [items][kClockSlots], set by cudaMemcpyToSymbol
+#endif
+
+// The marks; empty (no code) without KN_PHASE_CLOCKS. The "memory" clobber keeps shared and global accesses
+// on their side of a mark (arithmetic may still move across it).
+struct PhaseClock {
+  long long *row = nullptr;
+  bool on = false;
+  __device__ __forceinline__ static long long clock_now() {
+    long long c;
+    asm volatile("mov.u64 %0, %%clock64;" : "=l"(c)::"memory");
+    return c;
+  }
+  __device__ __forceinline__ static long long ns_now() {
+    long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)::"memory");
+    return t;
+  }
+  __device__ __forceinline__ void begin(int item, int tid) {
+#ifdef KN_PHASE_CLOCKS
+    on = tid == 0;
+    if (on) {
+      row = g_phase_clocks + size_t(item) * kClockSlots;
+      uint32_t sm;
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+      row[kSlotSm] = sm;
+      row[kSlotCta] = blockIdx.x;
+      row[kSlotNsBegin] = ns_now();
+      row[0] = clock_now();
+    }
+#endif
+  }
+  __device__ __forceinline__ void mark(int phase) const {
+#ifdef KN_PHASE_CLOCKS
+    if (on) row[1 + phase] = clock_now();
+#endif
+  }
+  __device__ __forceinline__ void end() const {
+#ifdef KN_PHASE_CLOCKS
+    if (on) row[kSlotNsEnd] = ns_now();
+#endif
+  }
+};
+
+// ---- pass 1 ------------------------------------------------------------------------------------------
+// kInverseWarps: 1 = FactorGroup::invert_and_merge on warp 0 (the fused kernel's form), 4 =
+// invert_and_merge_spread (substitution on warp 0, then the merge and the stores over the four warps;
+// one more group barrier; bit-identical factors).
+// kSlots: raw slots (2: the next item loads while this one builds; 1: it loads after, and the other
+// CTAs of the SM cover the wait); kCtasPerSm: the launch bound (registers).
+template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, int kInverseWarps = 1, int kSlots = kRawSlots,
+          int kCtasPerSm = kFactorCtasPerSm>
+__global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
+    factor_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
+                       uint8_t *factors, Window w) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t *smem = aligned_smem(smem_raw);
+  uint64_t *raw_full = reinterpret_cast<uint64_t *>(smem + f1_barriers(kSlots));
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kSlots; ++i) mbarrier_init(&raw_full[i], 1);
+    fence_barrier_init();
+  }
+  __syncthreads();
+  // Items: (chain, chunk) of the window (place_of); the factors at the item's index.
+  const int items = w.prefix != nullptr ? w.items : p.batch * p.heads * w.count;
+  const ItemRange range = items_of(blockIdx.x, gridDim.x, items);
+  FactorGroup<kGate, kL2Norm, kBetaSigmoid> fg;
+  fg.base = smem - (kRawSlots - kSlots) * kRawSlotBytes;  // the group's scratch right after the slots in use
+  fg.group = 0;
+  fg.tid = threadIdx.x;
+  fg.warp = fg.tid / 32;
+  fg.lane = fg.tid % 32;
+  fg.half = fg.warp >> 1;
+  fg.d0 = 2 * (((fg.warp & 1) << 5) | fg.lane);
+  const bool loader = fg.tid == kLoaderThread;
+  auto slot_of = [&](int it) { return smem + kGrRaw + (it % kSlots) * kRawSlotBytes; };
+  float beta_logit = 0.f;
+  if (range.first < range.last) {
+    const ItemPlace first = place_of(p, w, range.first);
+    if (loader) issue_raw_loads(maps, first.chain, first.chunk, slot_of(0), &raw_full[0]);
+    beta_logit = load_beta(p, first.chain, first.chunk, fg.tid);
+  }
+  int gate_head = -1;
+  for (int item = range.first, it = 0; item < range.last; ++item, ++it) {
+    PhaseClock clk;
+    clk.begin(item, fg.tid);
+    const int next = item + 1;
+    float next_beta_logit = 0.f;
+    if (next < range.last) {  // the next item's loads into the other slot (freed at the end of the last one)
+      const ItemPlace nx = place_of(p, w, next);
+      if (kSlots > 1 && loader) issue_raw_loads(maps, nx.chain, nx.chunk, slot_of(it + 1), &raw_full[(it + 1) % kSlots]);
+      next_beta_logit = load_beta(p, nx.chain, nx.chunk, fg.tid);
+    }
+    fg.launder_indices();
+    const ItemPlace here = place_of(p, w, item);
+    const Chain &chain = here.chain;
+    const int c = here.chunk;
+    if (chain.head != gate_head) {
+      fg.load_gate(p, chain.head);
+      gate_head = chain.head;
+    }
+    uint8_t *raw = slot_of(it);
+    const int valid = valid_tokens(c, chain.tokens);
+    clk.mark(kPhIssue);
+    mbarrier_wait(&raw_full[it % kSlots], uint32_t(it / kSlots) & 1u);
+    clk.mark(kPhWaitRaw);
+    float x[kSubBlock][2];
+    fg.gate_and_offsets(raw, valid, x);
+    clk.mark(kPhGate);
+    fg.row_norms(raw);
+    fg.write_betas(beta_logit, valid);
+    clk.mark(kPhNorms);
+    fg.sync();
+    clk.mark(kPhBarA);
+    uint8_t *stage = factors + size_t(item) * kFactorPitch;  // global: factors[chain][chunk]
+    fg.elementwise_factors(raw, stage, x);
+    clk.mark(kPhElementwise);
+    fg.sync();
+    clk.mark(kPhBarB);
+    fg.scores(raw, stage);
+    clk.mark(kPhScores);
+    fg.sync();
+    clk.mark(kPhBarC);
+    if (kInverseWarps == 4) {
+      fg.invert_and_merge_spread(stage);
+    } else if (fg.warp == 0) {
+      fg.invert_and_merge(stage);
+    }
+    clk.mark(kPhInverse);
+    fg.sync();
+    clk.mark(kPhBarD);
+    fg.w_product(raw, stage);
+    clk.mark(kPhWProduct);
+    // The raw slot is refilled by the copy engine (async proxy) after these generic accesses.
+    fence_proxy_async();
+    fg.sync();
+    if (kSlots == 1 && loader && next < range.last) {  // the one slot is free now
+      const ItemPlace nx = place_of(p, w, next);
+      issue_raw_loads(maps, nx.chain, nx.chunk, slot_of(it + 1), &raw_full[0]);
+    }
+    clk.mark(kPhBarE);
+    clk.end();
+    beta_logit = next_beta_logit;
+  }
+}
+
+// ---- pass 2 ------------------------------------------------------------------------------------------
+struct RingBarriers {
+  uint64_t *full;   // [kPassStages]: factors and V of the stage's chunk arrived (1 arrival + bytes)
+  uint64_t *empty;  // [kPassStages]: the state warpgroups are done with it (kStateThreads arrivals)
+};
+
+// Lane 0 of the loader warp: chunk c's factors (one bulk copy) and V (two boxes) into stage c % kPassStages.
+// Lane 0 of the loader warp: the chain's `count` chunks from `first`, their factors from item `factor0` on.
+__device__ void run_loader(const TensorMaps &maps, const uint8_t *factors, uint8_t *smem,
+                           const RingBarriers &bars, const Chain &chain, size_t factor0, int first, int count,
+                           bool load_v) {
+  for (int i = 0; i < count; ++i) {  // the window's i-th chunk of the chain, first + i
+    const int s = ring_stage(i);
+    uint8_t *stage = smem + s * kStBytes;
+    if (i >= kPassStages) mbarrier_wait(&bars.empty[s], ring_parity(i - kPassStages));
+    if (load_v) issue_v_loads(maps, chain, first + i, stage, &bars.full[s]);  // expects its bytes; arrival next
+    mbarrier_arrive_expect_bytes(&bars.full[s], kPassFactorBytes);
+    bulk_copy_to_shared(stage, factors + (factor0 + i) * kFactorPitch, kPassFactorBytes, &bars.full[s]);
+  }
+}
+
+__device__ void run_state(const FusedParams &p, uint8_t *smem, const RingBarriers &bars, const Chain &chain,
+                          int group, int first, int count, bool from_identity) {
+  const int thread = threadIdx.x % kWarpgroupThreads;
+  float s[kStateValues], o[kHalfRo];
+  load_initial_state(p, chain, group, thread, s);
+  if (from_identity) {
+#pragma unroll
+    for (int i = 0; i < kStateValues; ++i)
+      s[i] = group * kGroupRows + acc_row(thread, i) == acc_col(thread, i) ? 1.f : 0.f;
+  }
+  const uint32_t stages = smem_address(smem);
+  for (int i = 0; i < count; ++i) {
+    const int st = ring_stage(i);
+    const float *decay = reinterpret_cast<const float *>(smem + st * kStBytes + kStDecay);
+    mbarrier_wait(&bars.full[st], ring_parity(i));
+    state_step(stages + st * kStBytes, decay, group, thread, s, o);
+    mbarrier_arrive(&bars.empty[st]);  // every wgmma reading the stage has completed (wait_group 0)
+    store_outputs(p, chain, first + i, group, thread, o);
+  }
+  store_final_state(p, chain, group, thread, s);
+}
+
+__global__ void __launch_bounds__(kStateCtaThreads, 1)
+    state_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
+                      const uint8_t *factors, Window w, TransitionOutputs tr) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t *smem = aligned_smem(smem_raw);
+  uint64_t *bar_base = reinterpret_cast<uint64_t *>(smem + kS2Barriers);
+  // blockIdx.y 1: the chain's transition slice: v = 0 (the stages' V stays zero, never loaded), the
+  // state from the identity in the first window, its outputs and final state to `tr`.
+  const bool transition = blockIdx.y == 1;
+  FusedParams q = p;
+  if (transition) {
+    q.o = tr.o;
+    q.final_state = tr.state;
+    q.initial_state = w.first > 0 ? tr.state : nullptr;
+    for (int i = threadIdx.x; i < kPassStages * int(kVBytes / 16); i += blockDim.x) {
+      const int stage = i / int(kVBytes / 16), piece = i % int(kVBytes / 16);
+      reinterpret_cast<uint4 *>(smem + stage * kStBytes + kStV)[piece] = make_uint4(0u, 0u, 0u, 0u);
+    }
+    fence_proxy_async();  // the zeros are read by wgmma (the async proxy)
+  }
+  const RingBarriers bars{bar_base, bar_base + kPassStages};
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kPassStages; ++i) {
+      mbarrier_init(&bars.full[i], 1);
+      mbarrier_init(&bars.empty[i], kStateThreads);
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+  const Chain chain = p.cu_seqlens != nullptr ? packed_chain_of(blockIdx.x, p.heads, p.cu_seqlens, p.group)
+                                               : chain_of(blockIdx.x, p.heads, p.tokens, p.group);
+  const int count = max(0, min(w.count, chain.chunks - w.first));  // the chain's chunks in the window
+  const size_t factor0 = w.prefix != nullptr ? size_t(w.prefix[blockIdx.x]) : size_t(blockIdx.x) * w.count;
+  // The role as a warp-uniform value (a broadcast): a plain threadIdx test makes ptxas treat the wgmma
+  // code as divergent (C7518).
+  const int warp = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / 32, 0);
+  if (warp < kLoaderWarp) {
+    run_state(q, smem, bars, chain, warp / (kWarpgroupThreads / 32), w.first, count, transition && w.first == 0);
+  } else if (threadIdx.x % 32 == 0) {
+    run_loader(maps, factors, smem, bars, chain, factor0, w.first, count, !transition);
+  }
+}
+
+}  // namespace twopass
+}  // namespace fused
+}  // namespace kn

@@ -1,0 +1,134 @@
+// The two-pass chunk-32 KDA prefill for Hopper (sm_90a): the launcher of the factor pass and the state
+// pass of chunk32/two_pass.cuh, window by window over the caller's workspace.
+//
+// Per window (chunks [first, first + count) of every chain): the factor pass builds every item's factors
+// into the workspace across the whole GPU, then the state pass runs each chain's chunks in order from
+// them. The state crosses windows in fp32 through the final-state buffer (or the workspace's carry when
+// the call writes no final state), so the outputs are bit for bit those of one window. Both kernels read
+// q, k, g and v by bulk tensor copies, whose tensor maps are built here on the host per call (the
+// kernels take them by value: nothing is allocated, and a captured graph keeps them).
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include "chunk32/two_pass.cuh"
+#include "kda_contract.h"
+#include "kda_two_pass.h"
+
+namespace jax_kda {
+namespace {
+
+using namespace kn;
+using namespace kn::fused;
+using namespace kn::fused::twopass;
+
+constexpr int kInverseWarps = 4;  // the inverse's merge spread over the group (measured fastest, PERFLOG)
+
+// The driver's tensor-map encoder, through the runtime (no link to libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void *fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      fn = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// A [B, T, heads, 128] bf16 tensor as the 4-D map (channel, head, token, sequence) the kernels copy from:
+// boxes of 64 channels x 32 tokens with the 128-byte swizzle; rows past T arrive as zeros.
+bool encode_token_map(CUtensorMap *map, const void *base, int batch, int tokens, int heads) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const cuuint64_t row = cuuint64_t(kDimK) * kBf16Bytes;
+  const cuuint64_t dims[4] = {cuuint64_t(kDimK), cuuint64_t(heads), cuuint64_t(tokens), cuuint64_t(batch)};
+  const cuuint64_t strides[3] = {row, row * heads, row * heads * tokens};
+  const cuuint32_t box[4] = {cuuint32_t(kRawBoxChannels), 1, cuuint32_t(kChunk), 1};
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<void *>(base), dims, strides, box,
+                element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <bool kL2Norm, bool kBetaSigmoid>
+cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, uint8_t *factors, int chunks,
+                           int window, cudaStream_t stream) {
+  auto factor_kernel =
+      factor_pass_kernel<GateMath::kExp2Reciprocal, kL2Norm, kBetaSigmoid, kInverseWarps, kRawSlots, kFactorCtasPerSm>;
+  cudaError_t err = cudaFuncSetAttribute(factor_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kF1SmBytes);
+  if (err == cudaSuccess) {
+    err = cudaFuncSetAttribute(state_pass_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kS2SmBytes);
+  }
+  int device = 0, multiprocessors = 0, resident = 0;
+  if (err == cudaSuccess) err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) {
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, factor_kernel, kFactorThreads, kF1SmBytes);
+  }
+  if (err != cudaSuccess) return err;
+  if (resident < 1) return cudaErrorInvalidConfiguration;
+  const int chains = p.batch * p.heads;
+  for (int first = 0; first < chunks; first += window) {
+    const Window w{first, window < chunks - first ? window : chunks - first};
+    const int items = chains * w.count;
+    const int factor_ctas = items < multiprocessors * resident ? items : multiprocessors * resident;
+    factor_kernel<<<factor_ctas, kFactorThreads, kF1SmBytes, stream>>>(p, maps, factors, w);
+    FusedParams state_params = p;
+    if (first > 0) state_params.initial_state = p.final_state;  // where the last window left each state
+    state_pass_kernel<<<chains, kStateCtaThreads, kS2SmBytes, stream>>>(state_params, maps, factors, w,
+                                                                      TransitionOutputs{});
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+cudaError_t two_pass_launch(const PrefillParams &p, void *workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (two_pass_unsupported(p) != nullptr) return cudaErrorInvalidValue;
+  const int64_t chains = int64_t(p.batch) * p.value_heads;
+  const int chunks = (p.tokens + kChunk - 1) / kChunk;
+  if (chains == 0 || chunks == 0) return cudaSuccess;
+  const bool carries_state = p.final_state == nullptr;
+  if (workspace_bytes < size_t(two_pass_workspace_bytes(chains, chunks, carries_state))) return cudaErrorInvalidValue;
+  const int window = int(two_pass_window(chains, chunks));
+  uint8_t *factors = static_cast<uint8_t *>(workspace);
+  const size_t factor_bytes = size_t(chains) * window * kTwoPassFactorBytes;
+
+  FusedParams fp;
+  fp.batch = p.batch;
+  fp.tokens = p.tokens;
+  fp.heads = p.value_heads;
+  fp.group = p.value_heads / p.heads;
+  fp.beta = static_cast<const uint16_t *>(p.beta);
+  fp.a_log = p.A_log;
+  fp.dt_bias = p.dt_bias;
+  fp.lower_bound = p.lower_bound;
+  fp.scale = p.scale;
+  fp.beta_max = p.allow_neg_eigval ? 2.f : 1.f;
+  fp.initial_state = static_cast<const float *>(p.initial_state);
+  fp.state_v_first = p.state_v_first;  // the carry between windows too
+  fp.final_state = carries_state ? reinterpret_cast<float *>(factors + factor_bytes) : static_cast<float *>(p.final_state);
+  fp.o = static_cast<uint16_t *>(p.o);
+
+  TensorMaps maps;
+  if (!encode_token_map(&maps.q, p.q, p.batch, p.tokens, p.heads) ||
+      !encode_token_map(&maps.k, p.k, p.batch, p.tokens, p.heads) ||
+      !encode_token_map(&maps.g, p.g, p.batch, p.tokens, p.value_heads) ||
+      !encode_token_map(&maps.v, p.v, p.batch, p.tokens, p.value_heads)) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.l2norm) {
+    return p.beta_sigmoid ? launch_windows<true, true>(fp, maps, factors, chunks, window, stream)
+                          : launch_windows<true, false>(fp, maps, factors, chunks, window, stream);
+  }
+  return p.beta_sigmoid ? launch_windows<false, true>(fp, maps, factors, chunks, window, stream)
+                        : launch_windows<false, false>(fp, maps, factors, chunks, window, stream);
+}
+
+}  // namespace jax_kda
