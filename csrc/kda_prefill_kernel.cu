@@ -18,6 +18,13 @@
 //       Uᵀ = Vᵀ Abᵀ - Sᵀ Wᵀ,   Oᵀ = Sᵀ Qdᵀ + Uᵀ Aqkᵀ,   Sᵀ = Sᵀ diag(dlast) + Uᵀ Kend
 //     (bf16 operands, fp32 accumulation; the accumulators turn into A operands in registers).
 //   - Producers and consumers meet on mbarriers over a ring of kStages chunk buffers.
+//   - A token whose k, V slice, decay or beta is not finite would reach the earlier outputs of its chunk
+//     through the tensor-core products (the masked-out entries multiply it: 0 x NaN = NaN). The producer
+//     marks such tokens with a few compares on values it computes anyway, and only for a chunk with a
+//     mark takes a slower path: the token runs as padding (k, beta, its bad decay channels and its bad
+//     V row zero), and the rows of Qd from the first marked token on and dlast are NaN, so that the
+//     outputs from it on and the state leave as NaN (as jax_kda/chunked.py's step does). Warps 2 and 3
+//     scan the V slice while warp 1 inverts. q needs no care: it reaches only its own output.
 
 #include <cute/arch/copy_sm80.hpp>
 #include <cutlass/arch/barrier.h>
@@ -40,6 +47,8 @@ constexpr int kProducerRegs = 80, kConsumerRegs = 120;  // setmaxnreg split of t
 constexpr float kMaxLogDecay = 10.f;
 
 constexpr int kLmatRow = 20;  // fp32 row of L: 16-byte aligned, rows 4 banks apart
+constexpr int kScanThreads = 64;  // warps 2 and 3 of a producer group scan the V slice during step 3
+constexpr uint32_t kSomeDecayMarked = 1u << kChunk;  // a half's running log-decay sum is not finite
 
 using device::bf16;
 using device::ldsm_x4;
@@ -53,8 +62,11 @@ using Barrier = cutlass::arch::ClusterBarrier;
 
 // ---- small device helpers ------------------------------------------------------------------
 
-// Named barrier of one producer group (id 0 is __syncthreads).
+// Named barrier of one producer group (id 0 is __syncthreads), and of its two V-scanning warps.
 __device__ __forceinline__ void group_sync(int group) { asm volatile("bar.sync %0, %1;" ::"r"(group + 1), "n"(kGroupThreads)); }
+__device__ __forceinline__ void scan_sync(int group) {
+  asm volatile("bar.sync %0, %1;" ::"r"(kGroups + 1 + group), "n"(kScanThreads));
+}
 
 // A operand (16 x 16) of a row-major tile: rows r0.., cols c0..
 __device__ __forceinline__ void load_a(const bf16 *tile, int stride, int c0, int lane, uint32_t (&a)[4]) {
@@ -103,7 +115,7 @@ struct Layout {
   // A producer group's own buffers (offsets within its part): the raw q, k tiles, double-buffered
   // (they become the hi parts of q̂ e^(Γ-Γ_7), k̂ e^(Γ-Γ_7)), the lo part of the latter, k̂ e^(Γ_7-Γ)
   // in hi and lo parts, L, and small per-chunk vectors.
-  int raw_q, raw_k, k_lo, kinv_hi, kinv_lo, lmat, norms, beta, sums, e_anchor, group_bytes;
+  int raw_q, raw_k, k_lo, kinv_hi, kinv_lo, lmat, norms, beta, sums, e_anchor, marks, group_bytes;
   // After the stages: the groups' buffers, the consumers' output staging, the barriers.
   int groups, out, barriers, total;
 
@@ -130,6 +142,7 @@ struct Layout {
     beta = take(kChunk * 4);
     sums = take(2 * K * 4);
     e_anchor = take(K * 4);
+    marks = take(3 * 4);  // tokens marked in step 1 (k, beta; kSomeDecayMarked), by the V scan, by decay
     group_bytes = off;
     off = stage_bytes * kStages;
     groups = take(group_bytes * kGroups);
@@ -161,6 +174,12 @@ __device__ __forceinline__ void store_split(bf16 *hi, bf16 *lo, int i, float x0,
   const float2 hf = __bfloat1622float2(h);
   *reinterpret_cast<__nv_bfloat162 *>(hi + i) = h;
   *reinterpret_cast<__nv_bfloat162 *>(lo + i) = __floats2bfloat162_rn(x0 - hf.x, x1 - hf.y);
+}
+
+// Bit 15 of each half set where that bf16 of the pair is an Inf or a NaN (all exponent bits set; the
+// masked add carries into bit 15 only then, and never across the halves).
+__device__ __forceinline__ uint32_t non_finite_bf16x2(uint32_t pair) {
+  return ((pair & 0x7F807F80u) + 0x00800080u) & 0x80008000u;
 }
 
 // exp and log through the special-function unit, flushing denormals (single instructions).
@@ -204,6 +223,11 @@ struct Producer {
     const int d = 2 * pair();
     if (p.dt_bias != nullptr && tid < K) bias = make_float2(p.dt_bias[vhead * K + d], p.dt_bias[vhead * K + d + 1]);
     if (p.A_log != nullptr) a_scale = exp_ftz(p.A_log[vhead]);
+    clear_marks();
+  }
+  // Every compute() leaves the marks clear, after its last group_sync.
+  __device__ void clear_marks() {
+    if (tid < 3) reinterpret_cast<uint32_t *>(own + lay.marks)[tid] = 0u;
   }
 
   // Starts the copies of chunk `c`: q, k (cp.async) into raw buffer `buffer`, the V slice into stage
@@ -260,6 +284,75 @@ struct Producer {
     return __fdividef(p.lower_bound, 1.f + exp_ftz(-a_scale * x));
   }
 
+  // A running log-decay sum turns NaN or +Inf at the first NaN or +Inf log-decay and stays so (-Inf is
+  // clamped). Those tokens are marked in `marked`, and their sums continue the last finite one, as if
+  // they did not decay: only rows before the first mark of the chunk are kept, and these see finite
+  // sums (Γ_7 included, through which every row's factors pass). Returns the half's sanitized total.
+  __device__ float2 sanitize_sums(float2 (&lam)[kHalf], uint32_t &marked) const {
+    float2 last = {0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < kHalf; ++j) {
+      const bool bad0 = !(lam[j].x < INFINITY), bad1 = !(lam[j].y < INFINITY);
+      if (bad0 || bad1) marked |= 1u << (half() * kHalf + j);
+      lam[j].x = bad0 ? last.x : lam[j].x;
+      lam[j].y = bad1 ? last.y : lam[j].y;
+      last = lam[j];
+    }
+    return last;
+  }
+
+  // Step 2 of compute(), by the threads of the key channels: the factored tiles, two channels and half
+  // of the tokens a thread (bf16x2 accesses). Anchor: row 7, the last of the first half. Isolating
+  // (`tokens` marked): marked tokens run as padding (k zero), and the rows of Qd from the first of them
+  // on and dlast are NaN.
+  template <bool kIsolate>
+  __device__ __forceinline__ void store_factors(char *st, int buffer, const float2 (&lam)[kHalf], uint32_t tokens) {
+    constexpr int R = Layout<K>::kRow;
+    const int half = this->half(), d = 2 * pair();
+    bf16 *q_hi = reinterpret_cast<bf16 *>(own + lay.raw_q + buffer * Layout<K>::kTile);
+    bf16 *k_hi = reinterpret_cast<bf16 *>(own + lay.raw_k + buffer * Layout<K>::kTile);
+    bf16 *k_lo = reinterpret_cast<bf16 *>(own + lay.k_lo);
+    bf16 *kinv_hi = reinterpret_cast<bf16 *>(own + lay.kinv_hi);
+    bf16 *kinv_lo = reinterpret_cast<bf16 *>(own + lay.kinv_lo);
+    const float *norms = reinterpret_cast<const float *>(own + lay.norms);
+    const float *sums = reinterpret_cast<const float *>(own + lay.sums);
+    float *e_anchor_all = reinterpret_cast<float *>(own + lay.e_anchor);
+    bf16 *qd = reinterpret_cast<bf16 *>(st + lay.qd);
+    bf16 *kend = reinterpret_cast<bf16 *>(st + lay.kend);
+    float *dlast = reinterpret_cast<float *>(st + lay.dlast);
+    const int poisoned_from = kIsolate && tokens != 0u ? __ffs(tokens) - 1 : kIsolate ? 0 : kChunk;
+    const float2 first = *reinterpret_cast<const float2 *>(sums + d);       // Γ_7
+    const float2 second = *reinterpret_cast<const float2 *>(sums + K + d);  // Γ_15 - Γ_7
+    const float2 e_anchor = {exp_ftz(first.x), exp_ftz(first.y)};
+    const float2 e_last = {exp_ftz(second.x), exp_ftz(second.y)};
+    if (half == 1) {
+      *reinterpret_cast<float2 *>(dlast + d) = kIsolate ? make_float2(NAN, NAN)
+                                                        : make_float2(e_anchor.x * e_last.x, e_anchor.y * e_last.y);
+      *reinterpret_cast<float2 *>(e_anchor_all + d) = e_anchor;
+    }
+#pragma unroll
+    for (int j = 0; j < kHalf; ++j) {
+      const int t = half * kHalf + j, i = t * R + d;
+      const float r0 = half ? lam[j].x : lam[j].x - first.x, r1 = half ? lam[j].y : lam[j].y - first.y;  // Γ_t - Γ_7
+      const float e0 = exp_ftz(r0), e1 = exp_ftz(r1), ie0 = exp_ftz(-r0), ie1 = exp_ftz(-r1);
+      const float2 qv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(q_hi + i));
+      const float2 kv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(k_hi + i));
+      const float nq = norms[t], nk = norms[kChunk + t];
+      const bool dropped = kIsolate && ((tokens >> t) & 1u);
+      const float q0 = qv.x * nq, q1 = qv.y * nq;
+      const float k0 = dropped ? 0.f : kv.x * nk, k1 = dropped ? 0.f : kv.y * nk;
+      store_pair(q_hi, i, q0 * e0, q1 * e1);
+      store_split(k_hi, k_lo, i, k0 * e0, k1 * e1);
+      store_split(kinv_hi, kinv_lo, i, k0 * ie0, k1 * ie1);
+      if (kIsolate && t >= poisoned_from) {
+        store_pair(qd, i, NAN, NAN);
+      } else {
+        store_pair(qd, i, q0 * p.scale * e0 * e_anchor.x, q1 * p.scale * e1 * e_anchor.y);
+      }
+      store_pair(kend, i, k0 * ie0 * e_last.x, k1 * ie1 * e_last.y);
+    }
+  }
+
   // Forms the factors of chunk `c` into stage `s` from raw buffer `buffer` and the prefetched inputs.
   __device__ void compute(int c, int s, int buffer, const Prefetch<K> &in) {
     char *st = smem + s * lay.stage_bytes;
@@ -277,6 +370,7 @@ struct Producer {
     float *beta = reinterpret_cast<float *>(own + lay.beta);
     float *sums = reinterpret_cast<float *>(own + lay.sums);  // [half][K]: Σ a over each half
     float *e_anchor_all = reinterpret_cast<float *>(own + lay.e_anchor);
+    uint32_t *marks = reinterpret_cast<uint32_t *>(own + lay.marks);
     bf16 *qd = reinterpret_cast<bf16 *>(st + lay.qd);
     bf16 *kend = reinterpret_cast<bf16 *>(st + lay.kend);
     bf16 *w = reinterpret_cast<bf16 *>(st + lay.w);
@@ -287,7 +381,8 @@ struct Producer {
     const int half = this->half(), d = 2 * pair();
 
     // 1. Inverse L2 norms of the 32 q/k rows (4 threads a row, 16-byte loads), the write strengths,
-    //    and (threads of the key channels) the gate and each half's cumulative log-decay.
+    //    and (threads of the key channels) the gate and each half's cumulative log-decay. Marks: a k
+    //    row whose Σ k² is not finite, a beta that is not, a half whose decay sum is not.
     {
       const int r = tid >> 2, quarter = tid & 3;
       const bf16 *row = (r < kChunk ? q_hi + r * R : k_hi + (r - kChunk) * R) + quarter * (K / 4);
@@ -304,10 +399,14 @@ struct Producer {
       }
       ss += __shfl_xor_sync(0xffffffffu, ss, 1);
       ss += __shfl_xor_sync(0xffffffffu, ss, 2);
-      if (quarter == 0) norms[r] = p.l2norm ? rsqrtf(ss + kL2NormEps) : 1.f;
+      if (quarter == 0) {
+        norms[r] = p.l2norm ? rsqrtf(ss + kL2NormEps) : 1.f;
+        if (r >= kChunk && !isfinite(ss)) atomicOr(marks, 1u << (r - kChunk));
+      }
       if (tid < kChunk) {
         float b = in.beta;
         if (p.beta_sigmoid) b = __fdividef(p.allow_neg_eigval ? 2.f : 1.f, 1.f + exp_ftz(-b));
+        if (!isfinite(b)) atomicOr(marks, 1u << tid);
         beta[tid] = tid < valid ? b : 0.f;
       }
     }
@@ -325,36 +424,29 @@ struct Producer {
         acc.y += a1 < -kMaxLogDecay ? -kMaxLogDecay : a1;
         lam[j] = acc;
       }
+      if (!(acc.x < INFINITY && acc.y < INFINITY)) atomicOr(marks, kSomeDecayMarked);
       *reinterpret_cast<float2 *>(sums + half * K + d) = acc;
     }
     group_sync(group);
 
     // 2. The factored tiles, two key channels and half of the tokens per thread (bf16x2 accesses).
-    //    Anchor: row 7, the last of the first half.
-    if (active) {
-      const float2 first = *reinterpret_cast<const float2 *>(sums + d);       // Γ_7
-      const float2 second = *reinterpret_cast<const float2 *>(sums + K + d);  // Γ_15 - Γ_7
-      const float2 e_anchor = {exp_ftz(first.x), exp_ftz(first.y)};
-      const float2 e_last = {exp_ftz(second.x), exp_ftz(second.y)};
-      if (half == 1) {
-        *reinterpret_cast<float2 *>(dlast + d) = make_float2(e_anchor.x * e_last.x, e_anchor.y * e_last.y);
-        *reinterpret_cast<float2 *>(e_anchor_all + d) = e_anchor;
+    //    Anchor: row 7, the last of the first half. Isolating (`tokens` marked): marked tokens run as
+    //    padding (k zero), and the rows of Qd from the first of them on and dlast are NaN.
+    const uint32_t marked = marks[0];
+    if (marked == 0u) {  // group-uniform: every thread read the word after the same group_sync
+      if (active) store_factors<false>(st, buffer, lam, 0u);
+    } else {
+      if (marked & kSomeDecayMarked) {  // which tokens, from the running sums
+        if (active) {
+          uint32_t by_decay = 0u;
+          *reinterpret_cast<float2 *>(sums + half * K + d) = sanitize_sums(lam, by_decay);
+          if (by_decay != 0u) atomicOr(marks + 2, by_decay);
+        }
+        group_sync(group);
       }
-#pragma unroll
-      for (int j = 0; j < kHalf; ++j) {
-        const int t = half * kHalf + j, i = t * R + d;
-        const float r0 = half ? lam[j].x : lam[j].x - first.x, r1 = half ? lam[j].y : lam[j].y - first.y;  // Γ_t - Γ_7
-        const float e0 = exp_ftz(r0), e1 = exp_ftz(r1), ie0 = exp_ftz(-r0), ie1 = exp_ftz(-r1);
-        const float2 qv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(q_hi + i));
-        const float2 kv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(k_hi + i));
-        const float nq = norms[t], nk = norms[kChunk + t];
-        const float q0 = qv.x * nq, q1 = qv.y * nq, k0 = kv.x * nk, k1 = kv.y * nk;
-        store_pair(q_hi, i, q0 * e0, q1 * e1);
-        store_split(k_hi, k_lo, i, k0 * e0, k1 * e1);
-        store_split(kinv_hi, kinv_lo, i, k0 * ie0, k1 * ie1);
-        store_pair(qd, i, q0 * p.scale * e0 * e_anchor.x, q1 * p.scale * e1 * e_anchor.y);
-        store_pair(kend, i, k0 * ie0 * e_last.x, k1 * ie1 * e_last.y);
-      }
+      const uint32_t tokens = (marked & (kSomeDecayMarked - 1u)) | marks[2];
+      if (tid < kChunk && ((tokens >> tid) & 1u)) beta[tid] = 0.f;  // read from step 3 on
+      if (active) store_factors<true>(st, buffer, lam, tokens);
     }
     group_sync(group);
 
@@ -423,6 +515,8 @@ struct Producer {
           for (int i = 0; i < kChunk; ++i) ab[i * RS + j] = __float2bfloat16_rn(col[i] * bj);
         }
       }
+    } else {
+      scan_v(st, tid - 2 * 32, marks + 1, qd, dlast);
     }
     group_sync(group);
 
@@ -450,6 +544,42 @@ struct Producer {
       }
     }
     group_sync(group);  // the raw buffer is refilled next; every warp is done reading it
+    clear_marks();
+  }
+
+  // Warps 2 and 3 in step 3 (while warps 0 and 1 form the scores and invert): the rows of the V slice
+  // (64 or 128 columns) holding an Inf or a NaN. Where there is one, its row becomes zero, and the rows
+  // of Qd from it on and dlast NaN (step 2 has written them; the consumers read them after the stage's
+  // full barrier).
+  __device__ void scan_v(char *st, int sub, uint32_t *v_marks, bf16 *qd, float *dlast) {
+    constexpr int R = Layout<K>::kRow;
+    bf16 *v_tile = reinterpret_cast<bf16 *>(st + lay.v);
+    const int shift = v_slice == 128 ? 4 : 3;  // log2 of a row's 16-byte pieces
+    const int piece_mask = (1 << shift) - 1;
+    uint32_t rows = 0u;
+#pragma unroll 1
+    for (int i = sub; i < (kChunk << shift); i += kScanThreads) {
+      const uint4 x = *reinterpret_cast<const uint4 *>(v_tile + (i >> shift) * lay.v_row + (i & piece_mask) * 8);
+      if (non_finite_bf16x2(x.x) | non_finite_bf16x2(x.y) | non_finite_bf16x2(x.z) | non_finite_bf16x2(x.w)) {
+        rows |= 1u << (i >> shift);
+      }
+    }
+    rows = __reduce_or_sync(0xFFFFFFFFu, rows);
+    if ((sub & 31) == 0 && rows != 0u) atomicOr(v_marks, rows);
+    scan_sync(group);
+    const uint32_t bad_rows = *v_marks;
+    if (bad_rows == 0u) return;
+    for (int i = sub; i < (kChunk << shift); i += kScanThreads) {
+      if ((bad_rows >> (i >> shift)) & 1u) {
+        *reinterpret_cast<uint4 *>(v_tile + (i >> shift) * lay.v_row + (i & piece_mask) * 8) = uint4{};
+      }
+    }
+    const int poisoned_from = __ffs(bad_rows) - 1;
+    for (int i = sub; i < kChunk * kPairs; i += kScanThreads) {
+      const int t = i / kPairs;
+      if (t >= poisoned_from) store_pair(qd, t * R + 2 * (i % kPairs), NAN, NAN);
+    }
+    for (int c = sub; c < K; c += kScanThreads) dlast[c] = NAN;
   }
 };
 
