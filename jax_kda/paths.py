@@ -251,7 +251,7 @@ def _two_pass_seconds(sequences, tokens, value_heads, multiprocessors, card: Car
     windows = -(-chunks // max(contract.two_pass_window(chains, chunks), 1))
     waves = -(-chains // multiprocessors)  # one state-pass CTA a multiprocessor
     return (chains * chunks * card.factor_seconds / multiprocessors + waves * chunks * card.state_seconds
-            + (windows - 1) * card.window_seconds)
+            + max(windows - 1, 0) * card.window_seconds)
 
 
 def two_pass_is_faster(x: KDAOperands, pieces: int) -> bool:
