@@ -60,9 +60,9 @@ constexpr const char *decode_unsupported(int head_dim_k, int head_dim_v) {
 // every other call), and its workspace: the factors of a window of chunks of every chain (at most
 // kTwoPassWorkspaceBudget; the passes run window by window), then, when the call writes no final state,
 // an fp32 state per chain to carry between windows.
-inline constexpr int kTwoPassChunk = kn::kChunk;
-inline constexpr int kTwoPassHeadDim = kn::kDimK;  // K = V = 128
-inline constexpr int64_t kTwoPassFactorBytes = kn::fused::kFactorPitch;  // one chunk of one chain
+inline constexpr int kTwoPassChunk = chunk32::kChunk;
+inline constexpr int kTwoPassHeadDim = chunk32::kDimK;  // K = V = 128
+inline constexpr int64_t kTwoPassFactorBytes = chunk32::kFactorPitch;  // one chunk of one chain
 inline constexpr int64_t kTwoPassWorkspaceBudget = int64_t(512) << 20;
 // The factor pass anchors each chunk's exponents at its row 15: 16 tokens of the bounded gate's decay
 // stay inside fp32 (2^(16 x 5 x log2 e) = 2^115) from this lower bound up. Softplus and given decays can

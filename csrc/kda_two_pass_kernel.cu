@@ -18,9 +18,8 @@
 namespace jax_kda {
 namespace {
 
-using namespace kn;
-using namespace kn::fused;
-using namespace kn::fused::twopass;
+using namespace jax_kda::chunk32;
+using namespace jax_kda::chunk32::two_pass;
 
 constexpr int kInverseWarps = 4;  // the inverse's merge spread over the group (measured fastest, PERFLOG)
 

@@ -25,7 +25,8 @@
     }                                                                                             \
   } while (0)
 
-namespace kn {
+namespace jax_kda {
+namespace chunk32 {
 
 // ---- bf16 ----------------------------------------------------------------------------------------
 constexpr uint16_t kBf16Poison = 0xFFFF;  // a NaN: an output element left unwritten stays NaN
@@ -229,4 +230,5 @@ inline int int_option(int argc, char **argv, const char *name, int fallback) {
   return fallback;
 }
 
-}  // namespace kn
+}  // namespace chunk32
+}  // namespace jax_kda

@@ -59,7 +59,7 @@ static void check_descriptor_packing() {
   d.bitfield.leading_byte_offset_ = 0x0567;
   d.bitfield.stride_byte_offset_ = 0x0abc;
   d.bitfield.layout_type_ = 2;
-  const uint64_t mine = kn::make_descriptor(0x1234u << 4, 0x0567u << 4, 0x0abcu << 4, kn::kDescSwizzle64);
+  const uint64_t mine = jax_kda::chunk32::make_descriptor(0x1234u << 4, 0x0567u << 4, 0x0abcu << 4, jax_kda::chunk32::kDescSwizzle64);
   EXPECT(uint64_t(d) == mine, "descriptor packing: cute %016llx mine %016llx\n", (unsigned long long)uint64_t(d),
          (unsigned long long)mine);
 }
@@ -70,13 +70,13 @@ static void check_wq() {
   auto tile = make_tensor(make_smem_ptr(kBase), layout);
   for (int r = 0; r < 64; ++r)
     for (int c = 0; c < 128; ++c)
-      EXPECT(element_address(tile, r, c) == kn::wq_offset(r, c), "WQ (%d,%d): cute %u mine %u\n", r, c,
-             element_address(tile, r, c), kn::wq_offset(r, c));
+      EXPECT(element_address(tile, r, c) == jax_kda::chunk32::wq_offset(r, c), "WQ (%d,%d): cute %u mine %u\n", r, c,
+             element_address(tile, r, c), jax_kda::chunk32::wq_offset(r, c));
   for (int first_row : {0, 32}) {
     for (int n : {32, 64}) {
       if (first_row + n > 64) continue;
       for (int k = 0; k < 8; ++k) {
-        const uint64_t mine = kn::wq_descriptor(0, first_row, k);
+        const uint64_t mine = jax_kda::chunk32::wq_descriptor(0, first_row, k);
         const cute::GmmaDescriptor m(mine);
         EXPECT(uint32_t(m.bitfield.start_address_) << 4 == element_address(tile, first_row, 16 * k),
                "WQ desc start row %d k %d\n", first_row, k);
@@ -100,11 +100,11 @@ static void check_k32(const char *name) {
   auto tile = make_tensor(make_smem_ptr(kBase), layout);
   for (int r = 0; r < Rows; ++r)
     for (int c = 0; c < 32; ++c)
-      EXPECT(element_address(tile, r, c) == kn::k32_offset(r, c), "%s (%d,%d): cute %u mine %u\n", name, r, c,
-             element_address(tile, r, c), kn::k32_offset(r, c));
+      EXPECT(element_address(tile, r, c) == jax_kda::chunk32::k32_offset(r, c), "%s (%d,%d): cute %u mine %u\n", name, r, c,
+             element_address(tile, r, c), jax_kda::chunk32::k32_offset(r, c));
   for (int k = 0; k < 2; ++k) {
     for (int first_row = 0; first_row < Rows; first_row += 32) {
-      const uint64_t mine = kn::k32_descriptor(0, first_row, k);
+      const uint64_t mine = jax_kda::chunk32::k32_descriptor(0, first_row, k);
       const cute::GmmaDescriptor m(mine);
       EXPECT(uint32_t(m.bitfield.start_address_) << 4 == element_address(tile, first_row, 16 * k), "%s desc start\n", name);
       auto sub = local_tile(tile, Shape<_32, _16>{}, make_coord(first_row / 32, k));
@@ -112,13 +112,13 @@ static void check_k32(const char *name) {
     }
     if (Rows >= 64) {
       auto sub = local_tile(tile, Shape<_64, _16>{}, make_coord(0, k));
-      check_descriptor_fields(name, gmma::make_gmma_desc<gmma::Major::K>(sub), kn::k32_descriptor(0, 0, k));
+      check_descriptor_fields(name, gmma::make_gmma_desc<gmma::Major::K>(sub), jax_kda::chunk32::k32_descriptor(0, 0, k));
     }
   }
   if (Rows == 128) {
     for (int k = 0; k < 2; ++k) {
       auto sub = local_tile(tile, Shape<_128, _16>{}, make_coord(0, k));
-      check_descriptor_fields("KendT n128", gmma::make_gmma_desc<gmma::Major::K>(sub), kn::k32_descriptor(0, 0, k));
+      check_descriptor_fields("KendT n128", gmma::make_gmma_desc<gmma::Major::K>(sub), jax_kda::chunk32::k32_descriptor(0, 0, k));
     }
   }
 }
@@ -130,11 +130,11 @@ static void check_v() {
   auto tile = make_tensor(make_smem_ptr(kBase), layout);
   for (int v = 0; v < 128; ++v)
     for (int t = 0; t < 32; ++t)
-      EXPECT(element_address(tile, v, t) == kn::v_offset(t, v), "V (v %d, t %d): cute %u mine %u\n", v, t,
-             element_address(tile, v, t), kn::v_offset(t, v));
+      EXPECT(element_address(tile, v, t) == jax_kda::chunk32::v_offset(t, v), "V (v %d, t %d): cute %u mine %u\n", v, t,
+             element_address(tile, v, t), jax_kda::chunk32::v_offset(t, v));
   for (int group = 0; group < 2; ++group) {
     for (int k = 0; k < 2; ++k) {
-      const uint64_t mine = kn::v_descriptor(0, group, k);
+      const uint64_t mine = jax_kda::chunk32::v_descriptor(0, group, k);
       const cute::GmmaDescriptor m(mine);
       EXPECT(uint32_t(m.bitfield.start_address_) << 4 == element_address(tile, 64 * group, 16 * k), "V desc start\n");
       auto sub = local_tile(tile, Shape<_64, _16>{}, make_coord(group, k));
@@ -150,7 +150,7 @@ static void check_v() {
   }
   // With both groups in one operand (M = 128) CuTe's LBO is the group stride: the value mine uses.
   auto sub = local_tile(tile, Shape<_128, _16>{}, make_coord(0, 0));
-  check_descriptor_fields("V M=128", gmma::make_gmma_desc<gmma::Major::MN>(sub), kn::v_descriptor(0, 0, 0));
+  check_descriptor_fields("V M=128", gmma::make_gmma_desc<gmma::Major::MN>(sub), jax_kda::chunk32::v_descriptor(0, 0, 0));
 }
 
 static void check_fragments() {
@@ -159,13 +159,13 @@ static void check_fragments() {
   for (int t = 0; t < 128; ++t) {
     for (int i = 0; i < 64; ++i) {
       const int idx = c_layout(t, i);
-      EXPECT(idx % 64 == kn::acc_row(t, i) && idx / 64 == kn::acc_col(t, i), "acc map t %d i %d\n", t, i);
+      EXPECT(idx % 64 == jax_kda::chunk32::acc_row(t, i) && idx / 64 == jax_kda::chunk32::acc_col(t, i), "acc map t %d i %d\n", t, i);
     }
     for (int j = 0; j < 8; ++j) {
       const int idx = a_layout(t, j);
-      EXPECT(idx % 64 == kn::a_row(t, j) && idx / 64 == kn::a_col(t, j), "A map t %d j %d\n", t, j);
+      EXPECT(idx % 64 == jax_kda::chunk32::a_row(t, j) && idx / 64 == jax_kda::chunk32::a_col(t, j), "A map t %d j %d\n", t, j);
       for (int kb = 0; kb < 8; ++kb) {
-        EXPECT(kn::acc_row(t, 8 * kb + j) == kn::a_row(t, j) && kn::acc_col(t, 8 * kb + j) == 16 * kb + kn::a_col(t, j),
+        EXPECT(jax_kda::chunk32::acc_row(t, 8 * kb + j) == jax_kda::chunk32::a_row(t, j) && jax_kda::chunk32::acc_col(t, 8 * kb + j) == 16 * kb + jax_kda::chunk32::a_col(t, j),
                "acc value %d is not A element %d of k-block %d (thread %d)\n", 8 * kb + j, j, kb, t);
       }
     }

@@ -41,7 +41,8 @@
 #include "ptx.cuh"
 #include "common_host.h"
 
-namespace kn {
+namespace jax_kda {
+namespace chunk32 {
 namespace {
 
 constexpr int kFactorGroups = 2;
@@ -680,10 +681,11 @@ struct Variant {
 };
 
 }  // namespace
-}  // namespace kn
+}  // namespace chunk32
+}  // namespace jax_kda
 
 int main(int argc, char **argv) {
-  using namespace kn;
+  using namespace jax_kda::chunk32;
   const GateParams gp = make_gate_params();
   if (int_option(argc, argv, "--host-check", 0)) {  // CPU only: the algorithm (emulated) against float64
     Generator gen(11);

@@ -17,8 +17,8 @@
 #include "fused_prefill_host.h"
 #include "fused_prefill_kernel.cuh"
 
-namespace kn {
-namespace fused {
+namespace jax_kda {
+namespace chunk32 {
 namespace {
 
 using KernelFn = void (*)(FusedParams, TensorMaps);
@@ -72,12 +72,11 @@ Timing time_variant(const Variant &v, const DeviceProblem &d, int warmup, int re
 }
 
 }  // namespace
-}  // namespace fused
-}  // namespace kn
+}  // namespace chunk32
+}  // namespace jax_kda
 
 int main(int argc, char **argv) {
-  using namespace kn;
-  using namespace kn::fused;
+  using namespace jax_kda::chunk32;
   if (int_option(argc, argv, "--host-check", 0)) return host_check(int_option(argc, argv, "--tokens", 256));
   const DeviceInfo info = device_info();
   const int reps = std::max(10, int_option(argc, argv, "--reps", 20));

@@ -16,8 +16,8 @@
 #include "common_host.h"
 #include "factor_group.cuh"
 
-namespace kn {
-namespace fused {
+namespace jax_kda {
+namespace chunk32 {
 namespace {
 
 constexpr float kLowerBound = -5.f;
@@ -689,5 +689,5 @@ inline Timing timing_of(std::vector<double> ms) {
 }
 
 }  // namespace
-}  // namespace fused
-}  // namespace kn
+}  // namespace chunk32
+}  // namespace jax_kda

@@ -28,8 +28,8 @@
 #include "factor_group.cuh"
 #include "state_step.cuh"
 
-namespace kn {
-namespace fused {
+namespace jax_kda {
+namespace chunk32 {
 
 struct Barriers {
   uint64_t *full;      // [kStages]: the stage's factors published (1 arrival) and its V arrived (bytes)
@@ -144,5 +144,5 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-}  // namespace fused
-}  // namespace kn
+}  // namespace chunk32
+}  // namespace jax_kda

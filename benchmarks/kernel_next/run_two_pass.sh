@@ -7,7 +7,7 @@
 # a tiny launch, then the full run (o and the final state against float64 and the CPU emulation, pass 1's
 # factors against float64, every output written; windows of chunks, serial and overlapped, bit for bit
 # against one pass; timings of pass 1, pass 2 and both for A, E, F, then both window by window) and a
-# summary at the end; then a second binary built with -DKN_PHASE_CLOCKS (the real timings stay
+# summary at the end; then a second binary built with -DCHUNK32_PHASE_CLOCKS (the real timings stay
 # uninstrumented) prints pass 1's per-phase clock64 table for A (every variant) and F. Every step has a
 # time limit, so a hang (a barrier bug) still leaves its logs.
 # $OUT (default /tmp/two_pass_out) receives at most 8 files (the device call brings back 8, 2 folders
@@ -42,7 +42,7 @@ fi
 say "built in $((SECONDS - start)) s; ptxas per kernel:"
 ptxas_report() {
 awk '/Compiling entry function/ && !/pass_kernel/ { name = ""; next }
-     /Compiling entry function/ { name = $0; sub(/.*twopass[0-9]+/, "", name); sub(/ILNS0.*|ENS0.*/, "", name);
+     /Compiling entry function/ { name = $0; sub(/.*two_pass[0-9]+/, "", name); sub(/ILNS0.*|ENS0.*/, "", name);
        gate = ($0 ~ /GateMathE0/) ? " (tanh gate" : ($0 ~ /GateMathE1/) ? " (ex2+rcp gate" : ($0 ~ /GateMathE2/) ? " (softplus gate" : ($0 ~ /GateMathE3/) ? " (log-decay gate" : "";
        if (gate != "") gate = gate (($0 ~ /Li4ELi/) ? ", 4-warp inverse" : "") (($0 ~ /Li1ELi4EE/) ? ", lean)" : ")") }
      /spill stores/ { spill = $0; sub(/^ +/, "", spill) }
@@ -53,10 +53,10 @@ ptxas_report "$out/build.log"
 say "  C75xx warnings: $(grep -cE 'C75[0-9]+' "$out/build.log")"
 # The instrumented build (pass 1's phase clocks), beside it; its ptxas log goes into extra.tar.gz.
 phases_bin=""
-if timeout 300 "$nvcc_bin" "${flags[@]}" -DKN_PHASE_CLOCKS "$here/two_pass.cu" -o "$build/two_pass_phases" \
+if timeout 300 "$nvcc_bin" "${flags[@]}" -DCHUNK32_PHASE_CLOCKS "$here/two_pass.cu" -o "$build/two_pass_phases" \
     > "$extra/build_phases.log" 2>&1; then
   phases_bin="$build/two_pass_phases"
-  say "instrumented build (-DKN_PHASE_CLOCKS), ptxas per kernel:"
+  say "instrumented build (-DCHUNK32_PHASE_CLOCKS), ptxas per kernel:"
   ptxas_report "$extra/build_phases.log"
 else
   say "instrumented build FAILED (see extra.tar.gz: extra/build_phases.log)"
@@ -70,7 +70,7 @@ if command -v cuobjdump > /dev/null; then
        /^ +\/\*[0-9a-f]+\*\// { n++; if (/HGMMA/) hg++; if (/WARPGROUP.DEPBAR/) dep++; if (/ STG/) stg++;
                       if (/ STL/) stl++; if (/ LDL/) ldl++; if (/ HMMA/) mma++; if (/ MUFU/) mufu++ }
        END { if (f != "") print f, n, hg, dep, stg, stl, ldl, mma, mufu }' "$extra/two_pass.sass" \
-    | grep pass_kernel | awk '{ name = $1; sub(/.*twopass[0-9]+/, "", name); sub(/ILNS0.*|ENS0.*/, "", name);
+    | grep pass_kernel | awk '{ name = $1; sub(/.*two_pass[0-9]+/, "", name); sub(/ILNS0.*|ENS0.*/, "", name);
         gate = ($1 ~ /GateMathE0/) ? "(tanh)" : ($1 ~ /GateMathE1/) ? "(ex2+rcp)" : ($1 ~ /GateMathE2/) ? "(softplus)" : ($1 ~ /GateMathE3/) ? "(log-decay)" : "";
         if ($1 ~ /Li4ELi/) gate = gate "(4-warp inverse)";
         if ($1 ~ /Li1ELi4EE/) gate = gate "(lean: 1 slot, 4 CTAs)";

@@ -31,7 +31,8 @@
 #include "ptx.cuh"
 #include "common_host.h"
 
-namespace kn {
+namespace jax_kda {
+namespace chunk32 {
 namespace {
 
 constexpr int kStages = 2;                                       // factor stages in the ring
@@ -557,10 +558,11 @@ CheckResult check_variant(const Variant &v, const DeviceBuffers &b, const Proble
 }
 
 }  // namespace
-}  // namespace kn
+}  // namespace chunk32
+}  // namespace jax_kda
 
 int main(int argc, char **argv) {
-  using namespace kn;
+  using namespace jax_kda::chunk32;
   if (int_option(argc, argv, "--host-check", 0)) {  // CPU only: operands as the descriptors read them, reference
     Problem pb;
     build_problem(pb, int_option(argc, argv, "--pool", 8));

@@ -16,9 +16,9 @@
 #include "fused_prefill_host.h"
 #include "two_pass.cuh"
 
-namespace kn {
-namespace fused {
-namespace twopass {
+namespace jax_kda {
+namespace chunk32 {
+namespace two_pass {
 
 // ---- host --------------------------------------------------------------------------------------------
 using FactorKernel = void (*)(FusedParams, TensorMaps, uint8_t *, Window);
@@ -520,15 +520,15 @@ PassBytes pass_bytes(const DeviceProblem &d) {
   return b;
 }
 
-// ---- phase report (a KN_PHASE_CLOCKS build, --phases 1) ----------------------------------------------
+// ---- phase report (a CHUNK32_PHASE_CLOCKS build, --phases 1) ----------------------------------------------
 #define KN_PHASE_NAME(id, name, what) name,
 #define KN_PHASE_WHAT(id, name, what) what,
 inline const char *phase_name(int k) {
-  static const char *const names[kPass1Phases] = {KN_PASS1_PHASES(KN_PHASE_NAME)};
+  static const char *const names[kPass1Phases] = {CHUNK32_PASS1_PHASES(KN_PHASE_NAME)};
   return names[k];
 }
 inline const char *phase_what(int k) {
-  static const char *const what[kPass1Phases] = {KN_PASS1_PHASES(KN_PHASE_WHAT)};
+  static const char *const what[kPass1Phases] = {CHUNK32_PASS1_PHASES(KN_PHASE_WHAT)};
   return what[k];
 }
 #undef KN_PHASE_NAME
@@ -549,7 +549,7 @@ double mean_of(const std::vector<double> &v) {
 // per-phase table over the items that are not a CTA's first (whose raw wait is the cold load), the first
 // items apart, the effective clock, and per SM the CTAs resident at once and the cycles per item.
 bool phase_report(const char *label, const Variant &v, Launcher &l, const DeviceProblem &d, int warmup, int reps) {
-#ifndef KN_PHASE_CLOCKS
+#ifndef CHUNK32_PHASE_CLOCKS
   (void)label, (void)v, (void)l, (void)d, (void)warmup, (void)reps;
   printf("phase report: this binary was built without -DKN_PHASE_CLOCKS\n");
   return false;
@@ -684,14 +684,13 @@ bool phase_report(const char *label, const Variant &v, Launcher &l, const Device
 #endif
 }
 
-}  // namespace twopass
-}  // namespace fused
-}  // namespace kn
+}  // namespace two_pass
+}  // namespace chunk32
+}  // namespace jax_kda
 
 int main(int argc, char **argv) {
-  using namespace kn;
-  using namespace kn::fused;
-  using namespace kn::fused::twopass;
+  using namespace jax_kda::chunk32;
+  using namespace jax_kda::chunk32::two_pass;
   if (int_option(argc, argv, "--host-check", 0)) return host_check(int_option(argc, argv, "--tokens", 256));
   const DeviceInfo info = device_info();
   const int reps = std::max(10, int_option(argc, argv, "--reps", 20));
@@ -717,7 +716,7 @@ int main(int argc, char **argv) {
   printf("pass 2: %d threads, %u B, %d stages\n", kStateCtaThreads, kS2SmBytes, kPassStages);
   bool all_pass = true;
 
-  if (int_option(argc, argv, "--phases", 0)) {  // the KN_PHASE_CLOCKS build: per-phase clocks of pass 1 only
+  if (int_option(argc, argv, "--phases", 0)) {  // the CHUNK32_PHASE_CLOCKS build: per-phase clocks of pass 1 only
     const Shape shapes[] = {{"A", 1, 8192, 96}, {"F", 1, 2048, 32}};
     for (const Shape &s : shapes) {
       DeviceProblem d = make_problem(s, 29);

@@ -26,8 +26,8 @@
 #include "ptx.cuh"
 #include "stage.h"
 
-namespace kn {
-namespace fused {
+namespace jax_kda {
+namespace chunk32 {
 
 struct TensorMaps {
   CUtensorMap q, k, g, v;  // 4-D (channel, head, token, sequence), box 64 x 1 x 32 x 1, 128B swizzle
@@ -516,5 +516,5 @@ struct FactorGroup {
   }
 };
 
-}  // namespace fused
-}  // namespace kn
+}  // namespace chunk32
+}  // namespace jax_kda

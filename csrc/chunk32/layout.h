@@ -27,12 +27,13 @@
 #include <cmath>
 
 #if defined(__CUDACC__)
-#define KN_HD __host__ __device__ __forceinline__
+#define CHUNK32_HD __host__ __device__ __forceinline__
 #else
-#define KN_HD inline
+#define CHUNK32_HD inline
 #endif
 
-namespace kn {
+namespace jax_kda {
+namespace chunk32 {
 
 // ---- sizes ------------------------------------------------------------------------------------
 constexpr int kChunk = 32;                             // tokens per chunk
@@ -65,8 +66,8 @@ constexpr uint32_t kSwizzleRowBytes64 = 64;
 constexpr uint32_t kSwizzleAtomBytes64 = 512;
 constexpr uint32_t kSwizzleAlign = 1024;       // tile bases: absolute address bits 7-9 must be the row
 
-KN_HD uint32_t swizzle_128b(uint32_t byte) { return byte ^ (((byte >> 7) & 7u) << 4); }
-KN_HD uint32_t swizzle_64b(uint32_t byte) { return byte ^ (((byte >> 7) & 3u) << 4); }
+CHUNK32_HD uint32_t swizzle_128b(uint32_t byte) { return byte ^ (((byte >> 7) & 7u) << 4); }
+CHUNK32_HD uint32_t swizzle_64b(uint32_t byte) { return byte ^ (((byte >> 7) & 3u) << 4); }
 
 // ---- the factor stage: one chunk's factors, as the state warpgroups read them --------------------
 // Tile WQ (bf16, 64 rows x 128 channels, K-major, 128B swizzle): rows 0-31 hold W' = -W (token-major),
@@ -96,17 +97,17 @@ static_assert(kStageWq % kSwizzleAlign == 0 && kStageTa % kSwizzleAlign == 0 && 
               "swizzled tiles start 1024-byte aligned");
 
 // Byte offset of element (row, channel) inside tile WQ.
-KN_HD uint32_t wq_offset(int row, int channel) {
+CHUNK32_HD uint32_t wq_offset(int row, int channel) {
   const uint32_t linear = uint32_t(row / 8) * kWqGroupBytes + uint32_t(channel / 64) * kSwizzleAtomBytes128 +
                           uint32_t(row % 8) * kSwizzleRowBytes128 + uint32_t(channel % 64) * kBf16Bytes;
   return swizzle_128b(linear);
 }
 // Byte offset of element (row, col) inside a K-major tile of 32 bf16 per row (TA, KendT).
-KN_HD uint32_t k32_offset(int row, int col) {
+CHUNK32_HD uint32_t k32_offset(int row, int col) {
   return swizzle_64b(uint32_t(row) * kSwizzleRowBytes64 + uint32_t(col) * kBf16Bytes);
 }
 // Byte offset of V[token][value] inside tile V.
-KN_HD uint32_t v_offset(int token, int value) {
+CHUNK32_HD uint32_t v_offset(int token, int value) {
   return uint32_t(value / kGroupRows) * kVGroupBytes +
          swizzle_128b(uint32_t(token) * kSwizzleRowBytes128 + uint32_t(value % kGroupRows) * kBf16Bytes);
 }
@@ -115,24 +116,24 @@ KN_HD uint32_t v_offset(int token, int value) {
 constexpr uint64_t kDescSwizzle128 = 1, kDescSwizzle64 = 2;
 constexpr uint32_t kDescUnusedLeading = 16;  // LBO of swizzled K-major operands: unused, CuTe writes 1 (x16 B)
 
-KN_HD uint64_t make_descriptor(uint32_t smem_address, uint32_t leading_bytes, uint32_t stride_bytes,
+CHUNK32_HD uint64_t make_descriptor(uint32_t smem_address, uint32_t leading_bytes, uint32_t stride_bytes,
                                uint64_t swizzle) {
   return uint64_t((smem_address >> 4) & 0x3FFFu) | (uint64_t((leading_bytes >> 4) & 0x3FFFu) << 16) |
          (uint64_t((stride_bytes >> 4) & 0x3FFFu) << 32) | (swizzle << 62);
 }
 // B operand from WQ: rows first_row.. (N = 32 or 64 of them), k16 step `k_step` (0..7) over the channels.
-KN_HD uint64_t wq_descriptor(uint32_t tile_address, uint32_t first_row, int k_step) {
+CHUNK32_HD uint64_t wq_descriptor(uint32_t tile_address, uint32_t first_row, int k_step) {
   const uint32_t start = tile_address + first_row / 8 * kWqGroupBytes + uint32_t(k_step / 4) * kSwizzleAtomBytes128 +
                          uint32_t(k_step % 4) * 16 * kBf16Bytes;
   return make_descriptor(start, kDescUnusedLeading, kWqGroupBytes, kDescSwizzle128);
 }
 // B operand from a 32-column K-major tile (TA, KendT): rows first_row.., k16 step `k_step` (0..1).
-KN_HD uint64_t k32_descriptor(uint32_t tile_address, uint32_t first_row, int k_step) {
+CHUNK32_HD uint64_t k32_descriptor(uint32_t tile_address, uint32_t first_row, int k_step) {
   const uint32_t start = tile_address + first_row * kSwizzleRowBytes64 + uint32_t(k_step) * 16 * kBf16Bytes;
   return make_descriptor(start, kDescUnusedLeading, kSwizzleAtomBytes64, kDescSwizzle64);
 }
 // A operand V^T (M = 64 values of state group `group`, K = 16 tokens of k16 step `k_step`), MN-major.
-KN_HD uint64_t v_descriptor(uint32_t tile_address, int group, int k_step) {
+CHUNK32_HD uint64_t v_descriptor(uint32_t tile_address, int group, int k_step) {
   const uint32_t start = tile_address + uint32_t(group) * kVGroupBytes + uint32_t(k_step) * 16 * kSwizzleRowBytes128;
   return make_descriptor(start, kVGroupBytes, kSwizzleAtomBytes128, kDescSwizzle128);
 }
@@ -140,13 +141,14 @@ KN_HD uint64_t v_descriptor(uint32_t tile_address, int group, int k_step) {
 // ---- wgmma register fragments (PTX ISA figures "WGMMA .m64nNk16 register fragment layout"; CuTe
 // CLayout_64xN and ALayout_64x16) ------------------------------------------------------------------
 // Accumulator (f32): thread t of the warpgroup, value i (0 .. N/2-1).
-KN_HD int acc_row(int thread, int i) { return 16 * (thread / 32) + (thread % 32) / 4 + 8 * ((i / 2) % 2); }
-KN_HD int acc_col(int thread, int i) { return 8 * (i / 4) + 2 * (thread % 4) + (i % 2); }
+CHUNK32_HD int acc_row(int thread, int i) { return 16 * (thread / 32) + (thread % 32) / 4 + 8 * ((i / 2) % 2); }
+CHUNK32_HD int acc_col(int thread, int i) { return 8 * (i / 4) + 2 * (thread % 4) + (i % 2); }
 // Register A operand (bf16, 64 x 16): element j (0..7; register j/2, low half for even j).
-KN_HD int a_row(int thread, int j) { return 16 * (thread / 32) + (thread % 32) / 4 + 8 * ((j / 2) % 2); }
-KN_HD int a_col(int thread, int j) { return 8 * (j / 4) + 2 * (thread % 4) + (j % 2); }
+CHUNK32_HD int a_row(int thread, int j) { return 16 * (thread / 32) + (thread % 32) / 4 + 8 * ((j / 2) % 2); }
+CHUNK32_HD int a_col(int thread, int j) { return 8 * (j / 4) + 2 * (thread % 4) + (j % 2); }
 // Hence (compare the two maps): accumulator values 8 kb .. 8 kb + 7 of a thread are its A elements
 // 0..7 for the k16 block kb of the same rows: the conversion accumulator -> A operand is register-local,
 // A register r of block kb = bf16x2(acc[8 kb + 2 r], acc[8 kb + 2 r + 1]) (low half first).
 
-}  // namespace kn
+}  // namespace chunk32
+}  // namespace jax_kda

@@ -11,7 +11,8 @@
 #include "layout.h"
 #include "wgmma.h"
 
-namespace kn {
+namespace jax_kda {
+namespace chunk32 {
 
 using bf16 = __nv_bfloat16;
 
@@ -207,4 +208,5 @@ __device__ __forceinline__ long long clock_cycles() {
   return c;
 }
 
-}  // namespace kn
+}  // namespace chunk32
+}  // namespace jax_kda

@@ -13,8 +13,8 @@
 
 #include "layout.h"
 
-namespace kn {
-namespace fused {
+namespace jax_kda {
+namespace chunk32 {
 
 constexpr int kFactorGroups = 2;
 constexpr int kStages = 2;     // factor stages in the ring (shared memory allows two beside the raw slots)
@@ -67,7 +67,7 @@ constexpr uint32_t kRawTileBytes = 2 * kRawHalfBytes;                      // 81
 constexpr uint32_t kRawQ = 0, kRawK = kRawTileBytes, kRawG = 2 * kRawTileBytes;
 constexpr uint32_t kRawSlotBytes = 3 * kRawTileBytes;  // 24576 (beta is prefetched into registers instead)
 
-KN_HD uint32_t raw_offset(int row, int channel) {
+CHUNK32_HD uint32_t raw_offset(int row, int channel) {
   return uint32_t(channel / kRawBoxChannels) * kRawHalfBytes +
          swizzle_128b(uint32_t(row) * kSwizzleRowBytes128 + uint32_t(channel % kRawBoxChannels) * kBf16Bytes);
 }
@@ -116,20 +116,20 @@ struct Chain {
   int tokens;   // its length
 };
 // Chain `index` (sequence-major: sequence * heads + head) of B sequences of T tokens.
-KN_HD Chain chain_of(int index, int heads, int tokens, int group = 1) {
+CHUNK32_HD Chain chain_of(int index, int heads, int tokens, int group = 1) {
   return Chain{index / heads, index % heads, (tokens + kChunk - 1) / kChunk, (index % heads) / group,
                index / heads, 0, tokens};
 }
 // Chain `index` of packed sequences (batch 1, sequence n on tokens [cu[n], cu[n + 1])).
-KN_HD Chain packed_chain_of(int index, int heads, const int *cu, int group = 1) {
+CHUNK32_HD Chain packed_chain_of(int index, int heads, const int *cu, int group = 1) {
   const int n = index / heads, head = index % heads, first = cu[n], tokens = cu[n + 1] - first;
   return Chain{n, head, (tokens + kChunk - 1) / kChunk, head / group, 0, first, tokens};
 }
-KN_HD int factor_group_of(int chunk) { return chunk % kFactorGroups; }
-KN_HD int stage_of(int chunk) { return chunk % kStages; }
-KN_HD uint32_t stage_parity(int chunk) { return uint32_t(chunk / kStages) & 1u; }
+CHUNK32_HD int factor_group_of(int chunk) { return chunk % kFactorGroups; }
+CHUNK32_HD int stage_of(int chunk) { return chunk % kStages; }
+CHUNK32_HD uint32_t stage_parity(int chunk) { return uint32_t(chunk / kStages) & 1u; }
 // Tokens of chunk c inside the sequence (the last chunk may be partial).
-KN_HD int valid_tokens(int chunk, int tokens) {
+CHUNK32_HD int valid_tokens(int chunk, int tokens) {
   const int left = tokens - chunk * kChunk;
   return left < kChunk ? left : kChunk;
 }
@@ -157,5 +157,5 @@ struct FusedParams {
   uint16_t *o;                     // bf16 [B, T, H, V]
 };
 
-}  // namespace fused
-}  // namespace kn
+}  // namespace chunk32
+}  // namespace jax_kda

@@ -13,8 +13,8 @@
 #include "ptx.cuh"
 #include "stage.h"
 
-namespace kn {
-namespace fused {
+namespace jax_kda {
+namespace chunk32 {
 
 // ---- state chain ----------------------------------------------------------------------------------
 constexpr int kStateValues = kGroupRows * kDimK / kWarpgroupThreads;  // 64 accumulators a thread
@@ -144,5 +144,5 @@ __device__ __forceinline__ void store_outputs(const FusedParams &p, const Chain 
   }
 }
 
-}  // namespace fused
-}  // namespace kn
+}  // namespace chunk32
+}  // namespace jax_kda

@@ -20,9 +20,9 @@
 #include "factor_group.cuh"
 #include "state_step.cuh"
 
-namespace kn {
-namespace fused {
-namespace twopass {
+namespace jax_kda {
+namespace chunk32 {
+namespace two_pass {
 
 // ---- layout and schedule ---------------------------------------------------------------------------
 
@@ -32,8 +32,8 @@ constexpr int kFactorThreads = kWarpgroupThreads;
 constexpr int kFactorCtasPerSm = 3;
 // A factor CTA's shared memory with `slots` raw slots (the group's scratch follows them), its barriers
 // after the scratch, + slack to align the base.
-KN_HD constexpr uint32_t f1_barriers(int slots) { return kGrBytes - (kRawSlots - slots) * kRawSlotBytes; }
-KN_HD constexpr uint32_t f1_smem_bytes(int slots) { return f1_barriers(slots) + slots * 8 + kSwizzleAlign; }
+CHUNK32_HD constexpr uint32_t f1_barriers(int slots) { return kGrBytes - (kRawSlots - slots) * kRawSlotBytes; }
+CHUNK32_HD constexpr uint32_t f1_smem_bytes(int slots) { return f1_barriers(slots) + slots * 8 + kSwizzleAlign; }
 constexpr uint32_t kF1SmBytes = f1_smem_bytes(kRawSlots);
 // One raw slot (the next item's loads wait for this item's last read) leaves room for four CTAs a SM:
 // more warps to hide latency with, at 128 registers.
@@ -46,7 +46,7 @@ static_assert(kLeanCtasPerSm * (f1_smem_bytes(kLeanSlots) + kSmReservedPerCta) <
 struct ItemRange {
   int first, last;
 };
-KN_HD ItemRange items_of(int cta, int ctas, int items) {
+CHUNK32_HD ItemRange items_of(int cta, int ctas, int items) {
   const int per = items / ctas, extra = items % ctas;
   const int first = cta * per + (cta < extra ? cta : extra);
   return ItemRange{first, first + per + (cta < extra ? 1 : 0)};
@@ -99,20 +99,20 @@ constexpr uint32_t kS2Barriers = kPassStages * kStBytes;
 constexpr uint32_t kS2SmBytes = kS2Barriers + 2 * kPassStages * 8 + kSwizzleAlign;
 static_assert(kS2SmBytes <= kSmLimit, "state pass shared memory");
 
-KN_HD int ring_stage(int chunk) { return chunk % kPassStages; }
-KN_HD uint32_t ring_parity(int chunk) { return uint32_t(chunk / kPassStages) & 1u; }
+CHUNK32_HD int ring_stage(int chunk) { return chunk % kPassStages; }
+CHUNK32_HD uint32_t ring_parity(int chunk) { return uint32_t(chunk / kPassStages) & 1u; }
 
 __device__ __forceinline__ uint8_t *aligned_smem(uint8_t *raw) {
   return raw + ((kSwizzleAlign - (smem_address(raw) & (kSwizzleAlign - 1))) & (kSwizzleAlign - 1));
 }
 
-// ---- phase clocks of pass 1 (build flag KN_PHASE_CLOCKS; without it nothing below is compiled in) ----
+// ---- phase clocks of pass 1 (build flag CHUNK32_PHASE_CLOCKS; without it nothing below is compiled in) ----
 // Thread 0 of each pass-1 CTA (warp 0, also the loader) reads %clock64 at each boundary of an item's
 // phases into row `item` of a global buffer: slot 0 at the item's start, slot 1 + p at the end of phase
 // p, then %globaltimer at the start and the end (ns, for the effective clock), %smid and the CTA. The
 // "barrier" phases are warp 0 waiting at the group's named barrier for the slowest warp; the others are
 // warp 0's own work (in the inverse phase the other three warps wait). The phase list lives here only.
-#define KN_PASS1_PHASES(X)                                                                  \
+#define CHUNK32_PASS1_PHASES(X)                                                                  \
   X(kPhIssue, "issue", "next item's raw loads + beta, gate constants")                     \
   X(kPhWaitRaw, "wait raw", "mbarrier wait: this item's q, k, g in the slot")              \
   X(kPhGate, "A gate", "gate, x_t = Gamma_t - Gamma_15 (warp 0)")                          \
@@ -126,18 +126,18 @@ __device__ __forceinline__ uint8_t *aligned_smem(uint8_t *raw) {
   X(kPhBarD, "D barrier", "warp 0 waits for the group")                                    \
   X(kPhWProduct, "E W product", "W' (mma) and its stores (warp 0)")                        \
   X(kPhBarE, "E barrier", "proxy fence, warp 0 waits for the group")
-#define KN_PHASE_ENUM(id, name, what) id,
-enum Pass1Phase : int { KN_PASS1_PHASES(KN_PHASE_ENUM) kPass1Phases };
-#undef KN_PHASE_ENUM
+#define CHUNK32_PHASE_ENUM(id, name, what) id,
+enum Pass1Phase : int { CHUNK32_PASS1_PHASES(CHUNK32_PHASE_ENUM) kPass1Phases };
+#undef CHUNK32_PHASE_ENUM
 enum ClockSlot : int {  // long long slots of an item's row: 0 .. kPass1Phases clock64, then these
   kSlotNsBegin = kPass1Phases + 1, kSlotNsEnd, kSlotSm, kSlotCta, kClockSlots
 };
 
-#ifdef KN_PHASE_CLOCKS
+#ifdef CHUNK32_PHASE_CLOCKS
 __device__ long long *g_phase_clocks;  // [items][kClockSlots], set by cudaMemcpyToSymbol
 #endif
 
-// The marks; empty (no code) without KN_PHASE_CLOCKS. The "memory" clobber keeps shared and global accesses
+// The marks; empty (no code) without CHUNK32_PHASE_CLOCKS. The "memory" clobber keeps shared and global accesses
 // on their side of a mark (arithmetic may still move across it).
 struct PhaseClock {
   long long *row = nullptr;
@@ -153,7 +153,7 @@ struct PhaseClock {
     return t;
   }
   __device__ __forceinline__ void begin(int item, int tid) {
-#ifdef KN_PHASE_CLOCKS
+#ifdef CHUNK32_PHASE_CLOCKS
     on = tid == 0;
     if (on) {
       row = g_phase_clocks + size_t(item) * kClockSlots;
@@ -167,12 +167,12 @@ struct PhaseClock {
 #endif
   }
   __device__ __forceinline__ void mark(int phase) const {
-#ifdef KN_PHASE_CLOCKS
+#ifdef CHUNK32_PHASE_CLOCKS
     if (on) row[1 + phase] = clock_now();
 #endif
   }
   __device__ __forceinline__ void end() const {
-#ifdef KN_PHASE_CLOCKS
+#ifdef CHUNK32_PHASE_CLOCKS
     if (on) row[kSlotNsEnd] = ns_now();
 #endif
   }
@@ -366,6 +366,6 @@ __global__ void __launch_bounds__(kStateCtaThreads, 1)
   }
 }
 
-}  // namespace twopass
-}  // namespace fused
-}  // namespace kn
+}  // namespace two_pass
+}  // namespace chunk32
+}  // namespace jax_kda

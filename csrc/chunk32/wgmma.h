@@ -6,7 +6,8 @@
 #pragma once
 #include <cstdint>
 
-namespace kn {
+namespace jax_kda {
+namespace chunk32 {
 
 __device__ __forceinline__ void wgmma_m64n32k16_rs(float (&d)[16], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
   asm volatile(
@@ -88,4 +89,5 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs_f16(float (&d)[64], const ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
 
-}  // namespace kn
+}  // namespace chunk32
+}  // namespace jax_kda
