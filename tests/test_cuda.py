@@ -353,16 +353,23 @@ def test_gradients_run_through_the_kernel_forward(case):
 # beta, fp32 states and sequences of equal length; the cost model picks it or the chunk-16 kernel.
 
 
+def forced_kernel(monkeypatch, name):
+    """The calls the two-pass kernel takes run on the kernel named, whatever the cost model says. JAX
+    caches what it compiled for a call's shapes and options: cleared, so that the choice is made again."""
+    monkeypatch.setattr(paths, "two_pass_is_faster", lambda x, pieces: name == "two-pass")
+    jax.clear_caches()
+    yield name
+    jax.clear_caches()
+
+
 @pytest.fixture(params=["two-pass", "chunk-16"])
 def kernel(request, monkeypatch):
-    """The calls the two-pass kernel takes run on the kernel named, whatever the cost model says."""
-    monkeypatch.setattr(paths, "two_pass_is_faster", lambda x, pieces: request.param == "two-pass")
-    return request.param
+    yield from forced_kernel(monkeypatch, request.param)
 
 
 @pytest.fixture
 def two_pass(monkeypatch):
-    monkeypatch.setattr(paths, "two_pass_is_faster", lambda x, pieces: True)
+    yield from forced_kernel(monkeypatch, "two-pass")
 
 
 def takes_two_pass(case):
@@ -535,12 +542,25 @@ def test_compute_sanitizer(tool, call, kernel_name):
 @pytest.mark.parametrize("seqlens", [[1000], [300, 0, 77, 600], None], ids=["one", "packed", "cut"])
 def test_error_not_larger_than_fla(case, gate, seqlens):
     """Same inputs through FLA's Triton chunk_kda (FLA_FLASH_KDA=0) and ours, both against float64."""
-    os.environ["FLA_FLASH_KDA"] = "0"
-    torch = pytest.importorskip("torch")
-    fla_kda = pytest.importorskip("fla.ops.kda").chunk_kda
     shape = dict(seqlens=seqlens) if seqlens else dict(B=1, T=4000)  # one sequence the kernels' path cuts
     c = case(**shape, H=4, K=128, V=128, dtype="bfloat16", gate=gate, state_v_first=True)
     assert lowered_with_segments(c)  # each case's longest sequence takes the cut
+    check_error_not_larger_than_fla(c)
+
+
+@gpu
+@needs_kernels
+def test_two_pass_error_not_larger_than_fla(case, two_pass):
+    c = case(B=2, T=1000, H=4, K=128, V=128, dtype="bfloat16", gate="bounded", state_v_first=True)
+    assert takes_two_pass(c)
+    check_error_not_larger_than_fla(c)
+
+
+def check_error_not_larger_than_fla(c):
+    os.environ["FLA_FLASH_KDA"] = "0"
+    torch = pytest.importorskip("torch")
+    fla_kda = pytest.importorskip("fla.ops.kda").chunk_kda
+    seqlens = "cu_seqlens" in c.kwargs
     ours_o, ours_s = run_cuda(c)
     t = lambda a: torch.from_dlpack(jnp.asarray(a)) if a is not None else None
     kw = dict(c.kwargs)
