@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from jax_kda import kda_prefill  # noqa: E402
+from jax_kda import kda_prefill, prefill_path  # noqa: E402
 from report import plot, table  # noqa: E402
 from timing import device_ms, time_jax  # noqa: E402
 
@@ -132,6 +132,10 @@ def bench_case(name, seqlens, heads, K, args, bandwidth):
             lower_bound=lower_bound, impl=impl, **fused))
 
     jargs = (jx["q"], jx["k"], jx["v"], jx["g"], jx["beta"], jx["A_log"], jx["dt_bias"], jx["h0"], jcu)
+    for gate, lower_bound in (("bounded", LOWER_BOUND), ("softplus", None)):  # which kernel each row runs
+        described = prefill_path(*jargs[:5], A_log=jx["A_log"], dt_bias=jx["dt_bias"], initial_state=jx["h0"],
+                                 cu_seqlens=jcu, lower_bound=lower_bound, **fused)
+        print(f"case {name}, {gate} gate: {described}", flush=True)
     fast = ours("auto", LOWER_BOUND)
     o_ours, s_ours = fast(*jargs)
     row["jax_kda"] = time_jax(fast, *jargs)
