@@ -58,8 +58,8 @@ constexpr const char *decode_unsupported(int head_dim_k, int head_dim_v) {
 
 // The two-pass chunk-32 prefill (kda_two_pass_kernel.cu): what it takes today (the chunk-16 kernel serves
 // every other call), and its workspace: the factors of a window of chunks of every chain (at most
-// kTwoPassWorkspaceBudget; the passes run window by window), then, when the call writes no final state,
-// an fp32 state per chain to carry between windows.
+// kTwoPassWorkspaceBudget, or one chunk of every chain where that is more; the passes run window by
+// window), then, when the call writes no final state, an fp32 state per chain to carry between windows.
 inline constexpr int kTwoPassChunk = chunk32::kChunk;
 inline constexpr int kTwoPassHeadDim = chunk32::kDimK;  // K = V = 128
 inline constexpr int64_t kTwoPassFactorBytes = chunk32::kFactorPitch;  // one chunk of one chain
