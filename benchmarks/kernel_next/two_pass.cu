@@ -485,12 +485,41 @@ long long host_check_copied_part() {
   return bad;
 }
 
+// The state pass's prologue and epilogue: over both state groups, the threads' value pairs reach every
+// (v, d) of a chain's state exactly once, at (v, d) and (v, d + 1), in either layout.
+long long host_check_state_layouts() {
+  long long bad = 0;
+  FusedParams p{};
+  p.heads = 3;
+  const Chain chain = chain_of(4, p.heads, kChunk, 1);  // sequence 1, head 1
+  const size_t base = (size_t(chain.sequence) * p.heads + chain.head) * kDimV * kDimK;
+  for (const bool v_first : {true, false}) {
+    p.state_v_first = v_first;
+    std::vector<int> seen(kDimV * kDimK, 0);
+    for (int group = 0; group < kStateGroups; ++group)
+      for (int thread = 0; thread < kWarpgroupThreads; ++thread)
+        for (int i = 0; i < kStateValues; i += 2) {
+          const StatePair at = state_pair(p, chain, group, thread, i);
+          const int v = group * kGroupRows + acc_row(thread, i), d = acc_col(thread, i);
+          for (int e = 0; e < 2; ++e) {
+            const size_t want = base + (v_first ? size_t(v) * kDimK + d + e : size_t(d + e) * kDimV + v);
+            bad += at.at + e * at.stride != want;
+            ++seen[v * kDimK + d + e];
+          }
+        }
+    for (int n : seen) bad += n != 1;
+  }
+  return bad;
+}
+
 int host_check(int tokens) {
   const long long layout_bad = host_check_layouts();
+  const long long state_bad = host_check_state_layouts();
   const long long schedule_bad = host_check_schedule();
   const long long copied_bad = host_check_copied_part();
   printf("layouts: %lld mismatches (raw tiles, stage tiles through the descriptors)\n", layout_bad);
   printf("pass-1 schedule: %lld items missed or repeated (7 item counts x 5 grid sizes)\n", schedule_bad);
+  printf("state layouts: %lld values misplaced or not covered once (V-first and K-first)\n", state_bad);
   printf("pass-2 copies: %lld stage bytes read or written outside the copied %u B (factors) / V\n", copied_bad,
          kPassFactorBytes);
   printf("pass 1: CTA = 1 factor group, %d threads, %u B shared memory, %d CTAs per SM (%u B of %u with the "
@@ -499,7 +528,7 @@ int host_check(int tokens) {
          kSmReservedPerCta, kFactorPitch);
   printf("pass 2: CTA = 2 state warpgroups + 1 loader warp (%d threads), %d stages x %u B, %u B shared memory\n",
          kStateCtaThreads, kPassStages, kStBytes, kS2SmBytes);
-  bool ok = layout_bad == 0 && schedule_bad == 0 && copied_bad == 0;
+  bool ok = layout_bad == 0 && schedule_bad == 0 && copied_bad == 0 && state_bad == 0;
   ok = host_check_emulation(tokens) && ok;
   printf("host check: %s\n", ok ? "PASS" : "FAIL");
   return ok ? 0 : 1;

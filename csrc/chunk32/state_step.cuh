@@ -91,7 +91,7 @@ struct StatePair {
   size_t at;      // offset of (v, d)
   size_t stride;  // from (v, d) to (v, d + 1): 1 V-first
 };
-__device__ __forceinline__ StatePair state_pair(const FusedParams &p, const Chain &chain, int group, int thread, int i) {
+CHUNK32_HD StatePair state_pair(const FusedParams &p, const Chain &chain, int group, int thread, int i) {
   const size_t head = size_t(chain.sequence) * p.heads + chain.head;
   const int v = group * kGroupRows + acc_row(thread, i), d = acc_col(thread, i);
   if (p.state_v_first) return {(head * kDimV + v) * kDimK + d, 1};
