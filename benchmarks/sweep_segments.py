@@ -33,7 +33,7 @@ from oracle import kda_oracle, rel_err  # noqa: E402
 
 from jax_kda import api, cuda, paths, segments  # noqa: E402
 from jax_kda.primitive import kda_prefill_inner_run  # noqa: E402
-from bench_sharded import FLAGS, make_inputs  # noqa: E402  (one input recipe for the JAX benchmarks)
+from bench_sharded import FLAGS, K, V, make_inputs  # noqa: E402  (one input recipe for the JAX benchmarks)
 from timing import time_jax  # noqa: E402
 
 CASES = {"E": (32768, 32), "G": (131072, 32), "I": (65536, 8), "J": (131072, 4)}  # tokens, heads
@@ -55,7 +55,7 @@ def cut_call(x, pieces, correct):
 def launch_shape(tokens, heads, pieces):
     """(CTAs of the prefill launch, its serial 16-token steps: waves x steps of the longest segment)."""
     sms = paths.multiprocessors()
-    width = 128 if pieces == 1 else 256  # V, or V + K transition columns
+    width = V if pieces == 1 else V + K  # the transition columns of a cut
     bounds = segments.segment_bounds(tokens, pieces)
     sequences = len(bounds) - 1
     ctas = paths.launch_ctas(sequences, heads, width, sms)

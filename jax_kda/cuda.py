@@ -126,16 +126,22 @@ def correct_segments(o_aug: jax.Array, entries: jax.Array, bounds: tuple[int, ..
     if not kernel_corrects(o_aug.dtype, width - vd, vd):
         return segments.correct_xla(o_aug, entries, bounds)
     flat = entries.reshape((b * (len(bounds) - 1),) + entries.shape[2:])
-    return correct_packed_segments(o_aug, flat, jnp.asarray(segments.packed_bounds(bounds, b, t)))
+    return _correct_on_the_kernel(o_aug, flat, jnp.asarray(segments.packed_bounds(bounds, b, t)))
 
 
 def correct_packed_segments(o_aug: jax.Array, entries: jax.Array, cu: jax.Array) -> jax.Array:
     """`segments.correct_packed_xla` as one memory-bound kernel: o_aug `[B, T, HV, V + K]` bf16, entries
     `[S, HV, K, V]` float32, the segments' bounds `cu` `[S + 1]` over the B x T tokens."""
-    b, t, hv, width = o_aug.shape
     vd = entries.shape[-1]
-    if not kernel_corrects(o_aug.dtype, width - vd, vd):
+    if not kernel_corrects(o_aug.dtype, o_aug.shape[3] - vd, vd):
         return segments.correct_packed_xla(o_aug, entries, cu)
+    return _correct_on_the_kernel(o_aug, entries, cu)
+
+
+def _correct_on_the_kernel(o_aug: jax.Array, entries: jax.Array, cu: jax.Array) -> jax.Array:
+    """The correction kernel on a call `kernel_corrects` takes (shapes as `correct_packed_segments`)."""
+    b, t, hv, _ = o_aug.shape
+    vd = entries.shape[-1]
     # The entering states V-first as an exact bf16 pair, hi + lo.
     state = jnp.swapaxes(entries, -1, -2)
     hi = state.astype(jnp.bfloat16)
