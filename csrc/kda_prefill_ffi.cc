@@ -105,7 +105,7 @@ ffi::Error PrefillImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, 
       return ffi::Error::InvalidArgument("jax_kda prefill: the two-pass kernel needs a uint8 workspace of " +
                                          std::to_string(needed) + " bytes, got " + dims_str(*workspace));
     }
-    return launch_result(two_pass_launch(p, workspace->untyped_data(), workspace->size_bytes(), stream),
+    return launch_result(two_pass_launch(p, workspace->untyped_data(), stream),
                          "jax_kda two-pass prefill kernel");
   }
   return launch_result(prefill_launch(p, stream), "jax_kda prefill kernel");

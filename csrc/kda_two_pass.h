@@ -18,8 +18,8 @@ inline const char *two_pass_unsupported(const PrefillParams &p) {
 
 // Runs the prefill of `params` (a call two_pass_unsupported takes: kda_contract.h) in windows of chunks,
 // with `workspace` (two_pass_workspace_bytes of kda_contract.h, at least) for the factors of a window and,
-// when the call writes no final state, the fp32 state carried between windows. Allocates nothing.
-cudaError_t two_pass_launch(const PrefillParams &params, void *workspace, size_t workspace_bytes,
-                            cudaStream_t stream);
+// when the call writes no final state, the fp32 state carried between windows. Allocates nothing. The
+// FFI handler checks both preconditions, with the error the caller sees.
+cudaError_t two_pass_launch(const PrefillParams &params, void *workspace, cudaStream_t stream);
 
 }  // namespace jax_kda

@@ -88,13 +88,11 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, uint8_t
 
 }  // namespace
 
-cudaError_t two_pass_launch(const PrefillParams &p, void *workspace, size_t workspace_bytes, cudaStream_t stream) {
-  if (two_pass_unsupported(p) != nullptr) return cudaErrorInvalidValue;
+cudaError_t two_pass_launch(const PrefillParams &p, void *workspace, cudaStream_t stream) {
   const int64_t chains = int64_t(p.batch) * p.value_heads;
   const int chunks = (p.tokens + kChunk - 1) / kChunk;
   if (chains == 0 || chunks == 0) return cudaSuccess;
   const bool carries_state = p.final_state == nullptr;
-  if (workspace_bytes < size_t(two_pass_workspace_bytes(chains, chunks, carries_state))) return cudaErrorInvalidValue;
   const int window = int(two_pass_window(chains, chunks));
   uint8_t *factors = static_cast<uint8_t *>(workspace);
   const size_t factor_bytes = size_t(chains) * window * kTwoPassFactorBytes;
