@@ -1,8 +1,6 @@
 // The two-pass chunk-32 KDA prefill on Hopper (kda_two_pass_kernel.cu): the launcher the FFI handler calls.
 #pragma once
 
-#include <cstddef>
-
 #include <cuda_runtime.h>
 
 #include "kda_prefill.h"
