@@ -29,7 +29,7 @@ def main(name="E"):
     call = lambda q, k, v, g, b: api.kda_prefill(q, k, v, g, b, **args)
     qkvgb = [j[n] for n in ("q", "k", "v", "g", "beta")]
     xs, opts = api.prefill_call(*qkvgb, **args)
-    pieces = paths.sequence_pieces(xs, opts)
+    pieces = paths.kernel_plan(xs, opts).pieces
     print(f"case {name}: {pieces} pieces")
     print(f"whole call        {time_jax(jax.jit(call), *qkvgb):.3f} ms")
     summarize = jax.jit(lambda *a: segments.summarize(

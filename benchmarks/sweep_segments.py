@@ -7,11 +7,13 @@ Cases (one sequence each; bench_prefill.py's input recipe, bounded gate, fp32 in
 state): E 32768 tokens x 32 heads, G 131072 x 32, I 65536 x 8, J 131072 x 4 (issue 14's). For each
 segment count P the call runs as `segments.split_prefill` does on the kernels: one prefill of the P
 segments with transition columns, the fold of the segment summaries, the correction (the kernel on a
-GPU, XLA on a CPU); P = 1 is the uncut call. Printed: median ms of back-to-back jitted calls
-(`timing.time_jax`), the speed-up over P = 1, and the relative RMS error of o and of the final state
-against the float64 recurrence on the first `--check-heads` heads. The library's own choice
-(`paths.sequence_pieces`) is printed beside, and the CTAs of the launch with the time of one
-16-token step of a chain (the call's time over waves x steps): the figures `paths.CardFigures` holds.
+GPU, XLA on a CPU); P = 1 is the uncut call. The prefill runs on the kernel the cost model picks
+for it (`paths.planned`), or on the one `--kernel` names. Printed: median ms of back-to-back jitted
+calls (`timing.time_jax`), the speed-up over P = 1, the relative RMS error of o and of the final state
+against the float64 recurrence on the first `--check-heads` heads, the kernel and the cost model's
+time, the library's own choice (`paths.kernel_plan`), and the chunk-16 kernel's CTAs with the time of
+one 16-token step of a chain (the call's time over waves x steps): the figures `paths.CardFigures`
+holds.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ def cut_call(x, pieces, correct):
     return jax.jit(call)
 
 
+def kernel_name(plan):
+    return "two-pass" if plan.two_pass else "chunk-16"
+
+
 def launch_shape(tokens, heads, pieces):
     """(CTAs of the prefill launch, its serial 16-token steps: waves x steps of the longest segment)."""
     sms = paths.multiprocessors()
@@ -78,7 +84,8 @@ def sweep(name, tokens, heads, pieces_list, check_heads, on_gpu):
     x = make_inputs(1, tokens, heads)
     arrays = [x[n] for n in ARRAYS]
     xs, opts = api.prefill_call(**x, **FLAGS)
-    chosen = paths.sequence_pieces(xs, opts)
+    chosen = paths.kernel_plan(xs, opts)
+    chosen = f"{chosen.pieces} {kernel_name(chosen)}"
     want_o, want_state = float64_reference(x, check_heads)
     correct = cuda.correct_segments if on_gpu else segments.correct_xla
     rows, uncut_ms = [], None
@@ -90,12 +97,15 @@ def sweep(name, tokens, heads, pieces_list, check_heads, on_gpu):
         ms = time_jax(call, *arrays)
         uncut_ms = uncut_ms or ms
         ctas, steps = launch_shape(tokens, heads, pieces)
+        model = paths.planned(xs, opts, pieces)
         row = dict(case=name, tokens=tokens, heads=heads, pieces=pieces, library_choice=chosen, ms=ms,
                    speedup=uncut_ms / ms, err_o=rel_err(o[:, :, :check_heads], want_o),
-                   err_state=rel_err(state[:, :check_heads], want_state), ctas=ctas, us_per_step=ms * 1e3 / steps)
+                   err_state=rel_err(state[:, :check_heads], want_state), kernel=kernel_name(model),
+                   model_ms=model.seconds * 1e3, ctas=ctas, us_per_step=ms * 1e3 / steps)
         rows.append(row)
         print(f"| {name} | {tokens} | {heads} | {pieces} | {ms:.3f} | {row['speedup']:.2f}x | {row['err_o']:.2e} "
-              f"| {row['err_state']:.2e} | {chosen} | {ctas} | {row['us_per_step']:.2f} |", flush=True)
+              f"| {row['err_state']:.2e} | {row['kernel']} | {row['model_ms']:.3f} | {chosen} | {ctas} "
+              f"| {row['us_per_step']:.2f} |", flush=True)
         del o, state
     return rows
 
@@ -107,15 +117,20 @@ def main():
     p.add_argument("--check-heads", type=int, default=1, help="heads checked against float64")
     p.add_argument("--scale", type=int, default=1, help="divide every token count by this (a smoke run)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (the XLA path)")
+    p.add_argument("--kernel", choices=("auto", "chunk-16", "two-pass"), default="auto",
+                   help="the prefill's kernel where the two-pass kernel takes it (auto: the cost model's)")
     p.add_argument("--json")
     args = p.parse_args()
     if args.cpu:
         jax.config.update("jax_platforms", "cpu")
+    if args.kernel != "auto":
+        paths.two_pass_is_faster = lambda *launch: args.kernel == "two-pass"
     on_gpu = jax.devices()[0].platform == "gpu"
     card = jax.devices()[0].device_kind
     print(f"{card}; token counts divided by {args.scale}")
-    print("| case | tokens | heads | segments | ms | vs uncut | err o | err state | library's choice | CTAs | us a step |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| case | tokens | heads | segments | ms | vs uncut | err o | err state | kernel | model ms | library's choice "
+          "| chunk-16 CTAs | us a step |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---:|")
     rows = []
     for name in args.cases:
         tokens, heads = CASES[name]

@@ -69,14 +69,13 @@ inline constexpr int64_t kTwoPassWorkspaceBudget = int64_t(512) << 20;
 // be stronger: the chunk-16 kernel runs them (it clamps at kMaxLogDecay = 10 nats over 8 tokens).
 inline constexpr float kTwoPassMinLowerBound = -5.f;
 
-// Why the two-pass prefill cannot take a call, or nullptr when it can. `gate` a GateMode code;
+// Why the two-pass prefill cannot take a call, or nullptr when it can. `head_dim_v`: v's columns
+// (transition columns, when asked for, add K more to o and the state); `gate` a GateMode code;
 // `plain_inputs`: g and beta bfloat16; `fp32_states`: the initial state (if any) and the final state
 // (if written) float32, in either layout.
-constexpr const char *two_pass_unsupported(int head_dim_k, int head_dim_v, bool transition_columns, bool packed,
-                                           int gate, float lower_bound, bool plain_inputs, bool fp32_states) {
-  if (head_dim_k != kTwoPassHeadDim || head_dim_v != kTwoPassHeadDim || transition_columns) {
-    return "the two-pass kernel takes K = V = 128 without transition columns";
-  }
+constexpr const char *two_pass_unsupported(int head_dim_k, int head_dim_v, bool packed, int gate, float lower_bound,
+                                           bool plain_inputs, bool fp32_states) {
+  if (head_dim_k != kTwoPassHeadDim || head_dim_v != kTwoPassHeadDim) return "the two-pass kernel takes K = V = 128";
   if (packed) return "the two-pass kernel takes sequences of equal length (no cu_seqlens)";
   if (gate != int32_t(GateMode::kBounded) || !(lower_bound >= kTwoPassMinLowerBound)) {
     return "the two-pass kernel takes the bounded gate with lower_bound >= -5";
@@ -86,17 +85,18 @@ constexpr const char *two_pass_unsupported(int head_dim_k, int head_dim_v, bool 
   return nullptr;
 }
 
-// Chunks of every chain that one window of the two-pass prefill covers, and the workspace it needs.
+// Chunks of every chain that one window of the two-pass prefill covers, and the workspace it needs:
+// `carried_columns` is the V extent of the state carried between windows (0 when the call writes a
+// final state, which carries it; else V, or V + K with transition columns).
 constexpr int64_t two_pass_window(int64_t chains, int64_t chunks) {
   if (chains <= 0 || chunks <= 0) return 0;
   const int64_t fit = kTwoPassWorkspaceBudget / (chains * kTwoPassFactorBytes);
   return fit < 1 ? 1 : fit < chunks ? fit : chunks;
 }
-constexpr int64_t two_pass_workspace_bytes(int64_t chains, int64_t chunks, bool carries_state) {
+constexpr int64_t two_pass_workspace_bytes(int64_t chains, int64_t chunks, int64_t carried_columns) {
   const int64_t window = two_pass_window(chains, chunks);
   if (window == 0) return 0;  // nothing to run
-  return chains * window * kTwoPassFactorBytes +
-         (carries_state ? chains * kTwoPassHeadDim * kTwoPassHeadDim * int64_t(sizeof(float)) : 0);
+  return chains * window * kTwoPassFactorBytes + chains * kTwoPassHeadDim * carried_columns * int64_t(sizeof(float));
 }
 
 // Value columns one CTA of the prefill owns (128 or 64 state rows: one or two consumer warpgroups);

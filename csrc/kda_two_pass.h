@@ -10,8 +10,8 @@ namespace jax_kda {
 // Why the two-pass prefill cannot take the call of `p`, or nullptr (kda_contract.h's rule on its fields).
 inline const char *two_pass_unsupported(const PrefillParams &p) {
   const bool fp32_states = (p.initial_state == nullptr || p.initial_is_f32) && (p.final_state == nullptr || p.final_is_f32);
-  return two_pass_unsupported(p.head_dim_k, p.head_dim_v, p.v_columns != p.head_dim_v, p.cu_seqlens != nullptr,
-                              int32_t(p.gate), p.lower_bound, !p.g_is_f32 && !p.beta_is_f32, fp32_states);
+  return two_pass_unsupported(p.head_dim_k, p.v_columns, p.cu_seqlens != nullptr, int32_t(p.gate), p.lower_bound,
+                              !p.g_is_f32 && !p.beta_is_f32, fp32_states);
 }
 
 // Runs the prefill of `params` (a call two_pass_unsupported takes: kda_contract.h) in windows of chunks,

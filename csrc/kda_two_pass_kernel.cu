@@ -54,8 +54,8 @@ bool encode_token_map(CUtensorMap *map, const void *base, int batch, int tokens,
 }
 
 template <bool kL2Norm, bool kBetaSigmoid>
-cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, uint8_t *factors, int chunks,
-                           int window, cudaStream_t stream) {
+cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const TransitionOutputs &transition,
+                           uint8_t *factors, int chunks, int window, cudaStream_t stream) {
   auto factor_kernel =
       factor_pass_kernel<GateMath::kExp2Reciprocal, kL2Norm, kBetaSigmoid, kInverseWarps, kRawSlots, kFactorCtasPerSm>;
   cudaError_t err = cudaFuncSetAttribute(factor_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kF1SmBytes);
@@ -78,8 +78,9 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, uint8_t
     factor_kernel<<<factor_ctas, kFactorThreads, kF1SmBytes, stream>>>(p, maps, factors, w);
     FusedParams state_params = p;
     if (first > 0) state_params.initial_state = p.final_state;  // where the last window left each state
-    state_pass_kernel<<<chains, kStateCtaThreads, kS2SmBytes, stream>>>(state_params, maps, factors, w,
-                                                                      TransitionOutputs{});
+    const dim3 state_grid(chains, transition.o != nullptr ? 2 : 1);  // y = 1: the transition slice
+    state_pass_kernel<<<state_grid, kStateCtaThreads, kS2SmBytes, stream>>>(state_params, maps, factors, w,
+                                                                          transition);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -112,6 +113,12 @@ cudaError_t two_pass_launch(const PrefillParams &p, void *workspace, cudaStream_
   fp.state_v_first = p.state_v_first;  // the carry between windows too
   fp.final_state = carries_state ? reinterpret_cast<float *>(factors + factor_bytes) : static_cast<float *>(p.final_state);
   fp.o = static_cast<uint16_t *>(p.o);
+  fp.columns = p.head_dim_v;  // V, or V + K with transition columns
+  TransitionOutputs transition;
+  if (p.head_dim_v != p.v_columns) {  // their K columns follow the V ones in o and in the state's rows
+    transition.o = fp.o + p.v_columns;
+    transition.state = fp.final_state + (p.state_v_first ? size_t(p.v_columns) * kDimK : size_t(p.v_columns));
+  }
 
   TensorMaps maps;
   if (!encode_token_map(&maps.q, p.q, p.batch, p.tokens, p.heads) ||
@@ -121,11 +128,11 @@ cudaError_t two_pass_launch(const PrefillParams &p, void *workspace, cudaStream_
     return cudaErrorInvalidValue;
   }
   if (p.l2norm) {
-    return p.beta_sigmoid ? launch_windows<true, true>(fp, maps, factors, chunks, window, stream)
-                          : launch_windows<true, false>(fp, maps, factors, chunks, window, stream);
+    return p.beta_sigmoid ? launch_windows<true, true>(fp, maps, transition, factors, chunks, window, stream)
+                          : launch_windows<true, false>(fp, maps, transition, factors, chunks, window, stream);
   }
-  return p.beta_sigmoid ? launch_windows<false, true>(fp, maps, factors, chunks, window, stream)
-                        : launch_windows<false, false>(fp, maps, factors, chunks, window, stream);
+  return p.beta_sigmoid ? launch_windows<false, true>(fp, maps, transition, factors, chunks, window, stream)
+                        : launch_windows<false, false>(fp, maps, transition, factors, chunks, window, stream);
 }
 
 }  // namespace jax_kda

@@ -33,10 +33,10 @@ prefill_v_slice = _kda_ext.prefill_v_slice  # (sequences, value_heads, head_dim_
 TWO_PASS_CHUNK: int = int(_kda_ext.two_pass_chunk)
 TWO_PASS_FACTOR_BYTES: int = int(_kda_ext.two_pass_factor_bytes)  # one chunk of one chain
 TWO_PASS_WORKSPACE_BUDGET: int = int(_kda_ext.two_pass_workspace_budget)
-two_pass_unsupported = _kda_ext.two_pass_unsupported  # (k, v, transition_columns, packed, gate, lower_bound,
-#                                                        plain_inputs, fp32_states) -> reason or None
+two_pass_unsupported = _kda_ext.two_pass_unsupported  # (k, v, packed, gate, lower_bound, plain_inputs,
+#                                                        fp32_states) -> reason or None
 two_pass_window = _kda_ext.two_pass_window  # (chains, chunks) -> chunks a window
-two_pass_workspace_bytes = _kda_ext.two_pass_workspace_bytes  # (chains, chunks, carries_state) -> bytes
+two_pass_workspace_bytes = _kda_ext.two_pass_workspace_bytes  # (chains, chunks, carried_columns) -> bytes
 
 
 def cuda_registrations() -> dict:

@@ -54,8 +54,8 @@ def lower_prefill_ffi(ctx, *args, present, opts: KDAOptions, two_pass: bool = Fa
     workspace = 0
     if two_pass:
         b, t, hv, _ = x.v.shape
-        workspace = contract.two_pass_workspace_bytes(b * hv, -(-t // contract.TWO_PASS_CHUNK),
-                                                      not opts.output_final_state)
+        carried = 0 if opts.output_final_state else ctx.avals_out[0].shape[3]  # o's columns: V, or V + K
+        workspace = contract.two_pass_workspace_bytes(b * hv, -(-t // contract.TWO_PASS_CHUNK), carried)
     avals_out.append(jax.core.ShapedArray((workspace,), np.uint8))
 
     rule = jax.ffi.ffi_lowering(contract.PREFILL_TARGET)

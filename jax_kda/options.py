@@ -38,8 +38,8 @@ class KDAOptions:
     # Internal (jax_kda.decode): one token per sequence, run by the decode kernel or the XLA token step
     # instead of the prefill's paths.
     decode_step: bool = False
-    # Internal (jax_kda.segments): run each sequence whole, never cut into segments (the branch of a
-    # packed call whose sequences the device found too short for the cut to pay).
+    # Internal (jax_kda.segments): run each sequence whole, never cut into segments (the segments' own
+    # prefill, and the branch of a packed call whose sequences the device found too short for the cut).
     whole_sequences: bool = False
 
 

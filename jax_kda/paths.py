@@ -16,7 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import chunked, contract
+from . import chunked, contract, segments
 from .options import KDAOperands, KDAOptions
 
 CUDA, XLA, SCAN = "cuda", "xla", "scan"  # the kernels, the chunked pure-JAX path, the token-by-token scan
@@ -36,7 +36,7 @@ class Path(NamedTuple):
     pieces: int = 1  # segments each sequence is cut into on the kernels (1: none; packed: every T / pieces tokens)
     chunk: int = chunked.CHUNK  # tokens per serial step of the chunked pure-JAX path
     fallback: bool = False  # the kernels would have run on this platform but cannot take the call
-    two_pass: bool = False  # the kernels' path runs the two-pass chunk-32 kernel (else the chunk-16 one)
+    two_pass: bool = False  # the kernels' path (the segments' prefill, when cut) runs the two-pass chunk-32 kernel
 
     def describe(self) -> str:
         kernel = ", the two-pass chunk-32 kernel" if self.two_pass else ""
@@ -70,14 +70,15 @@ def choose_path(x: KDAOperands, opts: KDAOptions, platform: str) -> Path:
         if opts.impl == "cuda":
             raise ValueError(f"impl='cuda' cannot run this call: {reason}")
         return Path(XLA, reason, fallback=True)
-    pieces = sequence_pieces(x, opts)
-    if two_pass_unsupported_reason(x, opts) is None and two_pass_is_faster(x, pieces):
-        return Path(CUDA, "the two-pass kernel takes this call, and the cost model finds it faster than the "
-                          "chunk-16 kernel" + (" with its segment cut" if pieces > 1 else ""), two_pass=True)
-    if pieces > 1 and x.cu_seqlens is not None:
+    plan = kernel_plan(x, opts)
+    if plan.pieces > 1 and x.cu_seqlens is not None:
         return Path(CUDA, "the kernels take this call (a packed batch: its sequences are cut where the device "
-                          "finds one long enough)", pieces=pieces)
-    return Path(CUDA, "the kernels take this call", pieces=pieces)
+                          "finds one long enough)", pieces=plan.pieces)
+    if plan.two_pass:
+        return Path(CUDA, "the two-pass kernel takes this call" + (" (its segments)" if plan.pieces > 1 else "")
+                    + ", and the cost model finds it faster than the chunk-16 kernel", pieces=plan.pieces,
+                    two_pass=True)
+    return Path(CUDA, "the kernels take this call", pieces=plan.pieces)
 
 
 def _scan_is_faster_on_cpu(x: KDAOperands, opts: KDAOptions) -> bool:
@@ -149,14 +150,15 @@ def kernel_unsupported_reason(x: KDAOperands, opts: KDAOptions) -> str | None:
     return _not_hopper()
 
 
-def two_pass_unsupported_reason(x: KDAOperands, opts: KDAOptions) -> str | None:
+def two_pass_unsupported_reason(x: KDAOperands, opts: KDAOptions, segment_prefill: bool = False) -> str | None:
     """Why the two-pass kernel cannot run a call the kernels take (the chunk-16 kernel then runs it), or
-    None if it can (contract.two_pass_unsupported on the call's shapes, gate and dtypes)."""
-    states = [x.initial_state.dtype] if x.initial_state is not None else []
-    if opts.output_final_state:
+    None if it can (contract.two_pass_unsupported on the call's shapes, gate and dtypes). `segment_prefill`:
+    the prefill of the call's segments instead (`jax_kda.segments`: no initial state, fp32 final states)."""
+    states = [x.initial_state.dtype] if x.initial_state is not None and not segment_prefill else []
+    if opts.output_final_state and not segment_prefill:
         states.append(jnp.dtype(opts.final_state_dtype))
     return contract.two_pass_unsupported(
-        x.q.shape[3], x.v.shape[3], opts.transition_columns, x.cu_seqlens is not None,
+        x.q.shape[3], x.v.shape[3], x.cu_seqlens is not None,
         contract.GATE_CODES[opts.gate], float(opts.lower_bound if opts.lower_bound is not None else 0.0),
         x.g.dtype == jnp.bfloat16 and x.beta.dtype == jnp.bfloat16, all(d == jnp.float32 for d in states))
 
@@ -246,70 +248,81 @@ def _kernel_seconds(sequences, tokens, value_heads, width, multiprocessors, card
     return waves * -(-tokens // _CHUNK) * step
 
 
-def _two_pass_seconds(sequences, tokens, value_heads, multiprocessors, card: CardFigures) -> float:
+def _two_pass_seconds(sequences, tokens, value_heads, transition, multiprocessors, card: CardFigures) -> float:
     chains, chunks = sequences * value_heads, -(-tokens // contract.TWO_PASS_CHUNK)
     windows = -(-chunks // max(contract.two_pass_window(chains, chunks), 1))
-    waves = -(-chains // multiprocessors)  # one state-pass CTA a multiprocessor
+    waves = -(-chains * (2 if transition else 1) // multiprocessors)  # a state-pass CTA a multiprocessor
     return (chains * chunks * card.factor_seconds / multiprocessors + waves * chunks * card.state_seconds
             + max(windows - 1, 0) * card.window_seconds)
 
 
-def two_pass_is_faster(x: KDAOperands, pieces: int) -> bool:
-    """Whether the cost model puts the two-pass kernel (uncut) below the chunk-16 kernel cut into
-    `pieces` segments (1: uncut) on this call of equal-length sequences."""
+def two_pass_is_faster(sequences, tokens, value_heads, head_dim_k, head_dim_v, transition) -> bool:
+    """Whether the cost model puts the two-pass kernel below the chunk-16 kernel on one launch over
+    `sequences` of `tokens` tokens (`transition`: with transition columns)."""
+    sms, card = multiprocessors(), card_figures()
+    width = head_dim_v + head_dim_k if transition else head_dim_v
+    return (_two_pass_seconds(sequences, tokens, value_heads, transition, sms, card)
+            < _kernel_seconds(sequences, tokens, value_heads, width, sms, card))
+
+
+class KernelPlan(NamedTuple):
+    pieces: int  # segments each sequence is cut into (1: none)
+    two_pass: bool  # the uncut call, or the segments' prefill, runs on the two-pass kernel
+    seconds: float  # the cost model's time
+
+
+def planned(x: KDAOperands, opts: KDAOptions, pieces: int) -> KernelPlan:
+    """The cost model's kernel and time for this call cut into `pieces` segments (1: uncut; packed
+    sequences, `cu_seqlens`, planned as one sequence of all T tokens, cut every T / pieces tokens)."""
     b, t, hv, vd = x.v.shape
     kd = x.q.shape[3]
     sms, card = multiprocessors(), card_figures()
-    return _two_pass_seconds(b, t, hv, sms, card) < _chunk16_seconds(b, t, hv, kd, vd, pieces, sms, card)
-
-
-def _chunk16_seconds(b, t, hv, kd, vd, pieces, sms, card: CardFigures) -> float:
-    """The chunk-16 kernel's time on B sequences of T tokens, cut into `pieces` segments (1: uncut)."""
     if pieces == 1:
-        return _kernel_seconds(b, t, hv, vd, sms, card)
-    width = vd + kd
-    correction_s = b * t * hv * (width + vd) * 2 / card.bandwidth
-    return _kernel_seconds(b * pieces, -(-t // pieces), hv, width, sms, card) + correction_s
+        sequences, transition, two_pass_takes = b, opts.transition_columns, two_pass_unsupported_reason(x, opts) is None
+        correction_s = 0.0
+    else:  # equal segments run as a batch of B x pieces sequences (the two-pass kernel takes those); others packed
+        sequences, transition = (1 if x.cu_seqlens is not None else b) * pieces, True
+        two_pass_takes = (x.cu_seqlens is None and segments.equal_segments(t, pieces)
+                          and two_pass_unsupported_reason(x, opts, segment_prefill=True) is None)
+        # The correction reads o with its transition columns and writes o; a call with transition columns
+        # (context parallelism) is not corrected.
+        correction_s = 0.0 if opts.transition_columns else b * t * hv * (2 * vd + kd) * 2 / card.bandwidth
+    tokens = -(-t // pieces)
+    if two_pass_takes and two_pass_is_faster(sequences, tokens, hv, kd, vd, transition):
+        return KernelPlan(pieces, True, _two_pass_seconds(sequences, tokens, hv, transition, sms, card) + correction_s)
+    width = vd + kd if transition else vd
+    return KernelPlan(pieces, False, _kernel_seconds(sequences, tokens, hv, width, sms, card) + correction_s)
 
 
-def sequence_pieces(x: KDAOperands, opts: KDAOptions) -> int:
-    """Into how many segments the kernels' path cuts each sequence of this call (1: none).
+def kernel_plan(x: KDAOperands, opts: KDAOptions) -> KernelPlan:
+    """How the kernels run this call: into how many segments each sequence is cut (1: none), and on
+    which kernel the launch (of the call, or of its segments) runs.
 
     Packed sequences (`cu_seqlens`, whose lengths only the device knows) are planned as one sequence
     of all T tokens: the plan is to cut every sequence every T / pieces tokens, and the device takes
-    it when its longest sequence is long enough (`segments.split_packed_prefill_where_long`).
+    it when its longest sequence is long enough (`segments.split_packed_prefill_where_long`); they run
+    on the chunk-16 kernel.
 
     With `opts.transition_columns` the call already pays for them (context parallelism), so only the
     kernel time counts."""
     b, t, hv, vd = x.v.shape
     kd = x.q.shape[3]
+    uncut = planned(x, opts, 1)
     if opts.whole_sequences or contract.prefill_unsupported(kd, vd + kd) is not None:
-        return 1
-    if x.cu_seqlens is None:
-        return _planned_pieces(b, t, hv, kd, vd, opts.transition_columns)
-    if opts.transition_columns or contract.correct_unsupported(kd, vd) is not None:
-        return 1
-    pieces = _planned_pieces(1, t, hv, kd, vd, False)
-    segments = x.num_sequences + pieces  # at most, and their fp32 summaries
-    return pieces if segments * hv * kd * (vd + kd) * 4 <= _MAX_SUMMARY_BYTES else 1
-
-
-def _planned_pieces(b, t, hv, kd, vd, transition_columns: bool) -> int:
-    """The segments per sequence for B sequences of T tokens, by the cost model (1: none)."""
-    sms, card = multiprocessors(), card_figures()
-
-    def seconds(pieces):
-        if transition_columns:  # the call pays for them already: only the kernel time counts
-            return _kernel_seconds(b * pieces, -(-t // pieces), hv, vd + kd, sms, card)
-        return _chunk16_seconds(b, t, hv, kd, vd, pieces, sms, card)
-
-    uncut_s = seconds(1)
-    cut_s = {pieces: seconds(pieces) for pieces in range(2, min(_MAX_PIECES, t // _MIN_PIECE_TOKENS) + 1)}
-    if not cut_s:
-        return 1
-    fastest = min(cut_s.values())
-    pieces = min(p for p, seconds in cut_s.items() if seconds <= fastest * (1 + _TIE))
-    return pieces if cut_s[pieces] < WORTH_IT * uncut_s else 1
+        return uncut
+    if x.cu_seqlens is not None and (opts.transition_columns or contract.correct_unsupported(kd, vd) is not None):
+        return uncut
+    cuts = [planned(x, opts, pieces) for pieces in range(2, min(_MAX_PIECES, t // _MIN_PIECE_TOKENS) + 1)]
+    if not cuts:
+        return uncut
+    fastest = min(plan.seconds for plan in cuts)
+    plan = min((plan for plan in cuts if plan.seconds <= fastest * (1 + _TIE)), key=lambda plan: plan.pieces)
+    if plan.seconds >= WORTH_IT * uncut.seconds:
+        return uncut
+    if x.cu_seqlens is not None:
+        summaries = (x.num_sequences + plan.pieces) * hv * kd * (vd + kd) * 4  # at most, fp32
+        return plan if summaries <= _MAX_SUMMARY_BYTES else uncut
+    return plan
 
 
 @functools.lru_cache(maxsize=None)

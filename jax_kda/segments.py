@@ -14,10 +14,10 @@ composed in fp32 by an associative scan (log depth in the number of segments, in
 
 The correction is a kernel on GPUs (`jax_kda.cuda.correct_segments`) and XLA elsewhere. Used two
 ways: on one GPU, when a few long sequences would leave most multiprocessors idle (one kernel chain
-per (sequence, head)), each sequence is cut into pieces packed as `cu_seqlens` (in a packed batch,
-`cu_seqlens` known only on the device, each sequence is cut every so many tokens, so only the long
-ones are cut); and for context parallelism (`jax_kda.sharding`), where the segments live on
-different devices.
+per (sequence, head)), each sequence is cut into pieces, run as B x pieces sequences when they are of
+one length, else packed as `cu_seqlens` (in a packed batch, `cu_seqlens` known only on the device,
+each sequence is cut every so many tokens, so only the long ones are cut); and for context
+parallelism (`jax_kda.sharding`), where the segments live on different devices.
 """
 
 from __future__ import annotations
@@ -53,6 +53,13 @@ def segment_bounds(tokens: int, pieces: int) -> tuple[int, ...]:
     return tuple(cuts)
 
 
+def equal_segments(tokens: int, pieces: int) -> bool:
+    """Whether `segment_bounds` cuts `tokens` into `pieces` segments of one length: the segments of B
+    sequences then run as B x pieces sequences, not packed."""
+    bounds = segment_bounds(tokens, pieces)
+    return len(bounds) - 1 == pieces and tokens % bounds[1] == 0
+
+
 def summarize(x: KDAOperands, opts: KDAOptions, run, pieces: int) -> Summaries:
     """One prefill of the `pieces` segments of each of the B sequences of `x` (no `cu_seqlens`, no
     initial state), all starting from zero, through `run(x, opts) -> (o, final_state)`."""
@@ -65,11 +72,12 @@ def summarize(x: KDAOperands, opts: KDAOptions, run, pieces: int) -> Summaries:
     run_opts = _summary_opts(opts)
     if p == 1:
         o, final = run(x, run_opts)
-    else:  # the segments of all sequences as one packed batch
-        flat = lambda a: a.reshape((1, b * t) + a.shape[2:])
-        packed = x._replace(q=flat(x.q), k=flat(x.k), v=flat(x.v), g=flat(x.g), beta=flat(x.beta),
-                            cu_seqlens=jnp.asarray(packed_bounds(bounds, b, t)))
-        o, final = run(packed, run_opts)
+    else:  # the segments of all sequences as one batch: of B x P sequences when equal, else packed
+        equal = equal_segments(t, p)
+        flat = lambda a: a.reshape(((b * p, t // p) if equal else (1, b * t)) + a.shape[2:])
+        batch = x._replace(q=flat(x.q), k=flat(x.k), v=flat(x.v), g=flat(x.g), beta=flat(x.beta),
+                           cu_seqlens=None if equal else jnp.asarray(packed_bounds(bounds, b, t)))
+        o, final = run(batch, run_opts)
         o = o.reshape((b, t) + o.shape[2:])
     final = final.reshape(b, p, hv, kd, vd + kd)
     return Summaries(o, final[..., :vd], final[..., vd:], bounds)
@@ -136,9 +144,9 @@ def finish(s: Summaries, entry: jax.Array, correct=correct_xla) -> tuple[jax.Arr
 
 
 def _summary_opts(opts: KDAOptions) -> KDAOptions:
-    """The options of the prefill that yields the segments' summaries."""
+    """The options of the prefill that yields the segments' summaries (each segment run whole)."""
     return dataclasses.replace(opts, transition_columns=True, output_final_state=True, state_v_first=False,
-                               final_state_dtype="float32")
+                               final_state_dtype="float32", whole_sequences=True)
 
 
 def split_prefill(x: KDAOperands, opts: KDAOptions, run, pieces: int, correct=correct_xla):

@@ -100,17 +100,17 @@ def test_two_pass_workspace_is_bounded_and_carries_the_state_without_a_final_sta
     assert chains * window * contract.TWO_PASS_FACTOR_BYTES <= contract.TWO_PASS_WORKSPACE_BUDGET
     assert contract.two_pass_window(4, 3) == 3  # what fits runs in one window
     assert contract.two_pass_window(10**6, 5) == 1  # and a window holds one chunk at least
-    assert contract.two_pass_window(0, 5) == 0 and contract.two_pass_workspace_bytes(4, 0, True) == 0
-    carry = contract.two_pass_workspace_bytes(chains, chunks, True) - contract.two_pass_workspace_bytes(
-        chains, chunks, False)
-    assert carry == chains * 128 * 128 * 4  # an fp32 state per chain
+    assert contract.two_pass_window(0, 5) == 0 and contract.two_pass_workspace_bytes(4, 0, 128) == 0
+    factors = contract.two_pass_workspace_bytes(chains, chunks, 0)
+    assert contract.two_pass_workspace_bytes(chains, chunks, 128) - factors == chains * 128 * 128 * 4  # fp32 states
+    assert contract.two_pass_workspace_bytes(chains, chunks, 256) - factors == chains * 128 * 256 * 4  # + transitions
     assert contract.TWO_PASS_CHUNK == 32
 
 
 @pytest.mark.parametrize("change,words", [
     (dict(), None),
     (dict(head_dim_k=64, head_dim_v=64), "K = V = 128"),
-    (dict(transition_columns=True), "K = V = 128 without transition columns"),
+    (dict(head_dim_v=256), "K = V = 128"),
     (dict(packed=True), "equal length"),
     (dict(gate="softplus"), "bounded gate"),
     (dict(lower_bound=-5.5), "lower_bound >= -5"),
@@ -119,7 +119,7 @@ def test_two_pass_workspace_is_bounded_and_carries_the_state_without_a_final_sta
     (dict(fp32_states=False), "float32 states"),
 ])
 def test_two_pass_kernel_takes_what_the_contract_says(change, words):
-    call = dict(head_dim_k=128, head_dim_v=128, transition_columns=False, packed=False, gate="bounded",
+    call = dict(head_dim_k=128, head_dim_v=128, packed=False, gate="bounded",
                 lower_bound=-5.0, plain_inputs=True, fp32_states=True)
     call.update(change)
     call["gate"] = contract.GATE_CODES[call["gate"]]

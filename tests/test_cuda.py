@@ -80,8 +80,27 @@ def test_few_long_sequences_lower_to_segments_and_a_correction(monkeypatch):
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
     assert len(calls) == 2, calls
-    assert "transition_columns = true" in calls[0] and "has_cu_seqlens = true" in calls[0]
-    assert f"tensor<1x{T}x{H}x{2 * K}xbf16>" in calls[0]  # the V + K columns
+    # 2 segments of one length: run as a batch of 2 sequences, not packed, with V + K columns.
+    assert "transition_columns = true" in calls[0] and "has_cu_seqlens = false" in calls[0]
+    assert f"tensor<2x{T // 2}x{H}x{2 * K}xbf16>" in calls[0] and "two_pass = false" in calls[0]
+    assert f"@{contract.SEGMENT_CORRECT_TARGET}(" in calls[1]
+
+
+@needs_kernels
+def test_few_long_sequences_cut_for_the_two_pass_kernel_lower_with_its_workspace(monkeypatch):
+    monkeypatch.setattr(paths, "multiprocessors", lambda: 132)
+    T, H, K = 65536, 8, 128  # case I: 8 segments of 8192 tokens
+    f = lambda q, k, v, g, b: kda_prefill(q, k, v, g, b, output_final_state=True, use_gate_in_kernel=True,
+                                          lower_bound=-5.0)
+    args = (spec(1, T, H, K),) * 4 + (spec(1, T, H),)
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
+    assert len(calls) == 2, calls
+    assert "transition_columns = true" in calls[0] and "two_pass = true" in calls[0]
+    assert f"tensor<8x{T // 8}x{H}x{2 * K}xbf16>" in calls[0]
+    chunks = T // 8 // contract.TWO_PASS_CHUNK
+    assert contract.two_pass_window(8 * H, chunks) == chunks  # one window; the final state carries nothing
+    assert f"tensor<{8 * H * chunks * contract.TWO_PASS_FACTOR_BYTES}xui8>" in calls[0]
     assert f"@{contract.SEGMENT_CORRECT_TARGET}(" in calls[1]
 
 
@@ -364,7 +383,7 @@ def test_gradients_run_through_the_kernel_forward(case):
 def forced_kernel(monkeypatch, name):
     """The calls the two-pass kernel takes run on the kernel named, whatever the cost model says. JAX
     caches what it compiled for a call's shapes and options: cleared, so that the choice is made again."""
-    monkeypatch.setattr(paths, "two_pass_is_faster", lambda x, pieces: name == "two-pass")
+    monkeypatch.setattr(paths, "two_pass_is_faster", lambda *launch: name == "two-pass")
     jax.clear_caches()
     yield name
     jax.clear_caches()
@@ -475,37 +494,69 @@ def test_cut_packed_sequences(case, features):
     check_against_oracle(c)
 
 
-@gpu
-@needs_kernels
-def test_transition_columns_in_the_kernel(case, rng):
-    """Every element of o and the state written, and the transition columns carry the affine summary."""
+def check_transition_columns(c, rng, lengths, two_pass):
+    """The prefill of `c` with transition columns (the segments' prefill) on the kernel it is asked of: every
+    element of o and the state written, and the transition columns carry the affine summary."""
     import dataclasses
 
     from jax_kda.primitive import kda_prefill_inner_run
 
-    c = case(seqlens=[5, 0, 33, 16, 300], H=2, HV=2, K=128, V=64, dtype="bfloat16", gate="softplus",
-             initial_state=None)
     x, opts = jax_kda.api.prefill_call(*c.args, **c.kwargs)
     opts = dataclasses.replace(opts, transition_columns=True, impl="cuda")
+    assert paths.choose_path(x, opts, "cuda").two_pass == two_pass
     fn = lambda q, k, v, g, beta: kda_prefill_inner_run(x._replace(q=q, k=k, v=v, g=g, beta=beta), opts)
     (o, final), poisoned = run_poisoned(fn, *c.args)
-    assert poisoned and o.shape[-1] == 64 + 128 and final.shape[-1] == 64 + 128
-    s_in = rng.standard_normal((5, 2, 128, 64)) * 0.3
+    n, hv, vd, kd = len(lengths), x.v.shape[2], x.v.shape[3], x.q.shape[3]
+    assert poisoned and o.shape[-1] == vd + kd
+    if opts.state_v_first:
+        final = jnp.swapaxes(final, -1, -2)
+    assert final.shape == (n, hv, kd, vd + kd)
+    s_in = rng.standard_normal((n, hv, kd, vd)) * 0.3
     ref_o, ref_s = kda_oracle(*(np.asarray(a.astype(jnp.float32), np.float64) for a in c.args),
-                              **{**c.kwargs, "initial_state": s_in})
-    local, transition = np.asarray(final[..., :64], np.float64), np.asarray(final[..., 64:], np.float64)
+                              **{**c.kwargs, "initial_state": s_in, "state_v_first": False})
+    local, transition = np.asarray(final[..., :vd], np.float64), np.asarray(final[..., vd:], np.float64)
     assert rel_err(transition @ s_in + local, ref_s) < BF16_TOL
-    seq = np.repeat(np.arange(5), [5, 0, 33, 16, 300])
-    queries = np.asarray(o[0, :, :, 64:].astype(jnp.float32), np.float64)
-    corrected = np.asarray(o[0, :, :, :64].astype(jnp.float32)) + np.einsum("thk,thkv->thv", queries, s_in[seq])
-    assert rel_err(corrected, ref_o[0]) < BF16_TOL
+    queries = np.asarray(o[..., vd:].astype(jnp.float32), np.float64).reshape(-1, hv, kd)
+    seq = np.repeat(np.arange(n), lengths)
+    corrected = (np.asarray(o[..., :vd].astype(jnp.float32), np.float64).reshape(-1, hv, vd)
+                 + np.einsum("thk,thkv->thv", queries, s_in[seq]))
+    assert rel_err(corrected, ref_o.reshape(-1, hv, vd)) < BF16_TOL
+
+
+@gpu
+@needs_kernels
+def test_transition_columns_in_the_kernel(case, rng):
+    lengths = [5, 0, 33, 16, 300]
+    c = case(seqlens=lengths, H=2, HV=2, K=128, V=64, dtype="bfloat16", gate="softplus", initial_state=None)
+    check_transition_columns(c, rng, lengths, two_pass=False)
+
+
+@gpu
+@needs_kernels
+@pytest.mark.parametrize("shape", [dict(B=3, T=300), dict(B=1, T=6000, H=48, HV=96)], ids=repr)  # 1 and 2 windows
+@pytest.mark.parametrize("state_v_first", [False, True])
+def test_transition_columns_on_the_two_pass_kernel(case, rng, two_pass, shape, state_v_first):
+    c = case(**{**TWO_PASS_CALL, "initial_state": None, "state_v_first": state_v_first, **shape})
+    check_transition_columns(c, rng, [c.args[0].shape[1]] * c.args[0].shape[0], two_pass=True)
+
+
+@gpu
+@needs_kernels
+@pytest.mark.parametrize("features", [dict(), dict(state_v_first=True, initial_state="bfloat16", HV=4)], ids=repr)
+def test_cut_sequences_on_the_two_pass_kernel(case, features):
+    # 2 heads of 4096 tokens: cut into segments of one length, run as sequences on the two-pass kernel.
+    c = case(**{**TWO_PASS_CALL, "B": 1, "T": 4096, **features})
+    described = jax_kda.prefill_path(*c.args, impl="cuda", **c.kwargs)
+    assert "two-pass" in described and "segments" in described, described
+    check_against_oracle(c)
 
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "gpu_small_case.py")
 
 
-# The chunk-16 kernel (a packed call) and the two-pass kernel's two passes (a call of equal lengths).
-SMALL_CALLS = [("", "kda_prefill_kernel"), ("-two-pass", "pass_kernel")]
+# The chunk-16 kernel (a packed call) and the two-pass kernel's two passes (a call of equal lengths, and
+# one cut into segments: the transition slice).
+SMALL_CALLS = [("", "kda_prefill_kernel"), ("-two-pass", "pass_kernel"), ("-two-pass-cut", "pass_kernel")]
 
 
 @gpu

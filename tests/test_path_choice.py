@@ -75,15 +75,18 @@ def test_gpu_reports_the_kernels_and_their_cut(on_a_gpu):
     assert "sequences cut into up to 8 segments" in described and "where the device finds one long enough" in described
 
 
-@pytest.mark.parametrize("T,H", [(8192, 96), (32768, 32), (2048, 32)])  # cases A, E, F
-def test_gpu_takes_the_two_pass_kernel_where_the_cost_model_finds_it_faster(on_a_gpu, T, H):
+@pytest.mark.parametrize("T,H,cut", [(8192, 96, ""), (32768, 32, ""), (2048, 32, ", sequences cut into up to 2 segments")])
+def test_gpu_takes_the_two_pass_kernel_where_the_cost_model_finds_it_faster(on_a_gpu, T, H, cut):  # A, E, F
     described = prefill_path(*shapes(T, H), **FUSED)
-    assert described.startswith("cuda (jax_kda CUTLASS kernels, sm_90a), the two-pass chunk-32 kernel: ")
+    assert described.startswith(f"cuda (jax_kda CUTLASS kernels, sm_90a), the two-pass chunk-32 kernel{cut}: ")
 
 
-def test_gpu_keeps_the_chunk16_kernel_for_few_very_long_sequences(on_a_gpu):
-    # Case J: 4 chains of 4096 steps; the chunk-16 kernel cut into 16 segments is predicted faster.
+def test_gpu_cuts_few_very_long_sequences_for_the_two_pass_kernel(on_a_gpu):
+    # Case J: 4 chains of 4096 steps; 16 segments of 8192 tokens, run as 16 sequences on the two-pass kernel.
     described = prefill_path(*shapes(131072, 4), **FUSED)
+    assert "two-pass" in described and "cut into up to 16 segments" in described
+    # Its packed form runs on the chunk-16 kernel (the two-pass kernel takes sequences of one length).
+    described = prefill_path(*shapes(131072, 4), cu_seqlens=jnp.array([0, 131072], jnp.int32), **FUSED)
     assert "two-pass" not in described and "cut into up to 16 segments" in described
 
 

@@ -172,21 +172,49 @@ def shapes(B, T, HV, K=128, V=128, H=None):
                            spec((B, T, HV), jnp.bfloat16))
 
 
-@pytest.mark.parametrize("B,T,HV,want", [
-    (1, 8192, 96, 1),  # case A: 96 chains already fill the GPU
-    (1, 8192, 64, 1),  # case B
-    (1, 32768, 32, 2),  # case E: 2 x 32 chains x 2 V-slices fill it
-    (1, 2048, 32, 2),  # case F
-    (1, 131072, 32, 2),  # case G
-    (1, 65536, 8, 8),  # case I: 8 x 8 x 2 = 128 CTAs, one wave
-    (1, 131072, 4, 16),  # case J
-    (1, 65536, 1, range(48, 65)),  # one long sequence, one head: tens of pieces, up to the cap of 64
-    (1, 300, 1, 1),  # too short to be worth a cut
+SOFTPLUS_GATE = lambda hv: dict(use_gate_in_kernel=True, A_log=jnp.zeros((hv,)))  # the chunk-16 kernel's only
+BOUNDED_GATE = lambda hv: dict(use_gate_in_kernel=True, lower_bound=-5.0)  # the two-pass kernel takes it
+
+
+@pytest.mark.parametrize("B,T,HV,chunk16,two_pass", [
+    # (pieces on the chunk-16 kernel; pieces and kernel where the two-pass kernel takes the call too)
+    (1, 8192, 96, 1, (1, True)),  # case A: 96 chains already fill the GPU; the two-pass kernel is faster
+    (1, 8192, 64, 1, (1, True)),  # case B
+    (1, 32768, 32, 2, (1, True)),  # case E: 2 x 32 chains x 2 V-slices fill it; uncut two-pass is faster still
+    (1, 2048, 32, 2, (2, True)),  # case F
+    (1, 131072, 32, 2, (1, True)),  # case G
+    (1, 65536, 8, 8, (8, True)),  # case I: 8 x 8 x 2 = 128 CTAs, one wave (two-pass: the two state slices)
+    (1, 131072, 4, 16, (16, True)),  # case J
+    (1, 65536, 1, range(48, 65), (64, True)),  # one long sequence, one head: tens of pieces, up to the cap
+    (1, 300, 1, 1, (1, True)),  # too short to be worth a cut
+    (1, 2000, 4, 7, (5, True)),  # 7 packed segments; 5 of 400 tokens run as 5 sequences on the two-pass kernel
 ])
-def test_kernel_path_cuts_few_long_sequences(monkeypatch, B, T, HV, want):
+def test_kernel_path_cuts_few_long_sequences(monkeypatch, B, T, HV, chunk16, two_pass):
     monkeypatch.setattr(paths, "multiprocessors", lambda: 132)  # an H200's (and an H100's)
-    _, opts = api.prefill_call(*shapes(B, T, HV)[:5], use_gate_in_kernel=True, lower_bound=-5.0)
-    assert paths.sequence_pieces(shapes(B, T, HV), opts) in (want if isinstance(want, range) else [want])
+    x = shapes(B, T, HV)
+    _, opts = api.prefill_call(*x[:5], **SOFTPLUS_GATE(HV))
+    plan = paths.kernel_plan(x, opts)
+    assert plan.pieces in (chunk16 if isinstance(chunk16, range) else [chunk16]) and not plan.two_pass
+    _, opts = api.prefill_call(*x[:5], **BOUNDED_GATE(HV))
+    assert paths.kernel_plan(x, opts)[:2] == two_pass
+
+
+def test_segments_of_one_length_run_as_a_batch_and_others_packed():
+    assert segments.equal_segments(65536, 8) and segments.equal_segments(2000, 5)
+    assert not segments.equal_segments(2000, 7)  # 288-token segments, the last one 272
+    assert not segments.equal_segments(100, 8)  # 16-token segments: 7 of them
+    x = shapes(1, 2000, 4)
+    calls = []
+
+    def run(x, opts):
+        calls.append((x.q.shape, x.cu_seqlens is not None, opts.whole_sequences))
+        return kda_chunked(x, opts)
+
+    _, opts = api.prefill_call(*x[:5], **BOUNDED_GATE(4))
+    for pieces, want in ((5, ((5, 400, 4, 128), False, True)), (7, ((1, 2000, 4, 128), True, True))):
+        jax.eval_shape(lambda *a: segments.summarize(x._replace(q=a[0], k=a[1], v=a[2], g=a[3], beta=a[4]), opts,
+                                                     run, pieces), *x[:5])
+        assert calls.pop() == want
 
 
 def packed_shapes(sequences, T, HV):
@@ -204,7 +232,7 @@ def test_kernel_path_plans_the_packed_cut(monkeypatch, sequences, T, HV, want):
     monkeypatch.setattr(paths, "multiprocessors", lambda: 132)
     x = packed_shapes(sequences, T, HV)
     _, opts = api.prefill_call(*x[:5], use_gate_in_kernel=True, lower_bound=-5.0, cu_seqlens=x.cu_seqlens)
-    assert paths.sequence_pieces(x, opts) == want
+    assert paths.kernel_plan(x, opts)[:2] == (want, False)  # packed: the chunk-16 kernel
 
 
 WHOLE = 7.0  # what the spy's whole-sequence branch writes: tells the branches apart
@@ -212,7 +240,8 @@ WHOLE = 7.0  # what the spy's whole-sequence branch writes: tells the branches a
 
 def spy_run(x, opts):
     o, s = kda_chunked(x, opts)
-    return (jnp.full_like(o, WHOLE), s) if opts.whole_sequences else (o, s)
+    whole_branch = opts.whole_sequences and not opts.transition_columns  # not the segments' own prefill
+    return (jnp.full_like(o, WHOLE), s) if whole_branch else (o, s)
 
 
 @pytest.mark.parametrize("seqlens,cut", [

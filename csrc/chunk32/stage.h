@@ -151,10 +151,13 @@ struct FusedParams {
   const float *dt_bias;            // [H, K]; nullptr: no bias
   float lower_bound, scale;
   float beta_max = 1.f;            // the beta sigmoid's upper bound: 2 allows negative eigenvalues
-  const float *initial_state;      // fp32 [B, H, V, K] (state_v_first) or [B, H, K, V]; nullptr: zeros
+  const float *initial_state;      // fp32 [B, H, C, K] (state_v_first) or [B, H, K, C]; nullptr: zeros
   float *final_state;              // fp32, the same layout
   bool state_v_first = true;
-  uint16_t *o;                     // bf16 [B, T, H, V]
+  uint16_t *o;                     // bf16 [B, T, H, C]
+  // C, the V extent of o and the states: V, or V + K where a transition slice (two_pass.cuh) writes
+  // its K columns beside the V ones.
+  int columns = kDimV;
 };
 
 }  // namespace chunk32

@@ -86,16 +86,16 @@ __device__ __forceinline__ void state_step(uint32_t stage, const float *decay, i
 }
 
 // Thread values i, i + 1 (i even) of the 64 x 128 S^T tile of state group `group` sit at (row v, columns
-// d, d + 1): their offsets in a state [sequence, head, V, K] (V-first), or [sequence, head, K, V].
+// d, d + 1): their offsets in a state [sequence, head, C, K] (V-first), or [sequence, head, K, C].
 struct StatePair {
   size_t at;      // offset of (v, d)
   size_t stride;  // from (v, d) to (v, d + 1): 1 V-first
 };
 CHUNK32_HD StatePair state_pair(const FusedParams &p, const Chain &chain, int group, int thread, int i) {
-  const size_t head = size_t(chain.sequence) * p.heads + chain.head;
+  const size_t head = size_t(chain.sequence) * p.heads + chain.head, columns = size_t(p.columns);
   const int v = group * kGroupRows + acc_row(thread, i), d = acc_col(thread, i);
-  if (p.state_v_first) return {(head * kDimV + v) * kDimK + d, 1};
-  return {(head * kDimK + d) * kDimV + v, kDimV};
+  if (p.state_v_first) return {(head * columns + v) * kDimK + d, 1};
+  return {(head * kDimK + d) * columns + v, columns};
 }
 
 __device__ void load_initial_state(const FusedParams &p, const Chain &chain, int group, int thread,
@@ -133,9 +133,10 @@ __device__ void store_final_state(const FusedParams &p, const Chain &chain, int 
 __device__ __forceinline__ void store_outputs(const FusedParams &p, const Chain &chain, int chunk, int group,
                                               int thread, const float (&o)[kHalfRo]) {
   const int valid = valid_tokens(chunk, chain.tokens);
-  const size_t token_stride = size_t(p.heads) * kDimV;
+  const size_t token_stride = size_t(p.heads) * p.columns;
   bf16 *base = reinterpret_cast<bf16 *>(p.o) +
-               ((size_t(chain.row) * p.tokens + chain.token0 + size_t(chunk) * kChunk) * p.heads + chain.head) * kDimV +
+               ((size_t(chain.row) * p.tokens + chain.token0 + size_t(chunk) * kChunk) * p.heads + chain.head) *
+                   p.columns +
                group * kGroupRows;
 #pragma unroll
   for (int i = 0; i < kHalfRo; ++i) {

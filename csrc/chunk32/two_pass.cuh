@@ -86,9 +86,12 @@ __device__ __forceinline__ ItemPlace place_of(const FusedParams &p, const Window
 // Pass 2's optional second slice of each chain: K transition columns, the chain run again with v = 0
 // from the identity (K = V), so that a sequence cut into segments can be joined (jax_kda/segments.py):
 // its outputs are the effective queries scale q^T Phi_t, its final state Phi. Same factors, no V loads.
+// Its o and state have the V slice's layout and row width (FusedParams::columns): separate tensors
+// (columns V), or the V slice's own with the K columns after the V ones (columns V + K; the pointers
+// at the first transition column).
 struct TransitionOutputs {
-  uint16_t *o = nullptr;  // bf16 [B, T, H, K]; nullptr: no transition slice
-  float *state = nullptr;  // fp32 [B, H, K, K] (rows: the transition columns), the layout of the state
+  uint16_t *o = nullptr;   // bf16 o of the transition columns; nullptr: no transition slice
+  float *state = nullptr;  // fp32 state of the transition columns (the initial one of a later window too)
 };
 
 // Pass 2: two state warpgroups and one loader warp; a ring of kPassStages stages.
