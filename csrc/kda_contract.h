@@ -57,26 +57,26 @@ constexpr const char *decode_unsupported(int head_dim_k, int head_dim_v) {
 }
 
 // The two-pass chunk-32 prefill (kda_two_pass_kernel.cu): what it takes today (the chunk-16 kernel serves
-// every other call), and its workspace: the factors of a window of chunks of every chain (at most
-// kTwoPassWorkspaceBudget, or one chunk of every chain where that is more; the passes run window by
-// window), then, when the call writes no final state, an fp32 state per chain to carry between windows.
+// every other call), and its workspace (TwoPassLayout).
 inline constexpr int kTwoPassChunk = chunk32::kChunk;
 inline constexpr int kTwoPassHeadDim = chunk32::kDimK;  // K = V = 128
 inline constexpr int64_t kTwoPassFactorBytes = chunk32::kFactorPitch;  // one chunk of one chain
-inline constexpr int64_t kTwoPassWorkspaceBudget = int64_t(512) << 20;
+inline constexpr int64_t kTwoPassWorkspaceBudget = int64_t(512) << 20;  // for the factors
+inline constexpr int kTwoPassMaxPackedSequences = chunk32::kMaxPackedSequences;
 // The factor pass anchors each chunk's exponents at its row 15: 16 tokens of the bounded gate's decay
 // stay inside fp32 (2^(16 x 5 x log2 e) = 2^115) from this lower bound up. Softplus and given decays can
 // be stronger: the chunk-16 kernel runs them (it clamps at kMaxLogDecay = 10 nats over 8 tokens).
 inline constexpr float kTwoPassMinLowerBound = -5.f;
 
 // Why the two-pass prefill cannot take a call, or nullptr when it can. `head_dim_v`: v's columns
-// (transition columns, when asked for, add K more to o and the state); `gate` a GateMode code;
-// `plain_inputs`: g and beta bfloat16; `fp32_states`: the initial state (if any) and the final state
-// (if written) float32, in either layout.
-constexpr const char *two_pass_unsupported(int head_dim_k, int head_dim_v, bool packed, int gate, float lower_bound,
-                                           bool plain_inputs, bool fp32_states) {
+// (transition columns, when asked for, add K more to o and the state); `sequences`: how many, when
+// packed; `gate` a GateMode code; `plain_inputs`: g and beta bfloat16; `fp32_states`: the initial state
+// (if any) and the final state (if written) float32, in either layout.
+constexpr const char *two_pass_unsupported(int head_dim_k, int head_dim_v, bool packed, int64_t sequences, int gate,
+                                           float lower_bound, bool plain_inputs, bool fp32_states) {
   if (head_dim_k != kTwoPassHeadDim || head_dim_v != kTwoPassHeadDim) return "the two-pass kernel takes K = V = 128";
-  if (packed) return "the two-pass kernel takes sequences of equal length (no cu_seqlens)";
+  static_assert(kTwoPassMaxPackedSequences == 64, "the message below names the limit");
+  if (packed && sequences > kTwoPassMaxPackedSequences) return "the two-pass kernel takes at most 64 packed sequences";
   if (gate != int32_t(GateMode::kBounded) || !(lower_bound >= kTwoPassMinLowerBound)) {
     return "the two-pass kernel takes the bounded gate with lower_bound >= -5";
   }
@@ -85,18 +85,39 @@ constexpr const char *two_pass_unsupported(int head_dim_k, int head_dim_v, bool 
   return nullptr;
 }
 
-// Chunks of every chain that one window of the two-pass prefill covers, and the workspace it needs:
-// `carried_columns` is the V extent of the state carried between windows (0 when the call writes a
-// final state, which carries it; else V, or V + K with transition columns).
-constexpr int64_t two_pass_window(int64_t chains, int64_t chunks) {
-  if (chains <= 0 || chunks <= 0) return 0;
-  const int64_t fit = kTwoPassWorkspaceBudget / (chains * kTwoPassFactorBytes);
-  return fit < 1 ? 1 : fit < chunks ? fit : chunks;
-}
-constexpr int64_t two_pass_workspace_bytes(int64_t chains, int64_t chunks, int64_t carried_columns) {
-  const int64_t window = two_pass_window(chains, chunks);
-  if (window == 0) return 0;  // nothing to run
-  return chains * window * kTwoPassFactorBytes + chains * kTwoPassHeadDim * carried_columns * int64_t(sizeof(float));
+// The two-pass prefill's workspace, and the windows it runs in. The passes run window by window; a
+// window's factors fill at most kTwoPassWorkspaceBudget (one chunk of every chain at least): a window
+// is a range of chunks of every chain, or, packed, of items (chain, chunk) in chunk-major order, planned
+// on the device. After the factors: when the call writes no final state, an fp32 state per chain
+// (`carried_columns` wide: V, or V + K with transition columns; 0 when the final state carries it);
+// when packed, the plan (an int2 and an int per item, an int per chain and two more).
+struct TwoPassLayout {
+  int64_t window = 0;   // chunks of every chain a window (packed: items)
+  int64_t windows = 0;  // windows to run (packed: some may hold no items)
+  int64_t items = 0;    // packed: items at most
+  int64_t carry = 0, plan = 0, bytes = 0;  // offsets of the state carry and of the plan; the size
+};
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr TwoPassLayout two_pass_layout(int64_t sequences, int64_t tokens, int64_t value_heads, bool packed,
+                                        int64_t carried_columns) {
+  TwoPassLayout l{};
+  const int64_t chains = sequences * value_heads, chunks = ceil_div(tokens, kTwoPassChunk);
+  if (chains <= 0 || chunks <= 0) return l;  // nothing to run
+  const int64_t fit = kTwoPassWorkspaceBudget / kTwoPassFactorBytes;  // items
+  int64_t factors = 0;
+  if (packed) {  // every sequence may end in a partial chunk
+    l.items = value_heads * (chunks + sequences);
+    l.window = fit < l.items ? fit : l.items;
+    factors = l.window * kTwoPassFactorBytes;
+  } else {
+    l.window = fit / chains < 1 ? 1 : fit / chains < chunks ? fit / chains : chunks;
+    factors = chains * l.window * kTwoPassFactorBytes;
+  }
+  l.windows = ceil_div(packed ? l.items : chunks, l.window);
+  l.carry = factors;
+  l.plan = l.carry + chains * kTwoPassHeadDim * carried_columns * int64_t(sizeof(float));
+  l.bytes = l.plan + (packed ? l.items * int64_t(sizeof(int32_t) * 3) + (chains + 2) * int64_t(sizeof(int32_t)) : 0);
+  return l;
 }
 
 // Value columns one CTA of the prefill owns (128 or 64 state rows: one or two consumer warpgroups);

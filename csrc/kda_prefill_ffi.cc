@@ -99,9 +99,8 @@ ffi::Error PrefillImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, 
     if (const char *why = two_pass_unsupported(p)) {
       return ffi::Error::InvalidArgument(std::string("jax_kda prefill: ") + why);
     }
-    const int64_t chunks = (p.tokens + kTwoPassChunk - 1) / kTwoPassChunk;
-    const int64_t needed = two_pass_workspace_bytes(int64_t(p.batch) * p.value_heads, chunks,
-                                                    write_final_state ? 0 : p.head_dim_v);
+    const int64_t needed = two_pass_layout(p.num_sequences, p.tokens, p.value_heads, has_cu_seqlens,
+                                           write_final_state ? 0 : p.head_dim_v).bytes;
     if (workspace->element_type() != ffi::DataType::U8 || int64_t(workspace->size_bytes()) < needed) {
       return ffi::Error::InvalidArgument("jax_kda prefill: the two-pass kernel needs a uint8 workspace of " +
                                          std::to_string(needed) + " bytes, got " + dims_str(*workspace));

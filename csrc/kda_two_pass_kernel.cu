@@ -1,10 +1,12 @@
 // The two-pass chunk-32 KDA prefill for Hopper (sm_90a): the launcher of the factor pass and the state
 // pass of chunk32/two_pass.cuh, window by window over the caller's workspace.
 //
-// Per window (chunks [first, first + count) of every chain): the factor pass builds every item's factors
-// into the workspace across the whole GPU, then the state pass runs each chain's chunks in order from
-// them. The state crosses windows in fp32 through the final-state buffer (or the workspace's carry when
-// the call writes no final state), so the outputs are bit for bit those of one window. Both kernels read
+// Per window (chunks [first, first + count) of every chain; packed sequences: a range of items in the
+// chunk-major order a first small kernel plans from cu_seqlens on the device): the factor pass builds
+// every item's factors into the workspace across the whole GPU, then the state pass runs each chain's
+// chunks of the window in order from them. The state crosses windows in fp32 through the final-state
+// buffer (or the workspace's carry when the call writes no final state), so the outputs are bit for
+// bit those of one window. Both kernels read
 // q, k, g and v by bulk tensor copies, whose tensor maps are built here on the host per call (the
 // kernels take them by value: nothing is allocated, and a captured graph keeps them).
 
@@ -53,9 +55,11 @@ bool encode_token_map(CUtensorMap *map, const void *base, int batch, int tokens,
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// The two passes window by window (layout: kda_contract.h's TwoPassLayout of the call).
 template <bool kL2Norm, bool kBetaSigmoid>
 cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const TransitionOutputs &transition,
-                           uint8_t *factors, int chunks, int window, cudaStream_t stream) {
+                           uint8_t *factors, const TwoPassLayout &layout, const PackedItems &packed,
+                           cudaStream_t stream) {
   auto factor_kernel =
       factor_pass_kernel<GateMath::kExp2Reciprocal, kL2Norm, kBetaSigmoid, kInverseWarps, kRawSlots, kFactorCtasPerSm>;
   cudaError_t err = cudaFuncSetAttribute(factor_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kF1SmBytes);
@@ -70,14 +74,23 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
   }
   if (err != cudaSuccess) return err;
   if (resident < 1) return cudaErrorInvalidConfiguration;
-  const int chains = p.batch * p.heads;
-  for (int first = 0; first < chunks; first += window) {
-    const Window w{first, window < chunks - first ? window : chunks - first};
-    const int items = chains * w.count;
+  const int chains = (p.cu_seqlens != nullptr ? p.sequences : p.batch) * p.heads;
+  const int chunks = (p.tokens + kChunk - 1) / kChunk, window = int(layout.window);
+  if (p.cu_seqlens != nullptr) {  // the items' plan, from the lengths on the device
+    const int pairs = chunks + p.sequences, ctas = (pairs + kPlanThreads - 1) / kPlanThreads;
+    plan_packed_kernel<<<ctas < 4 * multiprocessors ? ctas : 4 * multiprocessors, kPlanThreads, 0, stream>>>(
+        p.cu_seqlens, p.sequences, p.heads, packed);
+  }
+  for (int i = 0; i < int(layout.windows); ++i) {
+    Window w;
+    w.first = i * window;
+    w.count = packed.chain_chunk != nullptr || window < chunks - w.first ? window : chunks - w.first;
+    w.packed = packed;
+    const int items = packed.chain_chunk != nullptr ? window : chains * w.count;  // at most
     const int factor_ctas = items < multiprocessors * resident ? items : multiprocessors * resident;
     factor_kernel<<<factor_ctas, kFactorThreads, kF1SmBytes, stream>>>(p, maps, factors, w);
     FusedParams state_params = p;
-    if (first > 0) state_params.initial_state = p.final_state;  // where the last window left each state
+    if (i > 0) state_params.initial_state = p.final_state;  // where the last window left each state
     const dim3 state_grid(chains, transition.o != nullptr ? 2 : 1);  // y = 1: the transition slice
     state_pass_kernel<<<state_grid, kStateCtaThreads, kS2SmBytes, stream>>>(state_params, maps, factors, w,
                                                                           transition);
@@ -90,19 +103,21 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
 }  // namespace
 
 cudaError_t two_pass_launch(const PrefillParams &p, void *workspace, cudaStream_t stream) {
-  const int64_t chains = int64_t(p.batch) * p.value_heads;
-  const int chunks = (p.tokens + kChunk - 1) / kChunk;
-  if (chains == 0 || chunks == 0) return cudaSuccess;
+  const bool packed = p.cu_seqlens != nullptr;
+  const int64_t sequences = packed ? p.num_sequences : p.batch;
   const bool carries_state = p.final_state == nullptr;
-  const int window = int(two_pass_window(chains, chunks));
+  const TwoPassLayout layout =
+      two_pass_layout(sequences, p.tokens, p.value_heads, packed, carries_state ? p.head_dim_v : 0);
+  if (layout.windows == 0) return cudaSuccess;
   uint8_t *factors = static_cast<uint8_t *>(workspace);
-  const size_t factor_bytes = size_t(chains) * window * kTwoPassFactorBytes;
 
   FusedParams fp;
   fp.batch = p.batch;
   fp.tokens = p.tokens;
   fp.heads = p.value_heads;
   fp.group = p.value_heads / p.heads;
+  fp.cu_seqlens = p.cu_seqlens;
+  fp.sequences = packed ? p.num_sequences : 0;
   fp.beta = static_cast<const uint16_t *>(p.beta);
   fp.a_log = p.A_log;
   fp.dt_bias = p.dt_bias;
@@ -111,13 +126,21 @@ cudaError_t two_pass_launch(const PrefillParams &p, void *workspace, cudaStream_
   fp.beta_max = p.allow_neg_eigval ? 2.f : 1.f;
   fp.initial_state = static_cast<const float *>(p.initial_state);
   fp.state_v_first = p.state_v_first;  // the carry between windows too
-  fp.final_state = carries_state ? reinterpret_cast<float *>(factors + factor_bytes) : static_cast<float *>(p.final_state);
+  fp.final_state = carries_state ? reinterpret_cast<float *>(factors + layout.carry) : static_cast<float *>(p.final_state);
   fp.o = static_cast<uint16_t *>(p.o);
   fp.columns = p.head_dim_v;  // V, or V + K with transition columns
   TransitionOutputs transition;
   if (p.head_dim_v != p.v_columns) {  // their K columns follow the V ones in o and in the state's rows
     transition.o = fp.o + p.v_columns;
     transition.state = fp.final_state + (p.state_v_first ? size_t(p.v_columns) * kDimK : size_t(p.v_columns));
+  }
+  PackedItems plan;
+  if (packed) {  // the plan's arrays after the carry: chain_chunk, item_of, chain_first, items
+    uint8_t *at = factors + layout.plan;
+    plan.chain_chunk = reinterpret_cast<int2 *>(at);
+    plan.item_of = reinterpret_cast<int *>(at + layout.items * sizeof(int2));
+    plan.chain_first = plan.item_of + layout.items;
+    plan.items = plan.chain_first + sequences * p.value_heads + 1;
   }
 
   TensorMaps maps;
@@ -128,11 +151,11 @@ cudaError_t two_pass_launch(const PrefillParams &p, void *workspace, cudaStream_
     return cudaErrorInvalidValue;
   }
   if (p.l2norm) {
-    return p.beta_sigmoid ? launch_windows<true, true>(fp, maps, transition, factors, chunks, window, stream)
-                          : launch_windows<true, false>(fp, maps, transition, factors, chunks, window, stream);
+    return p.beta_sigmoid ? launch_windows<true, true>(fp, maps, transition, factors, layout, plan, stream)
+                          : launch_windows<true, false>(fp, maps, transition, factors, layout, plan, stream);
   }
-  return p.beta_sigmoid ? launch_windows<false, true>(fp, maps, transition, factors, chunks, window, stream)
-                        : launch_windows<false, false>(fp, maps, transition, factors, chunks, window, stream);
+  return p.beta_sigmoid ? launch_windows<false, true>(fp, maps, transition, factors, layout, plan, stream)
+                        : launch_windows<false, false>(fp, maps, transition, factors, layout, plan, stream);
 }
 
 }  // namespace jax_kda

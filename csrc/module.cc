@@ -47,16 +47,29 @@ NB_MODULE(_kda_ext, m) {
   m.attr("two_pass_chunk") = kTwoPassChunk;
   m.attr("two_pass_factor_bytes") = kTwoPassFactorBytes;
   m.attr("two_pass_workspace_budget") = kTwoPassWorkspaceBudget;
+  m.attr("two_pass_max_packed_sequences") = kTwoPassMaxPackedSequences;
   m.def("two_pass_unsupported",
-        [reason](int k, int v, bool packed, int gate, float lower_bound, bool plain_inputs, bool fp32_states) {
-          return reason(two_pass_unsupported(k, v, packed, gate, lower_bound, plain_inputs, fp32_states));
+        [reason](int k, int v, bool packed, int64_t sequences, int gate, float lower_bound, bool plain_inputs,
+                 bool fp32_states) {
+          return reason(two_pass_unsupported(k, v, packed, sequences, gate, lower_bound, plain_inputs, fp32_states));
         },
-        nb::arg("head_dim_k"), nb::arg("head_dim_v"), nb::arg("packed"), nb::arg("gate"), nb::arg("lower_bound"),
-        nb::arg("plain_inputs"), nb::arg("fp32_states"), "Why the two-pass prefill cannot take this call, or None.");
-  m.def("two_pass_window", &two_pass_window, nb::arg("chains"), nb::arg("chunks"),
-        "Chunks of every chain one window of the two-pass prefill covers.");
-  m.def("two_pass_workspace_bytes", &two_pass_workspace_bytes, nb::arg("chains"), nb::arg("chunks"),
-        nb::arg("carried_columns"), "Bytes of the two-pass prefill's workspace.");
+        nb::arg("head_dim_k"), nb::arg("head_dim_v"), nb::arg("packed"), nb::arg("sequences"), nb::arg("gate"),
+        nb::arg("lower_bound"), nb::arg("plain_inputs"), nb::arg("fp32_states"),
+        "Why the two-pass prefill cannot take this call, or None.");
+  m.def("two_pass_layout",
+        [](int64_t sequences, int64_t tokens, int64_t value_heads, bool packed, int64_t carried_columns) {
+          const TwoPassLayout l = two_pass_layout(sequences, tokens, value_heads, packed, carried_columns);
+          nb::dict d;
+          d["window"] = l.window;
+          d["windows"] = l.windows;
+          d["items"] = l.items;
+          d["carry"] = l.carry;
+          d["plan"] = l.plan;
+          d["bytes"] = l.bytes;
+          return d;
+        },
+        nb::arg("sequences"), nb::arg("tokens"), nb::arg("value_heads"), nb::arg("packed"), nb::arg("carried_columns"),
+        "The two-pass prefill's windows and workspace (kda_contract.h's TwoPassLayout) as a dict.");
   m.def("prefill_v_slice", &prefill_v_slice, nb::arg("sequences"), nb::arg("value_heads"), nb::arg("head_dim_v"),
         nb::arg("multiprocessors"), "Value columns one CTA of the prefill owns (64 or 128).");
 

@@ -29,14 +29,15 @@ correct_unsupported = _kda_ext.correct_unsupported  # (head_dim_k, head_dim_v) -
 decode_unsupported = _kda_ext.decode_unsupported  # (head_dim_k, head_dim_v) -> reason or None
 prefill_v_slice = _kda_ext.prefill_v_slice  # (sequences, value_heads, head_dim_v, multiprocessors) -> 64 or 128
 
-# The two-pass chunk-32 prefill: the calls it takes, its windows of chunks and its workspace.
+# The two-pass chunk-32 prefill: the calls it takes, its windows and its workspace.
 TWO_PASS_CHUNK: int = int(_kda_ext.two_pass_chunk)
 TWO_PASS_FACTOR_BYTES: int = int(_kda_ext.two_pass_factor_bytes)  # one chunk of one chain
-TWO_PASS_WORKSPACE_BUDGET: int = int(_kda_ext.two_pass_workspace_budget)
-two_pass_unsupported = _kda_ext.two_pass_unsupported  # (k, v, packed, gate, lower_bound, plain_inputs,
-#                                                        fp32_states) -> reason or None
-two_pass_window = _kda_ext.two_pass_window  # (chains, chunks) -> chunks a window
-two_pass_workspace_bytes = _kda_ext.two_pass_workspace_bytes  # (chains, chunks, carried_columns) -> bytes
+TWO_PASS_WORKSPACE_BUDGET: int = int(_kda_ext.two_pass_workspace_budget)  # for the factors of a window
+TWO_PASS_MAX_PACKED_SEQUENCES: int = int(_kda_ext.two_pass_max_packed_sequences)
+two_pass_unsupported = _kda_ext.two_pass_unsupported  # (k, v, packed, sequences, gate, lower_bound,
+#                                                        plain_inputs, fp32_states) -> reason or None
+# (sequences, tokens, value_heads, packed, carried_columns) -> dict(window, windows, items, carry, plan, bytes)
+two_pass_layout = _kda_ext.two_pass_layout
 
 
 def cuda_registrations() -> dict:

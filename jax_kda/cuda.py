@@ -53,9 +53,9 @@ def lower_prefill_ffi(ctx, *args, present, opts: KDAOptions, two_pass: bool = Fa
         avals_out.append(jax.core.ShapedArray((0,), np.float32))
     workspace = 0
     if two_pass:
-        b, t, hv, _ = x.v.shape
+        _, t, hv, _ = x.v.shape
         carried = 0 if opts.output_final_state else ctx.avals_out[0].shape[3]  # o's columns: V, or V + K
-        workspace = contract.two_pass_workspace_bytes(b * hv, -(-t // contract.TWO_PASS_CHUNK), carried)
+        workspace = contract.two_pass_layout(x.num_sequences, t, hv, x.cu_seqlens is not None, carried)["bytes"]
     avals_out.append(jax.core.ShapedArray((workspace,), np.uint8))
 
     rule = jax.ffi.ffi_lowering(contract.PREFILL_TARGET)

@@ -73,7 +73,7 @@ def choose_path(x: KDAOperands, opts: KDAOptions, platform: str) -> Path:
     plan = kernel_plan(x, opts)
     if plan.pieces > 1 and x.cu_seqlens is not None:
         return Path(CUDA, "the kernels take this call (a packed batch: its sequences are cut where the device "
-                          "finds one long enough)", pieces=plan.pieces)
+                          "finds one long enough)", pieces=plan.pieces, two_pass=plan.two_pass)
     if plan.two_pass:
         return Path(CUDA, "the two-pass kernel takes this call" + (" (its segments)" if plan.pieces > 1 else "")
                     + ", and the cost model finds it faster than the chunk-16 kernel", pieces=plan.pieces,
@@ -150,15 +150,18 @@ def kernel_unsupported_reason(x: KDAOperands, opts: KDAOptions) -> str | None:
     return _not_hopper()
 
 
-def two_pass_unsupported_reason(x: KDAOperands, opts: KDAOptions, segment_prefill: bool = False) -> str | None:
+def two_pass_unsupported_reason(x: KDAOperands, opts: KDAOptions, packed_segments: int | None = None) -> str | None:
     """Why the two-pass kernel cannot run a call the kernels take (the chunk-16 kernel then runs it), or
-    None if it can (contract.two_pass_unsupported on the call's shapes, gate and dtypes). `segment_prefill`:
-    the prefill of the call's segments instead (`jax_kda.segments`: no initial state, fp32 final states)."""
+    None if it can (contract.two_pass_unsupported on the call's shapes, gate and dtypes). `packed_segments`:
+    the prefill of the call's segments instead (`jax_kda.segments`: no initial state, fp32 final states),
+    packed as that many sequences (0: not packed)."""
+    segment_prefill = packed_segments is not None
     states = [x.initial_state.dtype] if x.initial_state is not None and not segment_prefill else []
     if opts.output_final_state and not segment_prefill:
         states.append(jnp.dtype(opts.final_state_dtype))
+    packed = bool(packed_segments) if segment_prefill else x.cu_seqlens is not None
     return contract.two_pass_unsupported(
-        x.q.shape[3], x.v.shape[3], x.cu_seqlens is not None,
+        x.q.shape[3], x.v.shape[3], packed, packed_segments if segment_prefill else x.num_sequences,
         contract.GATE_CODES[opts.gate], float(opts.lower_bound if opts.lower_bound is not None else 0.0),
         x.g.dtype == jnp.bfloat16 and x.beta.dtype == jnp.bfloat16, all(d == jnp.float32 for d in states))
 
@@ -250,7 +253,7 @@ def _kernel_seconds(sequences, tokens, value_heads, width, multiprocessors, card
 
 def _two_pass_seconds(sequences, tokens, value_heads, transition, multiprocessors, card: CardFigures) -> float:
     chains, chunks = sequences * value_heads, -(-tokens // contract.TWO_PASS_CHUNK)
-    windows = -(-chunks // max(contract.two_pass_window(chains, chunks), 1))
+    windows = contract.two_pass_layout(sequences, tokens, value_heads, False, 0)["windows"]
     waves = -(-chains * (2 if transition else 1) // multiprocessors)  # a state-pass CTA a multiprocessor
     return (chains * chunks * card.factor_seconds / multiprocessors + waves * chunks * card.state_seconds
             + max(windows - 1, 0) * card.window_seconds)
@@ -280,10 +283,13 @@ def planned(x: KDAOperands, opts: KDAOptions, pieces: int) -> KernelPlan:
     if pieces == 1:
         sequences, transition, two_pass_takes = b, opts.transition_columns, two_pass_unsupported_reason(x, opts) is None
         correction_s = 0.0
-    else:  # equal segments run as a batch of B x pieces sequences (the two-pass kernel takes those); others packed
+    else:  # equal segments run as a batch of B x pieces sequences; others packed
         sequences, transition = (1 if x.cu_seqlens is not None else b) * pieces, True
-        two_pass_takes = (x.cu_seqlens is None and segments.equal_segments(t, pieces)
-                          and two_pass_unsupported_reason(x, opts, segment_prefill=True) is None)
+        if x.cu_seqlens is not None:
+            packed_segments = segments.packed_segments(x.num_sequences, t, pieces)
+        else:
+            packed_segments = 0 if segments.equal_segments(t, pieces) else b * pieces
+        two_pass_takes = two_pass_unsupported_reason(x, opts, packed_segments) is None
         # The correction reads o with its transition columns and writes o; a call with transition columns
         # (context parallelism) is not corrected.
         correction_s = 0.0 if opts.transition_columns else b * t * hv * (2 * vd + kd) * 2 / card.bandwidth
@@ -301,7 +307,7 @@ def kernel_plan(x: KDAOperands, opts: KDAOptions) -> KernelPlan:
     Packed sequences (`cu_seqlens`, whose lengths only the device knows) are planned as one sequence
     of all T tokens: the plan is to cut every sequence every T / pieces tokens, and the device takes
     it when its longest sequence is long enough (`segments.split_packed_prefill_where_long`); they run
-    on the chunk-16 kernel.
+    on either kernel.
 
     With `opts.transition_columns` the call already pays for them (context parallelism), so only the
     kernel time counts."""
@@ -320,7 +326,7 @@ def kernel_plan(x: KDAOperands, opts: KDAOptions) -> KernelPlan:
     if plan.seconds >= WORTH_IT * uncut.seconds:
         return uncut
     if x.cu_seqlens is not None:
-        summaries = (x.num_sequences + plan.pieces) * hv * kd * (vd + kd) * 4  # at most, fp32
+        summaries = segments.packed_segments(x.num_sequences, t, plan.pieces) * hv * kd * (vd + kd) * 4  # fp32
         return plan if summaries <= _MAX_SUMMARY_BYTES else uncut
     return plan
 

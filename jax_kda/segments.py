@@ -170,6 +170,12 @@ class PackedCut(NamedTuple):
     last: jax.Array  # [N] int32: each sequence's last segment
 
 
+def packed_segments(sequences: int, tokens: int, pieces: int) -> int:
+    """The segments (a static count, padded with empty ones) of `sequences` packed sequences of `tokens`
+    tokens in all, each cut every T / `pieces` tokens (`segment_bounds`' step)."""
+    return sequences + -(-tokens // segment_bounds(tokens, pieces)[1])
+
+
 def cut_packed(cu_seqlens: jax.Array, tokens: int, step: int, max_segments: int) -> PackedCut:
     """Each sequence of `cu_seqlens` (N + 1 offsets into `tokens`) cut every `step` tokens, as
     `max_segments` segments (at least N + tokens // step)."""
@@ -221,9 +227,7 @@ def split_packed_prefill(x: KDAOperands, opts: KDAOptions, run, pieces: int, cor
     tokens (whole chunks), all segments run at once through `run`; returns `(o, final_state or None)`
     as the uncut prefill would. `correct(o_aug, entries, cu)` is `correct_packed_xla` or a kernel."""
     t, vd, kd = x.q.shape[1], x.v.shape[3], x.q.shape[3]
-    n = x.num_sequences
-    step = segment_bounds(t, pieces)[1]
-    cut = cut_packed(x.cu_seqlens, t, step, n + -(-t // step))
+    cut = cut_packed(x.cu_seqlens, t, segment_bounds(t, pieces)[1], packed_segments(x.num_sequences, t, pieces))
     o_aug, final = run(x._replace(cu_seqlens=cut.cu, initial_state=None), _summary_opts(opts))
     # An empty segment (an empty sequence, or the padding) leaves the state as it was.
     empty = (cut.cu[1:] == cut.cu[:-1])[:, None, None, None]

@@ -1,10 +1,10 @@
-"""A small packed KDA prefill (the chunk-16 kernel), one of equal-length sequences with the bounded gate
-(the two-pass kernel), one long sequence cut into segments for the two-pass kernel (its transition
-columns), or a decode step, through the CUDA kernels, run in a child process by test_cuda.py and
-test_decode_cuda.py (under compute-sanitizer, or with XLA's CUDA graphs switched on through XLA_FLAGS).
+"""A small KDA call through the CUDA kernels, run in a child process by test_cuda.py and
+test_decode_cuda.py (under compute-sanitizer, or with XLA's CUDA graphs switched on through XLA_FLAGS):
+`run` / `check` a packed prefill with the softplus gate (the chunk-16 kernel); with the bounded gate (the
+two-pass kernel) `-two-pass` sequences of equal length, `-two-pass-packed` the packed one, `-two-pass-cut`
+one long sequence cut into segments (its transition columns); `-decode` a decode step.
 
-`run`, `run-two-pass`, `run-two-pass-cut`, `run-decode`: the call alone. `check`, `check-two-pass`,
-`check-two-pass-cut`, `check-decode`: several jitted calls, compared with the XLA path; prints "ok".
+`run...`: the call alone. `check...`: several jitted calls, compared with the XLA path; prints "ok".
 """
 
 import sys
@@ -48,11 +48,12 @@ def decode(impl):
 
 decoding = sys.argv[1].endswith("decode")
 if "two-pass" in sys.argv[1]:
-    # Two sequences of 70 tokens (a partial last chunk of 32); or one of 2048, cut into segments.
-    B, T = (1, 2048) if sys.argv[1].endswith("cut") else (2, 70)
-    args = (bf(B, T, H, K), bf(B, T, H, K), bf(B, T, HV, V), bf(B, T, HV, K), bf(B, T, HV))
-    del kwargs["cu_seqlens"]
-    kwargs.update(lower_bound=-5.0, initial_state=kwargs["initial_state"][:B])
+    kwargs["lower_bound"] = -5.0
+    if not sys.argv[1].endswith("packed"):  # two sequences of 70 tokens (a partial last chunk of 32), or one of 2048
+        B, T = (1, 2048) if sys.argv[1].endswith("cut") else (2, 70)
+        args = (bf(B, T, H, K), bf(B, T, H, K), bf(B, T, HV, V), bf(B, T, HV, K), bf(B, T, HV))
+        del kwargs["cu_seqlens"]
+        kwargs["initial_state"] = kwargs["initial_state"][:B]
     path = prefill_path(*args, **kwargs)
     assert "two-pass" in path and ("segments" in path) == sys.argv[1].endswith("cut"), path
 elif decoding:

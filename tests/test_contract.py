@@ -94,24 +94,43 @@ def test_kernel_reasons_come_from_the_contract(monkeypatch):
 
 
 def test_two_pass_workspace_is_bounded_and_carries_the_state_without_a_final_state():
-    chains, chunks = 96, 256  # case A: 767 MB of factors in one window, more than the budget
-    window = contract.two_pass_window(chains, chunks)
-    assert 1 <= window < chunks
-    assert chains * window * contract.TWO_PASS_FACTOR_BYTES <= contract.TWO_PASS_WORKSPACE_BUDGET
-    assert contract.two_pass_window(4, 3) == 3  # what fits runs in one window
-    assert contract.two_pass_window(10**6, 5) == 1  # and a window holds one chunk at least
-    assert contract.two_pass_window(0, 5) == 0 and contract.two_pass_workspace_bytes(4, 0, 128) == 0
-    factors = contract.two_pass_workspace_bytes(chains, chunks, 0)
-    assert contract.two_pass_workspace_bytes(chains, chunks, 128) - factors == chains * 128 * 128 * 4  # fp32 states
-    assert contract.two_pass_workspace_bytes(chains, chunks, 256) - factors == chains * 128 * 256 * 4  # + transitions
+    layout = lambda sequences, tokens, heads, carried=0, packed=False: contract.two_pass_layout(
+        sequences, tokens, heads, packed, carried)
+    chains, tokens = 96, 8192  # case A: 767 MB of factors in one window, more than the budget
+    chunks = tokens // contract.TWO_PASS_CHUNK
+    a = layout(1, tokens, chains)
+    assert 1 <= a["window"] < chunks and a["windows"] == -(-chunks // a["window"])
+    assert a["carry"] == chains * a["window"] * contract.TWO_PASS_FACTOR_BYTES <= contract.TWO_PASS_WORKSPACE_BUDGET
+    assert a["bytes"] == a["carry"]  # the final state carries the state between windows
+    assert layout(1, 96, 4)["window"] == 3 and layout(1, 96, 4)["windows"] == 1  # what fits runs in one window
+    assert layout(1, 160, 10**6)["window"] == 1  # and a window holds one chunk at least
+    assert layout(0, 160, 4)["bytes"] == 0 and layout(4, 0, 4)["bytes"] == 0  # nothing to run
+    assert layout(1, tokens, chains, 128)["bytes"] - a["bytes"] == chains * 128 * 128 * 4  # fp32 states
+    assert layout(1, tokens, chains, 256)["bytes"] - a["bytes"] == chains * 128 * 256 * 4  # + transitions
     assert contract.TWO_PASS_CHUNK == 32
+    assert contract.TWO_PASS_MAX_PACKED_SEQUENCES == 64  # the message below names it
+
+
+def test_two_pass_workspace_of_packed_sequences_holds_their_plan():
+    sequences, tokens, heads = 6, 8192, 96  # case C: 24,864 items at most, two windows
+    p = contract.two_pass_layout(sequences, tokens, heads, True, 0)
+    items = heads * (tokens // contract.TWO_PASS_CHUNK + sequences)  # each sequence may end in a partial chunk
+    assert p["items"] == items and p["window"] * contract.TWO_PASS_FACTOR_BYTES <= contract.TWO_PASS_WORKSPACE_BUDGET
+    assert p["windows"] == -(-items // p["window"]) == 2
+    assert p["plan"] == p["carry"] == p["window"] * contract.TWO_PASS_FACTOR_BYTES
+    assert p["bytes"] - p["plan"] == items * 12 + (sequences * heads + 2) * 4  # (chain, chunk), item of; chains
+    small = contract.two_pass_layout(3, 100, 2, True, 128)  # one window of every item
+    assert small["window"] == small["items"] == 2 * (4 + 3) and small["windows"] == 1
+    assert small["plan"] - small["carry"] == 3 * 2 * 128 * 128 * 4
 
 
 @pytest.mark.parametrize("change,words", [
     (dict(), None),
     (dict(head_dim_k=64, head_dim_v=64), "K = V = 128"),
     (dict(head_dim_v=256), "K = V = 128"),
-    (dict(packed=True), "equal length"),
+    (dict(packed=True, sequences=64), None),
+    (dict(packed=True, sequences=65), "at most 64 packed sequences"),
+    (dict(packed=False, sequences=1000), None),
     (dict(gate="softplus"), "bounded gate"),
     (dict(lower_bound=-5.5), "lower_bound >= -5"),
     (dict(lower_bound=float("nan")), "lower_bound >= -5"),
@@ -119,7 +138,7 @@ def test_two_pass_workspace_is_bounded_and_carries_the_state_without_a_final_sta
     (dict(fp32_states=False), "float32 states"),
 ])
 def test_two_pass_kernel_takes_what_the_contract_says(change, words):
-    call = dict(head_dim_k=128, head_dim_v=128, packed=False, gate="bounded",
+    call = dict(head_dim_k=128, head_dim_v=128, packed=False, sequences=1, gate="bounded",
                 lower_bound=-5.0, plain_inputs=True, fp32_states=True)
     call.update(change)
     call["gate"] = contract.GATE_CODES[call["gate"]]

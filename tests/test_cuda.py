@@ -61,10 +61,9 @@ def test_two_pass_kernel_lowers_with_its_workspace(monkeypatch, output_final_sta
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
     assert len(calls) == 1 and "two_pass = true" in calls[0], calls
-    chunks = T // contract.TWO_PASS_CHUNK
-    window = contract.two_pass_window(H, chunks)
-    assert 1 < window < chunks
-    factors = H * window * contract.TWO_PASS_FACTOR_BYTES
+    layout = contract.two_pass_layout(1, T, H, False, 0)
+    assert layout["windows"] > 1
+    factors = H * layout["window"] * contract.TWO_PASS_FACTOR_BYTES
     assert factors <= contract.TWO_PASS_WORKSPACE_BUDGET
     carry = 0 if output_final_state else H * K * K * 4  # the state between windows, when no final state is kept
     assert f"tensor<{factors + carry}xui8>" in calls[0]
@@ -99,7 +98,7 @@ def test_few_long_sequences_cut_for_the_two_pass_kernel_lower_with_its_workspace
     assert "transition_columns = true" in calls[0] and "two_pass = true" in calls[0]
     assert f"tensor<8x{T // 8}x{H}x{2 * K}xbf16>" in calls[0]
     chunks = T // 8 // contract.TWO_PASS_CHUNK
-    assert contract.two_pass_window(8 * H, chunks) == chunks  # one window; the final state carries nothing
+    assert contract.two_pass_layout(8, T // 8, H, False, 0)["windows"] == 1  # the final state carries nothing
     assert f"tensor<{8 * H * chunks * contract.TWO_PASS_FACTOR_BYTES}xui8>" in calls[0]
     assert f"@{contract.SEGMENT_CORRECT_TARGET}(" in calls[1]
 
@@ -408,6 +407,7 @@ TWO_PASS_FEATURES = [
     dict(), dict(l2norm=False), dict(beta_sigmoid=False), dict(allow_neg_eigval=True), dict(scale=0.3),
     dict(initial_state=None), dict(output_final_state=False), dict(initial_state=None, output_final_state=False),
     dict(use_A_log=False, dt_bias=None), dict(HV=4), dict(lower_bound=-1.0), dict(state_v_first=True),
+    dict(seqlens=[5, 0, 40, 1, 17]), dict(seqlens=[64, 33], HV=4, state_v_first=True, output_final_state=False),
 ]
 
 
@@ -436,7 +436,19 @@ def test_two_pass_windows(case, two_pass, output_final_state):
     # 96 chains x 188 chunks of factors exceed the workspace budget: two windows, the state carried from
     # one to the next in the final state (or, when none is kept, in the workspace).
     c = case(**{**TWO_PASS_CALL, "B": 1, "T": 6000, "H": 48, "HV": 96, "output_final_state": output_final_state})
-    assert contract.two_pass_window(96, -(-6000 // contract.TWO_PASS_CHUNK)) < -(-6000 // contract.TWO_PASS_CHUNK)
+    assert contract.two_pass_layout(1, 6000, 96, False, 0)["windows"] == 2
+    assert takes_two_pass(c)
+    check_against_oracle(c)
+
+
+@gpu
+@needs_kernels
+@pytest.mark.parametrize("output_final_state", [True, False])
+def test_two_pass_packed_windows(case, two_pass, output_final_state):
+    # 96 x (125 + 63 + 1 + 4 + 3) items at most: two windows of the chunk-major order; an empty sequence.
+    c = case(**{**TWO_PASS_CALL, "seqlens": [4000, 2000, 0, 100], "H": 48, "HV": 96,
+                "output_final_state": output_final_state})
+    assert contract.two_pass_layout(4, 6100, 96, True, 0)["windows"] == 2
     assert takes_two_pass(c)
     check_against_oracle(c)
 
@@ -533,19 +545,26 @@ def test_transition_columns_in_the_kernel(case, rng):
 
 @gpu
 @needs_kernels
-@pytest.mark.parametrize("shape", [dict(B=3, T=300), dict(B=1, T=6000, H=48, HV=96)], ids=repr)  # 1 and 2 windows
+@pytest.mark.parametrize("shape", [
+    dict(B=3, T=300), dict(B=1, T=6000, H=48, HV=96),  # one window and two
+    dict(seqlens=[5, 0, 33, 16, 300]), dict(seqlens=[4000, 2000, 0, 100], H=48, HV=96),  # packed: 1 and 2
+], ids=repr)
 @pytest.mark.parametrize("state_v_first", [False, True])
 def test_transition_columns_on_the_two_pass_kernel(case, rng, two_pass, shape, state_v_first):
     c = case(**{**TWO_PASS_CALL, "initial_state": None, "state_v_first": state_v_first, **shape})
-    check_transition_columns(c, rng, [c.args[0].shape[1]] * c.args[0].shape[0], two_pass=True)
+    lengths = shape.get("seqlens") or [c.args[0].shape[1]] * c.args[0].shape[0]
+    check_transition_columns(c, rng, lengths, two_pass=True)
 
 
 @gpu
 @needs_kernels
-@pytest.mark.parametrize("features", [dict(), dict(state_v_first=True, initial_state="bfloat16", HV=4)], ids=repr)
+@pytest.mark.parametrize("features", [
+    dict(B=1, T=4096), dict(B=1, T=4096, state_v_first=True, initial_state="bfloat16", HV=4),
+    dict(B=1, T=4000), dict(seqlens=[3000, 5, 0, 1, 700]),  # segments of unequal lengths, packed
+], ids=repr)
 def test_cut_sequences_on_the_two_pass_kernel(case, features):
-    # 2 heads of 4096 tokens: cut into segments of one length, run as sequences on the two-pass kernel.
-    c = case(**{**TWO_PASS_CALL, "B": 1, "T": 4096, **features})
+    # Few heads of a few thousand tokens: cut into segments, run as sequences on the two-pass kernel.
+    c = case(**{**TWO_PASS_CALL, **features})
     described = jax_kda.prefill_path(*c.args, impl="cuda", **c.kwargs)
     assert "two-pass" in described and "segments" in described, described
     check_against_oracle(c)
@@ -554,9 +573,10 @@ def test_cut_sequences_on_the_two_pass_kernel(case, features):
 SCRIPT = os.path.join(os.path.dirname(__file__), "gpu_small_case.py")
 
 
-# The chunk-16 kernel (a packed call) and the two-pass kernel's two passes (a call of equal lengths, and
-# one cut into segments: the transition slice).
-SMALL_CALLS = [("", "kda_prefill_kernel"), ("-two-pass", "pass_kernel"), ("-two-pass-cut", "pass_kernel")]
+# The chunk-16 kernel (a packed call) and the two-pass kernel (a call of equal lengths, a packed one with
+# its plan, and one cut into segments: the transition slice).
+SMALL_CALLS = [("", "kda_prefill_kernel"), ("-two-pass", "pass_kernel"), ("-two-pass-packed", "_kernel"),
+               ("-two-pass-cut", "pass_kernel")]
 
 
 @gpu

@@ -67,15 +67,18 @@ struct Launcher {
     for (int len : d.seqlens) items += size_t(chunks_in(len)) * d.shape.heads;
     return items;
   }
+  // A window's items (packed: at most; the plan on the device has the exact count).
   static size_t items_in(const DeviceProblem &d, const Window &w) {
-    return w.prefix != nullptr ? size_t(w.items) : chains_of(d) * w.count;
+    return w.is_packed() ? size_t(w.count) : chains_of(d) * w.count;
   }
 
-  // The windows of `window` chunks per chain (0: one window of all), with the per-chain item prefixes
-  // of packed problems on the device; kept for the last problem and window size asked.
+  // The windows of `window` chunks per chain (0: one window of all; packed: of as many items as
+  // `window` chunks of every chain), with packed problems' plan on the device (plan_packed_kernel);
+  // kept for the last problem and window size asked.
   std::vector<Window> plan;
-  int *prefixes = nullptr;
-  size_t prefix_capacity = 0;  // ints
+  PackedItems packed_plan;
+  uint8_t *plan_buffer = nullptr;
+  size_t plan_capacity = 0;  // bytes
   std::vector<int> planned_lengths;
   int planned_tokens = -1, planned_heads = -1, planned_window = -1;
   const std::vector<Window> &windows(const DeviceProblem &d, int window = 0) {
@@ -84,35 +87,40 @@ struct Launcher {
     if (planned_lengths == d.seqlens && planned_tokens == d.shape.tokens && planned_heads == d.shape.heads &&
         planned_window == window)
       return plan;
-    KN_CHECK(cudaDeviceSynchronize());  // launches of the last plan may still read its prefixes
+    KN_CHECK(cudaDeviceSynchronize());  // launches of the last plan may still read it
     plan.clear();
-    std::vector<int> host;
-    for (int first = 0; first < chunks || (first == 0 && chunks == 0); first += window) {
-      Window w{first, std::max(0, std::min(window, chunks - first))};
-      if (d.packed()) {  // prefix offsets into `prefixes`, patched below once the buffer exists
-        w.items = int(host.size());
-        int running = 0;
-        for (int len : d.seqlens)
-          for (int h = 0; h < d.shape.heads; ++h) {
-            host.push_back(running);
-            running += std::max(0, std::min(w.count, chunks_in(len) - first));
-          }
-        host.push_back(running);
+    if (d.packed()) {  // the library's plan: items in chunk-major order, windows of `capacity` items
+      const int sequences = d.sequences(), heads = d.shape.heads, chains = sequences * heads;
+      const size_t bound = size_t(heads) * (chunks_in(d.shape.tokens) + sequences);  // items at most
+      const size_t bytes = bound * (sizeof(int2) + sizeof(int)) + (chains + 2) * sizeof(int);
+      if (bytes > plan_capacity) {
+        if (plan_buffer != nullptr) KN_CHECK(cudaFree(plan_buffer));
+        KN_CHECK(cudaMalloc(&plan_buffer, bytes));
+        plan_capacity = bytes;
       }
-      plan.push_back(w);
-      if (chunks == 0) break;
-    }
-    if (d.packed()) {
-      if (host.size() > prefix_capacity) {
-        if (prefixes != nullptr) KN_CHECK(cudaFree(prefixes));
-        KN_CHECK(cudaMalloc(&prefixes, host.size() * sizeof(int)));
-        prefix_capacity = host.size();
+      packed_plan.chain_chunk = reinterpret_cast<int2 *>(plan_buffer);
+      packed_plan.item_of = reinterpret_cast<int *>(plan_buffer + bound * sizeof(int2));
+      packed_plan.chain_first = packed_plan.item_of + bound;
+      packed_plan.items = packed_plan.chain_first + chains + 1;
+      const int pairs = chunks_in(d.shape.tokens) + sequences;
+      plan_packed_kernel<<<(pairs + kPlanThreads - 1) / kPlanThreads, kPlanThreads>>>(d.cu, sequences, heads,
+                                                                                     packed_plan);
+      KN_CHECK(cudaGetLastError());
+      const int capacity = int(std::min<size_t>(bound, size_t(chains) * window));
+      for (size_t first = 0; first < bound; first += capacity) {
+        Window w;
+        w.first = int(first);
+        w.count = capacity;
+        w.packed = packed_plan;
+        plan.push_back(w);
       }
-      KN_CHECK(cudaMemcpy(prefixes, host.data(), host.size() * sizeof(int), cudaMemcpyHostToDevice));
-      for (Window &w : plan) {
-        const int at = w.items;
-        w.prefix = prefixes + at;
-        w.items = host[at + chains_of(d)];
+    } else {
+      for (int first = 0; first < chunks || (first == 0 && chunks == 0); first += window) {
+        Window w;
+        w.first = first;
+        w.count = std::max(0, std::min(window, chunks - first));
+        plan.push_back(w);
+        if (chunks == 0) break;
       }
     }
     planned_lengths = d.seqlens;

@@ -141,6 +141,9 @@ CHUNK32_HD int valid_tokens(int chunk, int tokens) {
 // (ex2 + lg2); the log-decay given.
 enum class GateMath { kTanh, kExp2Reciprocal, kSoftplus, kLogDecay };
 
+// Packed sequences the two-pass plan takes (two_pass.cuh: it keeps their chunk counts in shared memory).
+constexpr int kMaxPackedSequences = 64;
+
 struct FusedParams {
   int batch, tokens, heads;        // B, T, HV (value heads; K = V = 128)
   int group = 1;                   // value heads per q/k head: q, k have heads / group heads

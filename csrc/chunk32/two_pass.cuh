@@ -52,35 +52,80 @@ CHUNK32_HD ItemRange items_of(int cta, int ctas, int items) {
   return ItemRange{first, first + per + (cta < extra ? 1 : 0)};
 }
 
-// A window: chunks [first, first + count) of every chain. The passes run window by window so that the
-// factor buffer holds one window (bounded workspace, and small enough to be read back from the L2);
-// the state crosses windows through the final-state buffer (fp32), which the next window's state pass
-// reads as its initial state.
-struct Window {
-  int first, count;
-  // Packed sequences: the exclusive prefix over chains of their items in this window (a chain's chunks
-  // past its end are not items), [chains + 1], and the items in all; nullptr: count items a chain.
-  const int *prefix = nullptr;
-  int items = 0;
+// Packed sequences (FusedParams::cu_seqlens; their lengths only on the device): the items in chunk-major
+// order (chunk j of every sequence that has one, sequence by sequence, each one's heads in order), so
+// that a window, a range of that order, holds a band of chunks of every chain that is that long: the
+// state pass still runs every chain at once, and the windows' items are as many as their factors fill.
+// Written on the device by plan_packed_kernel.
+struct PackedItems {
+  int2 *chain_chunk = nullptr;  // [item]: (chain, chunk) of each item; nullptr: not packed
+  int *item_of = nullptr;       // chain c's chunk j is item item_of[chain_first[c] + j]
+  int *chain_first = nullptr;   // [chains + 1]: chain-major offsets of the chains' chunks
+  int *items = nullptr;         // [1]: the items in all
 };
 
-// Item `item` of window `w` (chain-major: the chain's chunks in order): its chain and chunk.
+// A window of the passes: not packed, chunks [first, first + count) of every chain; packed, items
+// [first, first + count) of the chunk-major order. The passes run window by window so that the factor
+// buffer holds one window (bounded workspace, and small enough to be read back from the L2); the state
+// crosses windows through the final-state buffer (fp32), which the next window's state pass reads as
+// its initial state. A window's factors sit at the item's index in the window (chain-major when not packed).
+struct Window {
+  int first = 0, count = 0;
+  PackedItems packed;
+  CHUNK32_HD bool is_packed() const { return packed.chain_chunk != nullptr; }
+};
+
+// Item `item` of window `w`: its chain and chunk.
 struct ItemPlace {
   Chain chain;
   int chunk;
 };
 __device__ __forceinline__ ItemPlace place_of(const FusedParams &p, const Window &w, int item) {
-  if (w.prefix == nullptr) return {chain_of(item / w.count, p.heads, p.tokens, p.group), w.first + item % w.count};
-  int lo = 0, hi = p.sequences * p.heads;  // the last chain whose prefix is <= item (chains without items skipped)
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    if (w.prefix[mid] <= item) {
-      lo = mid;
-    } else {
-      hi = mid;
+  if (!w.is_packed()) return {chain_of(item / w.count, p.heads, p.tokens, p.group), w.first + item % w.count};
+  const int2 at = w.packed.chain_chunk[w.first + item];
+  return {packed_chain_of(at.x, p.heads, p.cu_seqlens, p.group), at.y};
+}
+// The items of window `w` (packed: read from the plan).
+__device__ __forceinline__ int items_in(const FusedParams &p, const Window &w) {
+  if (!w.is_packed()) return p.batch * p.heads * w.count;
+  return max(0, min(w.count, *w.packed.items - w.first));
+}
+
+// The plan of packed sequences: one thread per (sequence, chunk) pair, for all the pair's heads. Item
+// (j, n, h) = heads x (the chunks below j of all sequences + the sequences before n that reach j) + h.
+constexpr int kPlanThreads = 256;
+__global__ void __launch_bounds__(kPlanThreads)
+    plan_packed_kernel(const int *cu_seqlens, int sequences, int heads, PackedItems plan) {
+  __shared__ int chunks[kMaxPackedSequences], start[kMaxPackedSequences + 1];
+  for (int n = threadIdx.x; n < sequences; n += blockDim.x) {
+    chunks[n] = max(0, (cu_seqlens[n + 1] - cu_seqlens[n] + kChunk - 1) / kChunk);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    start[0] = 0;
+    for (int n = 0; n < sequences; ++n) start[n + 1] = start[n] + chunks[n];
+  }
+  __syncthreads();
+  const int pairs = start[sequences];
+  for (int pair = blockIdx.x * blockDim.x + threadIdx.x; pair < pairs; pair += gridDim.x * blockDim.x) {
+    int n = 0;
+    while (start[n + 1] <= pair) ++n;  // the pair's sequence (empty ones skipped)
+    const int j = pair - start[n];
+    int below = 0;
+    for (int m = 0; m < sequences; ++m) below += min(chunks[m], j) + (m < n && chunks[m] > j ? 1 : 0);
+    for (int h = 0; h < heads; ++h) {
+      const int item = heads * below + h;
+      plan.chain_chunk[item] = make_int2(n * heads + h, j);
+      plan.item_of[heads * start[n] + h * chunks[n] + j] = item;
     }
   }
-  return {packed_chain_of(lo, p.heads, p.cu_seqlens, p.group), w.first + item - w.prefix[lo]};
+  if (blockIdx.x == 0) {
+    for (int c = threadIdx.x; c <= sequences * heads; c += blockDim.x) {
+      const int n = c / heads;
+      plan.chain_first[c] = heads * start[n] + (n < sequences ? (c % heads) * chunks[n] : 0);
+    }
+    if (threadIdx.x == 0) *plan.items = heads * pairs;
+  }
 }
 
 // Pass 2's optional second slice of each chain: K transition columns, the chain run again with v = 0
@@ -201,8 +246,7 @@ __global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
   }
   __syncthreads();
   // Items: (chain, chunk) of the window (place_of); the factors at the item's index.
-  const int items = w.prefix != nullptr ? w.items : p.batch * p.heads * w.count;
-  const ItemRange range = items_of(blockIdx.x, gridDim.x, items);
+  const ItemRange range = items_of(blockIdx.x, gridDim.x, items_in(p, w));
   FactorGroup<kGate, kL2Norm, kBetaSigmoid> fg;
   fg.base = smem - (kRawSlots - kSlots) * kRawSlotBytes;  // the group's scratch right after the slots in use
   fg.group = 0;
@@ -289,18 +333,49 @@ struct RingBarriers {
   uint64_t *empty;  // [kPassStages]: the state warpgroups are done with it (kStateThreads arrivals)
 };
 
-// Lane 0 of the loader warp: chunk c's factors (one bulk copy) and V (two boxes) into stage c % kPassStages.
-// Lane 0 of the loader warp: the chain's `count` chunks from `first`, their factors from item `factor0` on.
+// A chain's part of a window: its chunks [first, first + count), and where their factors sit.
+struct ChainWindow {
+  int first, count;
+  size_t factor0;                // not packed: the i-th chunk's factors at factor0 + i
+  const int *items = nullptr;    // packed: its items (the i-th chunk's at items[i] - item0)
+  int item0 = 0;
+  __device__ __forceinline__ size_t factor_of(int i) const {
+    return items != nullptr ? size_t(items[i] - item0) : factor0 + i;
+  }
+};
+
+// The first of `count` increasing values at or past `value` (its index; count if none).
+__device__ __forceinline__ int lower_bound(const int *values, int count, int value) {
+  int lo = 0, hi = count;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (values[mid] < value) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+__device__ __forceinline__ ChainWindow chain_window(const Window &w, const Chain &chain, int index) {
+  if (!w.is_packed()) return {w.first, max(0, min(w.count, chain.chunks - w.first)), size_t(index) * w.count};
+  const int *items = w.packed.item_of + w.packed.chain_first[index];
+  const int first = lower_bound(items, chain.chunks, w.first);
+  return {first, lower_bound(items, chain.chunks, w.first + w.count) - first, 0, items + first, w.first};
+}
+
+// Lane 0 of the loader warp: the chain's chunks of the window, each one's factors (one bulk copy) and V
+// (two boxes) into stage i % kPassStages.
 __device__ void run_loader(const TensorMaps &maps, const uint8_t *factors, uint8_t *smem,
-                           const RingBarriers &bars, const Chain &chain, size_t factor0, int first, int count,
-                           bool load_v) {
-  for (int i = 0; i < count; ++i) {  // the window's i-th chunk of the chain, first + i
+                           const RingBarriers &bars, const Chain &chain, const ChainWindow &cw, bool load_v) {
+  for (int i = 0; i < cw.count; ++i) {  // the window's i-th chunk of the chain, cw.first + i
     const int s = ring_stage(i);
     uint8_t *stage = smem + s * kStBytes;
     if (i >= kPassStages) mbarrier_wait(&bars.empty[s], ring_parity(i - kPassStages));
-    if (load_v) issue_v_loads(maps, chain, first + i, stage, &bars.full[s]);  // expects its bytes; arrival next
+    if (load_v) issue_v_loads(maps, chain, cw.first + i, stage, &bars.full[s]);  // expects its bytes; arrival next
     mbarrier_arrive_expect_bytes(&bars.full[s], kPassFactorBytes);
-    bulk_copy_to_shared(stage, factors + (factor0 + i) * kFactorPitch, kPassFactorBytes, &bars.full[s]);
+    bulk_copy_to_shared(stage, factors + cw.factor_of(i) * kFactorPitch, kPassFactorBytes, &bars.full[s]);
   }
 }
 
@@ -329,6 +404,12 @@ __device__ void run_state(const FusedParams &p, uint8_t *smem, const RingBarrier
 __global__ void __launch_bounds__(kStateCtaThreads, 1)
     state_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
                       const uint8_t *factors, Window w, TransitionOutputs tr) {
+  const Chain chain = p.cu_seqlens != nullptr ? packed_chain_of(blockIdx.x, p.heads, p.cu_seqlens, p.group)
+                                               : chain_of(blockIdx.x, p.heads, p.tokens, p.group);
+  const ChainWindow cw = chain_window(w, chain, blockIdx.x);
+  // Nothing of the chain in a later window: its state stays where the last one left it. (The first
+  // window writes every chain's state, from its initial state when none of its chunks is there.)
+  if (cw.count == 0 && w.first > 0) return;
   extern __shared__ uint8_t smem_raw[];
   uint8_t *smem = aligned_smem(smem_raw);
   uint64_t *bar_base = reinterpret_cast<uint64_t *>(smem + kS2Barriers);
@@ -355,17 +436,13 @@ __global__ void __launch_bounds__(kStateCtaThreads, 1)
     fence_barrier_init();
   }
   __syncthreads();
-  const Chain chain = p.cu_seqlens != nullptr ? packed_chain_of(blockIdx.x, p.heads, p.cu_seqlens, p.group)
-                                               : chain_of(blockIdx.x, p.heads, p.tokens, p.group);
-  const int count = max(0, min(w.count, chain.chunks - w.first));  // the chain's chunks in the window
-  const size_t factor0 = w.prefix != nullptr ? size_t(w.prefix[blockIdx.x]) : size_t(blockIdx.x) * w.count;
   // The role as a warp-uniform value (a broadcast): a plain threadIdx test makes ptxas treat the wgmma
   // code as divergent (C7518).
   const int warp = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / 32, 0);
   if (warp < kLoaderWarp) {
-    run_state(q, smem, bars, chain, warp / (kWarpgroupThreads / 32), w.first, count, transition && w.first == 0);
+    run_state(q, smem, bars, chain, warp / (kWarpgroupThreads / 32), cw.first, cw.count, transition && w.first == 0);
   } else if (threadIdx.x % 32 == 0) {
-    run_loader(maps, factors, smem, bars, chain, factor0, w.first, count, !transition);
+    run_loader(maps, factors, smem, bars, chain, cw, !transition);
   }
 }
 
