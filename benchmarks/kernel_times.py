@@ -1,0 +1,85 @@
+"""Where the GPU time of one jax_kda prefill call goes: each kernel's time per call, from the profiler's
+device trace (CUPTI), for bench_prefill.py's cases and inputs.
+
+    python benchmarks/kernel_times.py [--cases IJF] [--gate bounded] [--kernel auto] [--calls 20]
+
+For each case: the path the call takes, the median span of the call's XLA module on the GPU, and per
+kernel name its launches and GPU milliseconds per call (summed over the call, averaged over `--calls`
+back-to-back calls after a warm-up). `--kernel chunk-16` or `two-pass` forces the prefill's kernel
+where the two-pass kernel takes the call (as the tests' fixture does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import tempfile
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch makes the inputs
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench_prefill import CASES, LOWER_BOUND, make_inputs, to_jax  # noqa: E402
+from jax_kda import kda_prefill, paths, prefill_path  # noqa: E402
+
+FUSED = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+             state_v_first=True, output_final_state=True)
+
+
+def device_events(fn, args, calls):
+    """(module spans in ns, {kernel name: [durations in ns]}) of `calls` back-to-back calls on GPU 0."""
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            out = None
+            for _ in range(calls):
+                out = fn(*args)
+            jax.block_until_ready(out)
+        planes = jax.profiler.ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0]).planes
+    spans, kernels = [], collections.defaultdict(list)
+    for plane in planes:
+        if not plane.name.startswith("/device:GPU:0"):
+            continue
+        for line in plane.lines:
+            if line.name == "XLA Modules":
+                spans += [e.duration_ns for e in line.events]
+            elif line.name.startswith("Stream"):
+                for e in line.events:
+                    kernels[e.name].append(e.duration_ns)
+    return spans, kernels
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default="IJF")
+    p.add_argument("--gate", choices=("bounded", "softplus"), default="bounded")
+    p.add_argument("--kernel", choices=("auto", "chunk-16", "two-pass"), default="auto")
+    p.add_argument("--calls", type=int, default=20)
+    args = p.parse_args()
+    if args.kernel != "auto":
+        paths.two_pass_is_faster = lambda *launch: args.kernel == "two-pass"
+    lower_bound = LOWER_BOUND if args.gate == "bounded" else None
+    print(jax.devices()[0].device_kind)
+    for name in args.cases:
+        seqlens, heads, dim = CASES[name]
+        x, cu = make_inputs(seqlens, heads, dim)
+        j = {n: to_jax(t) for n, t in x.items()}
+        jcu = to_jax(cu.int()) if len(seqlens) > 1 else None
+        kwargs = dict(A_log=j["A_log"], dt_bias=j["dt_bias"], initial_state=j["h0"], cu_seqlens=jcu,
+                      lower_bound=lower_bound, **FUSED)
+        qkvgb = [j[n] for n in ("q", "k", "v", "g", "beta")]
+        print(f"\ncase {name}: {prefill_path(*qkvgb, **kwargs)}")
+        fn = jax.jit(lambda *a: kda_prefill(*a, **kwargs))
+        spans, kernels = device_events(fn, qkvgb, args.calls)
+        print(f"module span (median of {len(spans)}): {np.median(spans) * 1e-6:.3f} ms")
+        rows = sorted(kernels.items(), key=lambda item: -sum(item[1]))
+        for kernel, durations in rows:
+            print(f"  {sum(durations) * 1e-6 / args.calls:8.3f} ms  {len(durations) / args.calls:5.1f} launches  "
+                  f"{kernel[:110]}")
+
+
+if __name__ == "__main__":
+    main()
