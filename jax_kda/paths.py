@@ -210,32 +210,40 @@ _MAX_PIECES = 64  # the join in fp32 is as accurate at 64 segments as at 1 (docs
 _MIN_PIECE_TOKENS = 256
 _MAX_SUMMARY_BYTES = 256 << 20  # a packed batch of many sequences is not cut: its summaries would be large
 WORTH_IT = 0.8  # a cut must promise at least 20% less time than the uncut call
-# Piece counts within 5% of the fastest count as fast, and the fewest of them is taken: the model
-# leaves out what more segments cost besides the waves (J measured 6% slower at 32 than at 16).
+# Piece counts within 5% of the fastest count as fast, and the fewest of them is taken (of equal
+# segments first): the model leaves out what more segments cost besides the waves (J measured 6% slower
+# at 32 than at 16 on the chunk-16 kernel).
 _TIE = 0.05
 
 
 class CardFigures(NamedTuple):
     """What the kernel choice and the segment plan know of a GPU: the chunk-16 kernel's figures measured
-    with `benchmarks/sweep_segments.py`, the two-pass kernel's with `benchmarks/kernel_next/run_two_pass.sh`."""
+    with `benchmarks/sweep_segments.py`, the two-pass kernel's with `benchmarks/kernel_next/run_two_pass.sh`,
+    the cut's own costs with `benchmarks/kernel_times.py`."""
 
     chunk_seconds: float  # one 16-token step of a chain whose CTA runs alone
     crowding: float  # the step's relative slow-down when every multiprocessor runs a CTA
-    bandwidth: float  # bytes / s of a copy (the correction streams o)
+    correction_bandwidth: float  # bytes / s the correction kernel moves (it reads o with its columns, writes o)
+    join_seconds: float  # the fold of the segments' summaries and the cut's reshapes (XLA's small kernels)
     factor_seconds: float  # two-pass: one 32-token chunk's factors, per multiprocessor, the GPU full
     state_seconds: float  # two-pass: one 32-token step of a chain's state pass
     window_seconds: float  # two-pass: what each window after the first adds (a factor-pass tail, launches)
 
 
-# By `device_kind`. H200: the chunk-16 figures fitted to the J sweep of 2026-12-02 (2 and 16 segments:
-# 16 CTAs 2.31 us a step, 128 CTAs 3.19 us; docs/PERFLOG.md; they predict cases E and G of the H200
-# benchmark within 4%); the two-pass ones from the prototype's runs of 2026-12-02 (factor pass 3.8-3.9
-# us a chunk a multiprocessor on A and E; state step 1.05 us on E, 1.38 on A; windows of 128 MB: A +15
-# us, E +23 us a window). They predict the prototype's A, E and F within 5%.
-MEASURED_CARDS = {"NVIDIA H200": CardFigures(chunk_seconds=2.19e-6, crowding=0.47, bandwidth=4.2e12,
-                                             factor_seconds=3.8e-6, state_seconds=1.25e-6, window_seconds=2e-5)}
-# Cards not measured: an H100 SXM has the H200's multiprocessors and clocks (its copy bandwidth, 3.0
-# TB/s, only enters the small correction term); the multiprocessor count is always the card's own.
+# By `device_kind`. H200 (docs/PERFLOG.md): the cut's costs from the device trace of cases I, J and F
+# (2026-12-02: the correction kernel 0.232 ms on I's 403 MB, 0.042 on F's 50 MB; XLA's kernels of the
+# join 0.05-0.13 ms a call); the chunk-16 figures fitted to the J sweep of 2026-12-02 with those costs
+# taken off (2 segments 2.27 us a step with 16 CTAs, 16 segments 2.70 us with 128; cases E and G of the
+# H200 benchmark within 3%), plus the 3-4% the non-finite isolation added (the softplus rows of I and J
+# measured after it, 2026-12-02); the two-pass ones from the prototype's runs of 2026-12-02
+# (factor pass 3.8-3.9 us a chunk a multiprocessor; state step 1.05 us on E, 1.38 on A; windows of
+# 128 MB: +15-23 us a window), which the library's kernel matched (A: factor pass 0.710 ms, state
+# pass 0.328 for 24,576 chunks of 96 chains).
+MEASURED_CARDS = {"NVIDIA H200": CardFigures(chunk_seconds=2.28e-6, crowding=0.23, correction_bandwidth=1.7e12,
+                                             join_seconds=1e-4, factor_seconds=3.8e-6, state_seconds=1.25e-6,
+                                             window_seconds=2e-5)}
+# Cards not measured: an H100 SXM has the H200's multiprocessors and clocks (its bandwidth, 3.0 TB/s
+# against 4.8, only enters the correction term); the multiprocessor count is always the card's own.
 _UNMEASURED = MEASURED_CARDS["NVIDIA H200"]
 
 
@@ -292,7 +300,8 @@ def planned(x: KDAOperands, opts: KDAOptions, pieces: int) -> KernelPlan:
         two_pass_takes = two_pass_unsupported_reason(x, opts, packed_segments) is None
         # The correction reads o with its transition columns and writes o; a call with transition columns
         # (context parallelism) is not corrected.
-        correction_s = 0.0 if opts.transition_columns else b * t * hv * (2 * vd + kd) * 2 / card.bandwidth
+        correction_s = 0.0 if opts.transition_columns else (
+            b * t * hv * (2 * vd + kd) * 2 / card.correction_bandwidth + card.join_seconds)
     tokens = -(-t // pieces)
     if two_pass_takes and two_pass_is_faster(sequences, tokens, hv, kd, vd, transition):
         return KernelPlan(pieces, True, _two_pass_seconds(sequences, tokens, hv, transition, sms, card) + correction_s)
@@ -322,7 +331,10 @@ def kernel_plan(x: KDAOperands, opts: KDAOptions) -> KernelPlan:
     if not cuts:
         return uncut
     fastest = min(plan.seconds for plan in cuts)
-    plan = min((plan for plan in cuts if plan.seconds <= fastest * (1 + _TIE)), key=lambda plan: plan.pieces)
+    # Among the fast ones, segments of one length first (not packed: no plan, no longer last segment).
+    equal = lambda plan: x.cu_seqlens is None and segments.equal_segments(t, plan.pieces)
+    plan = min((plan for plan in cuts if plan.seconds <= fastest * (1 + _TIE)),
+               key=lambda plan: (not equal(plan), plan.pieces))
     if plan.seconds >= WORTH_IT * uncut.seconds:
         return uncut
     if x.cu_seqlens is not None:

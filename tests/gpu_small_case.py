@@ -49,8 +49,8 @@ def decode(impl):
 decoding = sys.argv[1].endswith("decode")
 if "two-pass" in sys.argv[1]:
     kwargs["lower_bound"] = -5.0
-    if not sys.argv[1].endswith("packed"):  # two sequences of 70 tokens (a partial last chunk of 32), or one of 2048
-        B, T = (1, 2048) if sys.argv[1].endswith("cut") else (2, 70)
+    if not sys.argv[1].endswith("packed"):  # two sequences of 70 tokens (a partial last chunk of 32), or one of 4096
+        B, T = (1, 4096) if sys.argv[1].endswith("cut") else (2, 70)
         args = (bf(B, T, H, K), bf(B, T, H, K), bf(B, T, HV, V), bf(B, T, HV, K), bf(B, T, HV))
         del kwargs["cu_seqlens"]
         kwargs["initial_state"] = kwargs["initial_state"][:B]

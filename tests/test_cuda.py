@@ -398,6 +398,11 @@ def two_pass(monkeypatch):
     yield from forced_kernel(monkeypatch, "two-pass")
 
 
+@pytest.fixture
+def chunk16(monkeypatch):
+    yield from forced_kernel(monkeypatch, "chunk-16")
+
+
 def takes_two_pass(case):
     return "two-pass" in jax_kda.prefill_path(*case.args, impl="cuda", **case.kwargs)
 
@@ -487,7 +492,7 @@ def lowered_with_segments(case):
     dict(gate="softplus", K=128, V=256, initial_state=None, allow_neg_eigval=True),
     dict(gate="bounded", K=64, V=128, B=2),
 ], ids=repr)
-def test_cut_sequences(case, features):
+def test_cut_sequences(case, chunk16, features):
     c = case(**{**dict(B=1, T=3000, H=2, K=128, V=128, dtype="bfloat16"), **features})
     assert lowered_with_segments(c), "the call was expected to take the segmented path"
     check_against_oracle(c)
@@ -500,7 +505,7 @@ def test_cut_sequences(case, features):
     dict(seqlens=[17, 2500], gate="softplus", HV=4, initial_state="bfloat16", cu_dtype=np.int64),
     dict(seqlens=[0, 2000, 333], gate="given", K=64, V=64, output_final_state=False),
 ], ids=repr)
-def test_cut_packed_sequences(case, features):
+def test_cut_packed_sequences(case, chunk16, features):
     c = case(**{**dict(H=2, K=128, V=128, dtype="bfloat16"), **features})
     assert lowered_with_segments(c), "the call was expected to take the segmented path"
     check_against_oracle(c)
@@ -560,10 +565,10 @@ def test_transition_columns_on_the_two_pass_kernel(case, rng, two_pass, shape, s
 @needs_kernels
 @pytest.mark.parametrize("features", [
     dict(B=1, T=4096), dict(B=1, T=4096, state_v_first=True, initial_state="bfloat16", HV=4),
-    dict(B=1, T=4000), dict(seqlens=[3000, 5, 0, 1, 700]),  # segments of unequal lengths, packed
+    dict(B=1, T=4000), dict(seqlens=[5000, 5, 0, 1, 700]),  # segments of unequal lengths, packed
 ], ids=repr)
 def test_cut_sequences_on_the_two_pass_kernel(case, features):
-    # Few heads of a few thousand tokens: cut into segments, run as sequences on the two-pass kernel.
+    # Few heads of 4000-6000 tokens: cut into segments by the cost model, run on the two-pass kernel.
     c = case(**{**TWO_PASS_CALL, **features})
     described = jax_kda.prefill_path(*c.args, impl="cuda", **c.kwargs)
     assert "two-pass" in described and "segments" in described, described
@@ -610,8 +615,9 @@ def test_compute_sanitizer(tool, call, kernel_name):
 @needs_kernels
 @pytest.mark.parametrize("gate", ["bounded", "softplus"])
 @pytest.mark.parametrize("seqlens", [[1000], [300, 0, 77, 600], None], ids=["one", "packed", "cut"])
-def test_error_not_larger_than_fla(case, gate, seqlens):
-    """Same inputs through FLA's Triton chunk_kda (FLA_FLASH_KDA=0) and ours, both against float64."""
+def test_error_not_larger_than_fla(case, chunk16, gate, seqlens):
+    """Same inputs through FLA's Triton chunk_kda (FLA_FLASH_KDA=0) and the chunk-16 kernel, both against
+    float64 (the two-pass kernel's: test_two_pass_error_not_larger_than_fla)."""
     shape = dict(seqlens=seqlens) if seqlens else dict(B=1, T=4000)  # one sequence the kernels' path cuts
     c = case(**shape, H=4, K=128, V=128, dtype="bfloat16", gate=gate, state_v_first=True)
     assert lowered_with_segments(c)  # each case's longest sequence takes the cut
