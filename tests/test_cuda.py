@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jax_kda
-from jax_kda import contract, kda_prefill, paths
+from jax_kda import contract, kda_prefill, paths, segments
 from inputs import strong_softplus_gate
 from oracle import kda_oracle, rel_err
 from poison import run_poisoned
@@ -104,11 +104,13 @@ def test_few_long_sequences_cut_for_the_two_pass_kernel_lower_with_its_workspace
 
 
 @needs_kernels
-def test_packed_batch_with_few_sequences_lowers_to_segments(monkeypatch):
+@pytest.mark.parametrize("gate", ["softplus", "bounded"])
+def test_packed_batch_with_few_sequences_lowers_to_segments(monkeypatch, gate):
     monkeypatch.setattr(paths, "multiprocessors", lambda: 132)
-    T, H, K = 65536, 8, 128  # case I's tokens as two packed sequences: cut every 8192 tokens
+    T, H, K = 65536, 8, 128  # case I's tokens as two packed sequences
+    flags = dict(A_log=jnp.zeros((H,))) if gate == "softplus" else dict(lower_bound=-5.0)
     f = lambda q, k, v, g, b, cu: kda_prefill(q, k, v, g, b, cu_seqlens=cu, output_final_state=True,
-                                              use_gate_in_kernel=True, lower_bound=-5.0)
+                                              use_gate_in_kernel=True, **flags)
     args = (spec(1, T, H, K),) * 4 + (spec(1, T, H), jax.ShapeDtypeStruct((3,), jnp.int32))
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
@@ -118,7 +120,13 @@ def test_packed_batch_with_few_sequences_lowers_to_segments(monkeypatch):
     assert len(calls) == 3, calls
     cut = [c for c in calls if "transition_columns = true" in c]
     assert len(cut) == 1 and "has_cu_seqlens = true" in cut[0]
-    assert "tensor<11xi32>" in cut[0]  # 2 + 65536 / 8192 segments: the padded segment bounds
+    # The padded segment bounds: on the chunk-16 kernel every 8192 tokens, 2 + 8 segments; on the
+    # two-pass kernel (its plan takes up to 64 packed segments) as many as its cost model cuts.
+    x = jax_kda.api.prefill_call(*args[:5], cu_seqlens=args[5], use_gate_in_kernel=True, **flags)
+    plan = paths.kernel_plan(*x)
+    assert plan.two_pass == (gate == "bounded") and (plan.pieces == 8 or gate == "bounded")
+    assert f"two_pass = {str(plan.two_pass).lower()}" in cut[0]
+    assert f"tensor<{segments.packed_segments(2, T, plan.pieces) + 1}xi32>" in cut[0]
     assert sum(f"@{contract.SEGMENT_CORRECT_TARGET}(" in c for c in calls) == 1
 
 
