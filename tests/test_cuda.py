@@ -445,23 +445,17 @@ def test_two_pass_sizes(case, two_pass, B, T):
 @gpu
 @needs_kernels
 @pytest.mark.parametrize("output_final_state", [True, False])
-def test_two_pass_windows(case, two_pass, output_final_state):
-    # 96 chains x 188 chunks of factors exceed the workspace budget: two windows, the state carried from
-    # one to the next in the final state (or, when none is kept, in the workspace).
-    c = case(**{**TWO_PASS_CALL, "B": 1, "T": 6000, "H": 48, "HV": 96, "output_final_state": output_final_state})
-    assert contract.two_pass_layout(1, 6000, 96, False, 0)["windows"] == 2
-    assert takes_two_pass(c)
-    check_against_oracle(c)
-
-
-@gpu
-@needs_kernels
-@pytest.mark.parametrize("output_final_state", [True, False])
-def test_two_pass_packed_windows(case, two_pass, output_final_state):
+@pytest.mark.parametrize("shape,windowed", [
+    # 96 chains x 188 chunks of factors exceed the workspace budget: two windows of chunks.
+    (dict(B=1, T=6000), (1, 6000, False)),
     # 96 x (125 + 63 + 1 + 4 + 3) items at most: two windows of the chunk-major order; an empty sequence.
-    c = case(**{**TWO_PASS_CALL, "seqlens": [4000, 2000, 0, 100], "H": 48, "HV": 96,
-                "output_final_state": output_final_state})
-    assert contract.two_pass_layout(4, 6100, 96, True, 0)["windows"] == 2
+    (dict(seqlens=[4000, 2000, 0, 100]), (4, 6100, True)),
+], ids=["equal", "packed"])
+def test_two_pass_windows(case, two_pass, shape, windowed, output_final_state):
+    # The state carried from one window to the next in the final state (or, when none is kept, in the workspace).
+    c = case(**{**TWO_PASS_CALL, **shape, "H": 48, "HV": 96, "output_final_state": output_final_state})
+    sequences, tokens, packed = windowed
+    assert contract.two_pass_layout(sequences, tokens, 96, packed, 0)["windows"] == 2
     assert takes_two_pass(c)
     check_against_oracle(c)
 
