@@ -77,7 +77,8 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
   const int chains = (p.cu_seqlens != nullptr ? p.sequences : p.batch) * p.heads;
   const int chunks = (p.tokens + kChunk - 1) / kChunk, window = int(layout.window);
   if (p.cu_seqlens != nullptr) {  // the items' plan, from the lengths on the device
-    const int pairs = chunks + p.sequences, ctas = (pairs + kPlanThreads - 1) / kPlanThreads;
+    const int64_t pairs = chunks + p.sequences;  // at most
+    const int ctas = int((pairs * p.heads + kPlanThreads - 1) / kPlanThreads);
     plan_packed_kernel<<<ctas < 4 * multiprocessors ? ctas : 4 * multiprocessors, kPlanThreads, 0, stream>>>(
         p.cu_seqlens, p.sequences, p.heads, packed);
   }

@@ -231,15 +231,15 @@ class CardFigures(NamedTuple):
 
 
 # By `device_kind`. H200 (docs/PERFLOG.md): the cut's costs from the device trace of cases I, J and F
-# (2026-12-02: the correction kernel 0.232 ms on I's 403 MB, 0.042 on F's 50 MB; XLA's kernels of the
-# join 0.05-0.13 ms a call); the chunk-16 figures fitted to the J sweep of 2026-12-02 with those costs
+# (2026-12-02: the correction kernel 0.174-0.176 ms on I's and J's 403 MB; XLA's kernels of the join
+# 0.05-0.13 ms a call); the chunk-16 figures fitted to the J sweep of 2026-12-02 with those costs
 # taken off (2 segments 2.27 us a step with 16 CTAs, 16 segments 2.70 us with 128; cases E and G of the
 # H200 benchmark within 3%), plus the 3-4% the non-finite isolation added (the softplus rows of I and J
 # measured after it, 2026-12-02); the two-pass ones from the prototype's runs of 2026-12-02
 # (factor pass 3.8-3.9 us a chunk a multiprocessor; state step 1.05 us on E, 1.38 on A; windows of
 # 128 MB: +15-23 us a window), which the library's kernel matched (A: factor pass 0.710 ms, state
 # pass 0.328 for 24,576 chunks of 96 chains).
-MEASURED_CARDS = {"NVIDIA H200": CardFigures(chunk_seconds=2.28e-6, crowding=0.23, correction_bandwidth=1.7e12,
+MEASURED_CARDS = {"NVIDIA H200": CardFigures(chunk_seconds=2.28e-6, crowding=0.23, correction_bandwidth=2.3e12,
                                              join_seconds=1e-4, factor_seconds=3.8e-6, state_seconds=1.25e-6,
                                              window_seconds=2e-5)}
 # Cards not measured: an H100 SXM has the H200's multiprocessors and clocks (its bandwidth, 3.0 TB/s

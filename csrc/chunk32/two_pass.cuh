@@ -91,8 +91,9 @@ __device__ __forceinline__ int items_in(const FusedParams &p, const Window &w) {
   return max(0, min(w.count, *w.packed.items - w.first));
 }
 
-// The plan of packed sequences: one thread per (sequence, chunk) pair, for all the pair's heads. Item
-// (j, n, h) = heads x (the chunks below j of all sequences + the sequences before n that reach j) + h.
+// The plan of packed sequences: one thread per (sequence, chunk, head), consecutive heads on consecutive
+// threads so that the items' writes coalesce. Item (j, n, h) = heads x (the chunks below j of all
+// sequences + the sequences before n that reach j) + h.
 constexpr int kPlanThreads = 256;
 __global__ void __launch_bounds__(kPlanThreads)
     plan_packed_kernel(const int *cu_seqlens, int sequences, int heads, PackedItems plan) {
@@ -107,17 +108,16 @@ __global__ void __launch_bounds__(kPlanThreads)
   }
   __syncthreads();
   const int pairs = start[sequences];
-  for (int pair = blockIdx.x * blockDim.x + threadIdx.x; pair < pairs; pair += gridDim.x * blockDim.x) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < pairs * heads; i += gridDim.x * blockDim.x) {
+    const int pair = i / heads, h = i % heads;
     int n = 0;
     while (start[n + 1] <= pair) ++n;  // the pair's sequence (empty ones skipped)
     const int j = pair - start[n];
     int below = 0;
     for (int m = 0; m < sequences; ++m) below += min(chunks[m], j) + (m < n && chunks[m] > j ? 1 : 0);
-    for (int h = 0; h < heads; ++h) {
-      const int item = heads * below + h;
-      plan.chain_chunk[item] = make_int2(n * heads + h, j);
-      plan.item_of[heads * start[n] + h * chunks[n] + j] = item;
-    }
+    const int item = heads * below + h;
+    plan.chain_chunk[item] = make_int2(n * heads + h, j);
+    plan.item_of[heads * start[n] + h * chunks[n] + j] = item;
   }
   if (blockIdx.x == 0) {
     for (int c = threadIdx.x; c <= sequences * heads; c += blockDim.x) {
