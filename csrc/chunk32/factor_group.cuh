@@ -19,6 +19,12 @@
 //     D  (I + L)^-1: both 16 x 16 diagonal blocks by f32 forward substitution on one warp, merged by two
 //        bf16 mma; T beta as bf16 hi + lo, T diag(beta rk) bf16.
 //     E  W' = -(T diag(beta rk)) Kr diag(2^Gamma_15) (mma) -> f16.
+// Non-finite inputs: the 0 x NaN of the chunk's products would carry a non-finite k, g or beta to the
+// earlier tokens of the chunk. Phase A marks such tokens with a compare on values it computes anyway
+// (Σ k², beta, each sub-block's decay sum; q reaches only its own row and is not marked); only a chunk
+// with a mark takes the slower paths: its marked tokens run as padding (k, beta and the bad decays
+// zero), and Qd from the first marked row on and the chunk's decay are NaN, so that those outputs and
+// the state leave as NaN. (A non-finite V the state pass's loader finds: two_pass.cuh.)
 #pragma once
 
 #include <cuda.h>
@@ -110,6 +116,11 @@ struct FactorGroup {
   __device__ float *t11() const { return reinterpret_cast<float *>(base + kGrT11); }
   __device__ bf16 *tb() const { return reinterpret_cast<bf16 *>(base + kGrTb); }
   __device__ float *anchor_scale() const { return reinterpret_cast<float *>(base + kGrAnchor); }
+  __device__ uint32_t *marks() const { return reinterpret_cast<uint32_t *>(base + kGrMarks); }
+  // The kernel clears the marks before its first chunk and after each chunk's phase B has read them.
+  __device__ void clear_marks() const {
+    if (tid == 0) *marks() = 0u;
+  }
   __device__ void sync() const { named_barrier(1 + group, kWarpgroupThreads); }
   __device__ __forceinline__ void launder_indices() {
     asm volatile("" : "+r"(d0), "+r"(lane), "+r"(tid));
@@ -144,17 +155,32 @@ struct FactorGroup {
   }
 
   // A. Gate and x_t = Gamma_t - Gamma_15 for this thread's 16 tokens (sub-block 1 sums forward from
-  // token 16, sub-block 0 backward from token 15). Tokens >= valid decay by nothing.
+  // token 16, sub-block 0 backward from token 15). Tokens >= valid decay by nothing. A NaN decay leaves
+  // its sub-block's sum NaN: the sums are then taken again with the NaN decays as zero, and those tokens
+  // marked.
   __device__ void gate_and_offsets(const uint8_t *raw, int valid, float (&x)[kSubBlock][2]) const {
+    float2 run = sub_block_sums<false>(raw, valid, x);
+    if (run.x != run.x || run.y != run.y) run = sub_block_sums<true>(raw, valid, x);
+    *reinterpret_cast<float2 *>(sums() + half * kDimK + d0) = run;
+  }
+  template <bool kSanitize>
+  __device__ float2 sub_block_sums(const uint8_t *raw, int valid, float (&x)[kSubBlock][2]) const {
     const uint8_t *g = raw + kRawG;
     const int t0 = kSubBlock * half;
     float run0 = 0.f, run1 = 0.f;
-    // Past the end g is 0 (the copy's fill), so the decay is finite and the mask a multiply, not a branch.
+    uint32_t bad = 0u;
+    // Past the end (zeros past T, or the next packed sequence's rows) nothing decays: a select, so that
+    // a non-finite g there cannot enter the sums.
     auto gate_pair = [&](int j, float &a0, float &a1) {
       const uint32_t bits = *reinterpret_cast<const uint32_t *>(g + raw_offset(t0 + j, d0));
-      const float live = t0 + j < valid ? 1.f : 0.f;
-      a0 = log2_decay(bf16_low(bits), 0) * live;
-      a1 = log2_decay(bf16_high(bits), 1) * live;
+      const bool live = t0 + j < valid;
+      a0 = live ? log2_decay(bf16_low(bits), 0) : 0.f;
+      a1 = live ? log2_decay(bf16_high(bits), 1) : 0.f;
+      if (kSanitize && (a0 != a0 || a1 != a1)) {
+        bad |= 1u << (t0 + j);
+        a0 = a0 != a0 ? 0.f : a0;
+        a1 = a1 != a1 ? 0.f : a1;
+      }
     };
     if (half == 1) {
 #pragma unroll
@@ -179,12 +205,15 @@ struct FactorGroup {
       run0 = -run0;  // Gamma_15
       run1 = -run1;
     }
-    *reinterpret_cast<float2 *>(sums() + half * kDimK + d0) = make_float2(run0, run1);
+    if (kSanitize && bad != 0u) atomicOr(marks(), bad);
+    return make_float2(run0, run1);
   }
 
   // A. Inverse L2 norms: warp (tile, row block) forms the 16 x 16 Gram block X X^T of its rows on the
   // tensor cores and keeps the diagonal (B fragments of X^T are the A fragment registers).
-  // norms[0..31] = scale rq, norms[32..63] = rk. Zero rows (past the end) give finite norms.
+  // norms[0..31] = scale rq, norms[32..63] = rk. Zero rows (past T) give finite norms. A k row whose
+  // Σ k² is not finite is marked (past `valid` too: the next packed sequence's row, zeroed in phase B
+  // without poisoning anything) and its norm is zero.
   __device__ void row_norms(const uint8_t *raw) const {
     const int tile = warp >> 1, row_block = warp & 1;
     const uint8_t *x = raw + (tile ? kRawK : kRawQ);
@@ -200,21 +229,48 @@ struct FactorGroup {
     if (e == 0 || e == 1) {
       const float top = e ? acc[0][1] : acc[0][0], bottom = e ? acc[1][3] : acc[1][2];
       const float factor = tile == 0 ? scale : 1.f;
-      float *dst = norms() + tile * kChunk + kSubBlock * row_block + g;
-      dst[0] = (kL2Norm ? rsqrt_approx(top + kNormEpsilon) : 1.f) * factor;
-      dst[8] = (kL2Norm ? rsqrt_approx(bottom + kNormEpsilon) : 1.f) * factor;
+      const int row = kSubBlock * row_block + g;
+      float *dst = norms() + tile * kChunk + row;
+      float n_top = (kL2Norm ? rsqrt_approx(top + kNormEpsilon) : 1.f) * factor;
+      float n_bottom = (kL2Norm ? rsqrt_approx(bottom + kNormEpsilon) : 1.f) * factor;
+      const bool bad_top = tile == 1 && !(top < INFINITY), bad_bottom = tile == 1 && !(bottom < INFINITY);
+      if (bad_top || bad_bottom) {
+        atomicOr(marks(), (bad_top ? 1u << row : 0u) | (bad_bottom ? 1u << (row + 8) : 0u));
+        n_top = bad_top ? 0.f : n_top;
+        n_bottom = bad_bottom ? 0.f : n_bottom;
+      }
+      dst[0] = n_top;
+      dst[8] = n_bottom;
     }
   }
 
   __device__ void write_betas(float logit, int valid) const {
     if (tid < kChunk) {
-      const float b = kBetaSigmoid ? beta_max * reciprocal_approx(1.f + exp2_approx(-logit * kLog2e)) : logit;
+      float b = kBetaSigmoid ? beta_max * reciprocal_approx(1.f + exp2_approx(-logit * kLog2e)) : logit;
+      if (tid < valid && !(fabsf(b) < INFINITY)) {  // runs as padding
+        atomicOr(marks(), 1u << tid);
+        b = 0.f;
+      }
       betas()[tid] = tid < valid ? b : 0.f;
     }
   }
 
-  // B. The elementwise factors of this thread's 16 tokens x 2 channels.
-  __device__ void elementwise_factors(uint8_t *raw, uint8_t *stage, const float (&x)[kSubBlock][2]) const {
+  // B. The elementwise factors of this thread's 16 tokens x 2 channels. A chunk with marked tokens
+  // (a group-uniform branch: every thread reads the word after the same group barrier) takes the
+  // isolating form: marked k rows zero; when a marked token is one of the chunk's `valid` ones, Qd NaN
+  // from the first such row on and the decay NaN.
+  __device__ void elementwise_factors(uint8_t *raw, uint8_t *stage, const float (&x)[kSubBlock][2], int valid) const {
+    const uint32_t marked = *marks();
+    if (marked == 0u) {
+      elementwise<false>(raw, stage, x, 0u, kChunk);
+    } else {
+      const uint32_t poisoned = valid < kChunk ? marked & ((1u << valid) - 1u) : marked;
+      elementwise<true>(raw, stage, x, marked, poisoned != 0u ? __ffs(poisoned) - 1 : kChunk);
+    }
+  }
+  template <bool kIsolate>
+  __device__ void elementwise(uint8_t *raw, uint8_t *stage, const float (&x)[kSubBlock][2], uint32_t marked,
+                              int poisoned_from) const {
     uint8_t *q = raw + kRawQ, *k = raw + kRawK, *kc = raw + kRawG;  // Kc over the consumed g
     uint8_t *kr_lo = base + kGrKrLo, *kc_lo = base + kGrKcLo;
     const float2 first = *reinterpret_cast<const float2 *>(sums() + d0);           // Gamma_15
@@ -222,7 +278,8 @@ struct FactorGroup {
     const float e15[2] = {exp2_approx(first.x), exp2_approx(first.y)};
     const float e_rest[2] = {exp2_approx(second.x), exp2_approx(second.y)};
     if (half == 1) {
-      *reinterpret_cast<float2 *>(stage + kStDecay + 4 * d0) = make_float2(e15[0] * e_rest[0], e15[1] * e_rest[1]);
+      *reinterpret_cast<float2 *>(stage + kStDecay + 4 * d0) =
+          kIsolate && poisoned_from < kChunk ? make_float2(NAN, NAN) : make_float2(e15[0] * e_rest[0], e15[1] * e_rest[1]);
     } else {
       *reinterpret_cast<float2 *>(anchor_scale() + d0) = make_float2(e15[0], e15[1]);
     }
@@ -241,7 +298,8 @@ struct FactorGroup {
       const float x0 = x[j][0], x1 = x[j][1];  // Gamma_t - Gamma_15 (log2)
       const float r0 = exp2_approx(x0), r1 = exp2_approx(x1), c0 = exp2_approx(-x0), c1 = exp2_approx(-x1);
       const uint32_t qb = *reinterpret_cast<const uint32_t *>(q + at);
-      const uint32_t kb = *reinterpret_cast<const uint32_t *>(k + at);
+      uint32_t kb = *reinterpret_cast<const uint32_t *>(k + at);
+      if (kIsolate && ((marked >> t) & 1u)) kb = 0u;
       const float qr0 = bf16_low(qb) * r0, qr1 = bf16_high(qb) * r1;
       const float kr0 = bf16_low(kb) * r0, kr1 = bf16_high(kb) * r1;
       const float kc0 = bf16_low(kb) * c0, kc1 = bf16_high(kb) * c1;
@@ -255,7 +313,7 @@ struct FactorGroup {
       *reinterpret_cast<uint32_t *>(kc_lo + at) = lo;
       const float qs = rq[j], ks = rk[j];
       *reinterpret_cast<uint32_t *>(stage + kStWq + wq_offset(kQdRow0 + t, d0)) =
-          pack_f16(qr0 * e15[0] * qs, qr1 * e15[1] * qs);
+          kIsolate && t >= poisoned_from ? pack_f16(NAN, NAN) : pack_f16(qr0 * e15[0] * qs, qr1 * e15[1] * qs);
       const float kend0 = kc0 * e_rest[0] * ks, kend1 = kc1 * e_rest[1] * ks;
       if (j % 2 == 0) {
         kend_even[0] = kend0;

@@ -143,8 +143,12 @@ struct TransitionOutputs {
 constexpr int kPassStages = 5;  // 4 chunks of lookahead (~3 us, ~190 KB in flight at 0.75 us a step) cover the HBM latency
 constexpr int kLoaderWarp = kStateThreads / 32;
 constexpr int kStateCtaThreads = kStateThreads + 32;  // 288
+// The loader warp scans a chunk's V for non-finite values this many chunks after issuing its copies
+// (they have landed by then), still ahead of the state warps.
+constexpr int kScanLag = kPassStages - 2;
 constexpr uint32_t kS2Barriers = kPassStages * kStBytes;
-constexpr uint32_t kS2SmBytes = kS2Barriers + 2 * kPassStages * 8 + kSwizzleAlign;
+constexpr uint32_t kS2Poisoned = kS2Barriers + 3 * kPassStages * 8;  // after the full, empty, scanned barriers
+constexpr uint32_t kS2SmBytes = kS2Poisoned + kPassStages * 4 + kSwizzleAlign;
 static_assert(kS2SmBytes <= kSmLimit, "state pass shared memory");
 
 CHUNK32_HD int ring_stage(int chunk) { return chunk % kPassStages; }
@@ -256,6 +260,8 @@ __global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
   fg.half = fg.warp >> 1;
   fg.d0 = 2 * (((fg.warp & 1) << 5) | fg.lane);
   const bool loader = fg.tid == kLoaderThread;
+  fg.clear_marks();
+  fg.sync();
   auto slot_of = [&](int it) { return smem + kGrRaw + (it % kSlots) * kRawSlotBytes; };
   float beta_logit = 0.f;
   if (range.first < range.last) {
@@ -296,9 +302,10 @@ __global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
     fg.sync();
     clk.mark(kPhBarA);
     uint8_t *stage = factors + size_t(item) * kFactorPitch;  // global: factors[chain][chunk]
-    fg.elementwise_factors(raw, stage, x);
+    fg.elementwise_factors(raw, stage, x, valid);
     clk.mark(kPhElementwise);
     fg.sync();
+    fg.clear_marks();  // read by every thread before the barrier; set again from the next chunk's phase A
     clk.mark(kPhBarB);
     fg.scores(raw, stage);
     clk.mark(kPhScores);
@@ -329,9 +336,16 @@ __global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
 
 // ---- pass 2 ------------------------------------------------------------------------------------------
 struct RingBarriers {
-  uint64_t *full;   // [kPassStages]: factors and V of the stage's chunk arrived (1 arrival + bytes)
-  uint64_t *empty;  // [kPassStages]: the state warpgroups are done with it (kStateThreads arrivals)
+  uint64_t *full;     // [kPassStages]: factors and V of the stage's chunk arrived (1 arrival + bytes)
+  uint64_t *scanned;  // [kPassStages]: ... and the loader warp has scanned its V (1 arrival)
+  uint64_t *empty;    // [kPassStages]: the state warpgroups are done with it (kStateThreads arrivals)
+  uint32_t *poisoned;  // [kPassStages]: the stage's tokens with a non-finite V row (of the valid ones)
 };
+
+// Whether either bf16 of a pair has its exponent all ones (Inf or NaN): one masked add per pair.
+__device__ __forceinline__ uint32_t non_finite_bf16x2(uint32_t pair) {
+  return ((pair & 0x7F807F80u) + 0x00800080u) & 0x80008000u;
+}
 
 // A chain's part of a window: its chunks [first, first + count), and where their factors sit.
 struct ChainWindow {
@@ -365,18 +379,69 @@ __device__ __forceinline__ ChainWindow chain_window(const Window &w, const Chain
   return {first, lower_bound(items, chain.chunks, w.first + w.count) - first, 0, items + first, w.first};
 }
 
-// Lane 0 of the loader warp: the chain's chunks of the window, each one's factors (one bulk copy) and V
-// (two boxes) into stage i % kPassStages.
-__device__ void run_loader(const TensorMaps &maps, const uint8_t *factors, uint8_t *smem,
-                           const RingBarriers &bars, const Chain &chain, const ChainWindow &cw, bool load_v) {
-  for (int i = 0; i < cw.count; ++i) {  // the window's i-th chunk of the chain, cw.first + i
-    const int s = ring_stage(i);
-    uint8_t *stage = smem + s * kStBytes;
-    if (i >= kPassStages) mbarrier_wait(&bars.empty[s], ring_parity(i - kPassStages));
-    if (load_v) issue_v_loads(maps, chain, cw.first + i, stage, &bars.full[s]);  // expects its bytes; arrival next
-    mbarrier_arrive_expect_bytes(&bars.full[s], kPassFactorBytes);
-    bulk_copy_to_shared(stage, factors + cw.factor_of(i) * kFactorPitch, kPassFactorBytes, &bars.full[s]);
+// A non-finite V row would reach the earlier tokens of its chunk through R^T = V^T (T beta)^T (0 x NaN).
+// The loader warp scans chunk i's V (both state groups' halves, token rows of 128 bytes) once its copies
+// have landed, zeroes the rows that hold a non-finite value (past the sequence too: a packed batch's next
+// sequence), and publishes the stage with the valid ones among them; the state warps then make the outputs
+// from the first of them on and the state NaN.
+__device__ void scan_v(uint8_t *smem, const RingBarriers &bars, const Chain &chain, int chunk, int i, bool load_v,
+                       int lane) {
+  const int s = ring_stage(i);
+  mbarrier_wait(&bars.full[s], ring_parity(i));
+  uint32_t bad = 0u;
+  if (load_v) {
+    uint4 *v = reinterpret_cast<uint4 *>(smem + s * kStBytes + kStV);
+    constexpr int kPieces = int(kVBytes / 16), kRowPieces = int(kSwizzleRowBytes128 / 16);
+#pragma unroll
+    for (int u = lane; u < kPieces; u += 32) {
+      const uint4 x = v[u];
+      if (non_finite_bf16x2(x.x) | non_finite_bf16x2(x.y) | non_finite_bf16x2(x.z) | non_finite_bf16x2(x.w))
+        bad |= 1u << (u / kRowPieces % kChunk);
+    }
+    bad = __reduce_or_sync(0xFFFFFFFFu, bad);
+    if (bad != 0u) {  // warp-uniform
+#pragma unroll
+      for (int u = lane; u < kPieces; u += 32)
+        if ((bad >> (u / kRowPieces % kChunk)) & 1u) v[u] = make_uint4(0u, 0u, 0u, 0u);
+      fence_proxy_async();  // the zeros are read by wgmma (the async proxy)
+    }
   }
+  __syncwarp();
+  if (lane == 0) {
+    const int valid = valid_tokens(chunk, chain.tokens);
+    bars.poisoned[s] = valid < kChunk ? bad & ((1u << valid) - 1u) : bad;
+    mbarrier_arrive(&bars.scanned[s]);
+  }
+}
+
+// The loader warp: lane 0 issues the chain's chunks of the window, each one's factors (one bulk copy) and
+// V (two boxes) into stage i % kPassStages; the warp scans each chunk's V kScanLag chunks later.
+__device__ void run_loader(const TensorMaps &maps, const uint8_t *factors, uint8_t *smem,
+                           const RingBarriers &bars, const Chain &chain, const ChainWindow &cw, bool load_v,
+                           int lane) {
+  for (int i = 0; i < cw.count + kScanLag; ++i) {  // the window's i-th chunk of the chain, cw.first + i
+    if (i < cw.count && lane == 0) {
+      const int s = ring_stage(i);
+      uint8_t *stage = smem + s * kStBytes;
+      if (i >= kPassStages) mbarrier_wait(&bars.empty[s], ring_parity(i - kPassStages));
+      if (load_v) issue_v_loads(maps, chain, cw.first + i, stage, &bars.full[s]);  // expects its bytes; arrival next
+      mbarrier_arrive_expect_bytes(&bars.full[s], kPassFactorBytes);
+      bulk_copy_to_shared(stage, factors + cw.factor_of(i) * kFactorPitch, kPassFactorBytes, &bars.full[s]);
+    }
+    __syncwarp();
+    if (i >= kScanLag) scan_v(smem, bars, chain, cw.first + i - kScanLag, i - kScanLag, load_v, lane);
+  }
+}
+
+// A chunk whose V had a non-finite row (`poisoned`): its outputs from the first such token on and the
+// state are NaN, as the float64 recurrence's are (there only in that row's value columns).
+__device__ __forceinline__ void poison(uint32_t poisoned, int thread, float (&s)[kStateValues], float (&o)[kHalfRo]) {
+  const int from = __ffs(poisoned) - 1;
+#pragma unroll
+  for (int i = 0; i < kHalfRo; ++i)
+    if (acc_col(thread, i) >= from) o[i] = NAN;
+#pragma unroll
+  for (int i = 0; i < kStateValues; ++i) s[i] = NAN;
 }
 
 __device__ void run_state(const FusedParams &p, uint8_t *smem, const RingBarriers &bars, const Chain &chain,
@@ -393,9 +458,11 @@ __device__ void run_state(const FusedParams &p, uint8_t *smem, const RingBarrier
   for (int i = 0; i < count; ++i) {
     const int st = ring_stage(i);
     const float *decay = reinterpret_cast<const float *>(smem + st * kStBytes + kStDecay);
-    mbarrier_wait(&bars.full[st], ring_parity(i));
+    mbarrier_wait(&bars.scanned[st], ring_parity(i));
+    const uint32_t poisoned = bars.poisoned[st];  // rewritten only after this stage is released
     state_step(stages + st * kStBytes, decay, group, thread, s, o);
     mbarrier_arrive(&bars.empty[st]);  // every wgmma reading the stage has completed (wait_group 0)
+    if (poisoned != 0u) poison(poisoned, thread, s, o);
     store_outputs(p, chain, first + i, group, thread, o);
   }
   store_final_state(p, chain, group, thread, s);
@@ -427,10 +494,12 @@ __global__ void __launch_bounds__(kStateCtaThreads, 1)
     }
     fence_proxy_async();  // the zeros are read by wgmma (the async proxy)
   }
-  const RingBarriers bars{bar_base, bar_base + kPassStages};
+  const RingBarriers bars{bar_base, bar_base + kPassStages, bar_base + 2 * kPassStages,
+                          reinterpret_cast<uint32_t *>(smem + kS2Poisoned)};
   if (threadIdx.x == 0) {
     for (int i = 0; i < kPassStages; ++i) {
       mbarrier_init(&bars.full[i], 1);
+      mbarrier_init(&bars.scanned[i], 1);
       mbarrier_init(&bars.empty[i], kStateThreads);
     }
     fence_barrier_init();
@@ -441,8 +510,8 @@ __global__ void __launch_bounds__(kStateCtaThreads, 1)
   const int warp = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / 32, 0);
   if (warp < kLoaderWarp) {
     run_state(q, smem, bars, chain, warp / (kWarpgroupThreads / 32), cw.first, cw.count, transition && w.first == 0);
-  } else if (threadIdx.x % 32 == 0) {
-    run_loader(maps, factors, smem, bars, chain, cw, !transition);
+  } else {
+    run_loader(maps, factors, smem, bars, chain, cw, !transition, int(threadIdx.x % 32));
   }
 }
 
