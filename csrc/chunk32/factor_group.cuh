@@ -264,7 +264,7 @@ struct FactorGroup {
     if (marked == 0u) {
       elementwise<false>(raw, stage, x, 0u, kChunk);
     } else {
-      const uint32_t poisoned = valid < kChunk ? marked & ((1u << valid) - 1u) : marked;
+      const uint32_t poisoned = valid_rows(marked, valid);
       elementwise<true>(raw, stage, x, marked, poisoned != 0u ? __ffs(poisoned) - 1 : kChunk);
     }
   }

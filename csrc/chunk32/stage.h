@@ -134,6 +134,10 @@ CHUNK32_HD int valid_tokens(int chunk, int tokens) {
   const int left = tokens - chunk * kChunk;
   return left < kChunk ? left : kChunk;
 }
+// The rows of a chunk's row mask (bit t: token t) that are among its `valid` tokens.
+CHUNK32_HD uint32_t valid_rows(uint32_t rows, int valid) {
+  return valid < kChunk ? rows & ((1u << valid) - 1u) : rows;
+}
 
 // ---- parameters --------------------------------------------------------------------------------------
 // Compile-time features (template parameters of the kernel). Only the bounded gate is built here; the

@@ -17,6 +17,7 @@
 // Any T >= 1: pass 1 masks the tokens past T, pass 2 stores only valid tokens.
 #pragma once
 
+#include "../non_finite.cuh"
 #include "factor_group.cuh"
 #include "state_step.cuh"
 
@@ -342,11 +343,6 @@ struct RingBarriers {
   uint32_t *poisoned;  // [kPassStages]: the stage's tokens with a non-finite V row (of the valid ones)
 };
 
-// Whether either bf16 of a pair has its exponent all ones (Inf or NaN): one masked add per pair.
-__device__ __forceinline__ uint32_t non_finite_bf16x2(uint32_t pair) {
-  return ((pair & 0x7F807F80u) + 0x00800080u) & 0x80008000u;
-}
-
 // A chain's part of a window: its chunks [first, first + count), and where their factors sit.
 struct ChainWindow {
   int first, count;
@@ -408,8 +404,7 @@ __device__ void scan_v(uint8_t *smem, const RingBarriers &bars, const Chain &cha
   }
   __syncwarp();
   if (lane == 0) {
-    const int valid = valid_tokens(chunk, chain.tokens);
-    bars.poisoned[s] = valid < kChunk ? bad & ((1u << valid) - 1u) : bad;
+    bars.poisoned[s] = valid_rows(bad, valid_tokens(chunk, chain.tokens));
     mbarrier_arrive(&bars.scanned[s]);
   }
 }
