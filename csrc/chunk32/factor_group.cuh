@@ -157,38 +157,32 @@ struct FactorGroup {
   // A. Gate and x_t = Gamma_t - Gamma_15 for this thread's 16 tokens (sub-block 1 sums forward from
   // token 16, sub-block 0 backward from token 15). Tokens >= valid decay by nothing. A NaN decay leaves
   // its sub-block's sum NaN: the sums are then taken again with the NaN decays as zero, and those tokens
-  // marked.
+  // marked (sanitized_sums).
   __device__ void gate_and_offsets(const uint8_t *raw, int valid, float (&x)[kSubBlock][2]) const {
-    float2 run = sub_block_sums<false>(raw, valid, x);
-    if (run.x != run.x || run.y != run.y) run = sub_block_sums<true>(raw, valid, x);
+    float2 run = sub_block_sums(raw, valid, x);
+    if (run.x != run.x || run.y != run.y) run = sanitized_sums(raw, valid, x);
     *reinterpret_cast<float2 *>(sums() + half * kDimK + d0) = run;
   }
-  template <bool kSanitize>
+  // The log2 decays of token t's two channels. Past the end (zeros past T, or the next packed sequence's
+  // rows) nothing decays: g is taken as 0 there (a select on its bits, so that a non-finite g cannot enter
+  // the sums) and its decay times 0 (straight-line code: a select of the decay itself compiles to a branch
+  // per token).
+  __device__ __forceinline__ float2 decays(const uint8_t *raw, int t, int valid) const {
+    const bool live = t < valid;
+    const uint32_t loaded = *reinterpret_cast<const uint32_t *>(raw + kRawG + raw_offset(t, d0));
+    const uint32_t bits = live ? loaded : 0u;
+    const float mask = live ? 1.f : 0.f;
+    return make_float2(log2_decay(bf16_low(bits), 0) * mask, log2_decay(bf16_high(bits), 1) * mask);
+  }
   __device__ float2 sub_block_sums(const uint8_t *raw, int valid, float (&x)[kSubBlock][2]) const {
-    const uint8_t *g = raw + kRawG;
     const int t0 = kSubBlock * half;
     float run0 = 0.f, run1 = 0.f;
-    uint32_t bad = 0u;
-    // Past the end (zeros past T, or the next packed sequence's rows) nothing decays: a select, so that
-    // a non-finite g there cannot enter the sums.
-    auto gate_pair = [&](int j, float &a0, float &a1) {
-      const uint32_t bits = *reinterpret_cast<const uint32_t *>(g + raw_offset(t0 + j, d0));
-      const bool live = t0 + j < valid;
-      a0 = live ? log2_decay(bf16_low(bits), 0) : 0.f;
-      a1 = live ? log2_decay(bf16_high(bits), 1) : 0.f;
-      if (kSanitize && (a0 != a0 || a1 != a1)) {
-        bad |= 1u << (t0 + j);
-        a0 = a0 != a0 ? 0.f : a0;
-        a1 = a1 != a1 ? 0.f : a1;
-      }
-    };
     if (half == 1) {
 #pragma unroll
       for (int j = 0; j < kSubBlock; ++j) {
-        float a0, a1;
-        gate_pair(j, a0, a1);
-        run0 += a0;
-        run1 += a1;
+        const float2 a = decays(raw, t0 + j, valid);
+        run0 += a.x;
+        run1 += a.y;
         x[j][0] = run0;
         x[j][1] = run1;
       }
@@ -197,16 +191,49 @@ struct FactorGroup {
       for (int j = kSubBlock - 1; j >= 0; --j) {
         x[j][0] = run0;
         x[j][1] = run1;
-        float a0, a1;
-        gate_pair(j, a0, a1);
-        run0 -= a0;
-        run1 -= a1;
+        const float2 a = decays(raw, t0 + j, valid);
+        run0 -= a.x;
+        run1 -= a.y;
       }
       run0 = -run0;  // Gamma_15
       run1 = -run1;
     }
-    if (kSanitize && bad != 0u) atomicOr(marks(), bad);
     return make_float2(run0, run1);
+  }
+  // The same sums with NaN decays as zero, marking their tokens: the rare path, a rolled loop through
+  // this thread's 128 bytes of the lo tiles (free in phase A) so that it adds little code to the kernel.
+  __device__ float2 sanitized_sums(const uint8_t *raw, int valid, float (&x)[kSubBlock][2]) const {
+    static_assert(kWarpgroupThreads * kSubBlock * sizeof(float2) <= 2 * kRawTileBytes, "scratch in the lo tiles");
+    float2 *scratch = reinterpret_cast<float2 *>(base + kGrLo) + tid * kSubBlock;
+    const int t0 = kSubBlock * half;
+    float run0 = 0.f, run1 = 0.f;
+    uint32_t bad = 0u;
+#pragma unroll 1
+    for (int n = 0; n < kSubBlock; ++n) {
+      const int j = half == 1 ? n : kSubBlock - 1 - n;
+      float2 a = decays(raw, t0 + j, valid);
+      if (a.x != a.x || a.y != a.y) {
+        bad |= 1u << (t0 + j);
+        a.x = a.x != a.x ? 0.f : a.x;
+        a.y = a.y != a.y ? 0.f : a.y;
+      }
+      if (half == 1) {
+        run0 += a.x;
+        run1 += a.y;
+        scratch[j] = make_float2(run0, run1);
+      } else {
+        scratch[j] = make_float2(run0, run1);
+        run0 -= a.x;
+        run1 -= a.y;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kSubBlock; ++j) {
+      x[j][0] = scratch[j].x;
+      x[j][1] = scratch[j].y;
+    }
+    if (bad != 0u) atomicOr(marks(), bad);
+    return half == 1 ? make_float2(run0, run1) : make_float2(-run0, -run1);
   }
 
   // A. Inverse L2 norms: warp (tile, row block) forms the 16 x 16 Gram block X X^T of its rows on the
@@ -256,21 +283,38 @@ struct FactorGroup {
   }
 
   // B. The elementwise factors of this thread's 16 tokens x 2 channels. A chunk with marked tokens
-  // (a group-uniform branch: every thread reads the word after the same group barrier) takes the
-  // isolating form: marked k rows zero; when a marked token is one of the chunk's `valid` ones, Qd NaN
-  // from the first such row on and the decay NaN.
+  // (a group-uniform branch: every thread reads the word after the same group barrier) then has them
+  // overwritten by `isolate`: a rare, compact second step instead of a second copy of this unrolled code.
   __device__ void elementwise_factors(uint8_t *raw, uint8_t *stage, const float (&x)[kSubBlock][2], int valid) const {
+    elementwise(raw, stage, x);
     const uint32_t marked = *marks();
-    if (marked == 0u) {
-      elementwise<false>(raw, stage, x, 0u, kChunk);
-    } else {
+    if (marked != 0u) {
       const uint32_t poisoned = valid_rows(marked, valid);
-      elementwise<true>(raw, stage, x, marked, poisoned != 0u ? __ffs(poisoned) - 1 : kChunk);
+      isolate(raw, stage, marked, poisoned != 0u ? __ffs(poisoned) - 1 : kChunk);
     }
   }
-  template <bool kIsolate>
-  __device__ void elementwise(uint8_t *raw, uint8_t *stage, const float (&x)[kSubBlock][2], uint32_t marked,
-                              int poisoned_from) const {
+  // The factors of marked tokens as padding's (every product of their k is zero), and, from the first
+  // marked token among the valid ones on, Qd and the chunk's decay NaN. The same thread's elements as
+  // `elementwise`, which it wrote: no barrier between them.
+  __device__ void isolate(uint8_t *raw, uint8_t *stage, uint32_t marked, int poisoned_from) const {
+    uint8_t *kr = raw + kRawK, *kc = raw + kRawG, *kr_lo = base + kGrKrLo, *kc_lo = base + kGrKcLo;
+    if (half == 1 && poisoned_from < kChunk)
+      *reinterpret_cast<float2 *>(stage + kStDecay + 4 * d0) = make_float2(NAN, NAN);
+#pragma unroll 1
+    for (int j = 0; j < kSubBlock; ++j) {
+      const int t = kSubBlock * half + j;
+      const uint32_t at = raw_offset(t, d0);
+      if ((marked >> t) & 1u) {
+        *reinterpret_cast<uint32_t *>(kr + at) = 0u;
+        *reinterpret_cast<uint32_t *>(kr_lo + at) = 0u;
+        *reinterpret_cast<uint32_t *>(kc + at) = 0u;
+        *reinterpret_cast<uint32_t *>(kc_lo + at) = 0u;
+        for (int ch = 0; ch < 2; ++ch) *reinterpret_cast<uint16_t *>(stage + kStKend + k32_offset(d0 + ch, t)) = 0u;
+      }
+      if (t >= poisoned_from) *reinterpret_cast<uint32_t *>(stage + kStWq + wq_offset(kQdRow0 + t, d0)) = pack_f16(NAN, NAN);
+    }
+  }
+  __device__ void elementwise(uint8_t *raw, uint8_t *stage, const float (&x)[kSubBlock][2]) const {
     uint8_t *q = raw + kRawQ, *k = raw + kRawK, *kc = raw + kRawG;  // Kc over the consumed g
     uint8_t *kr_lo = base + kGrKrLo, *kc_lo = base + kGrKcLo;
     const float2 first = *reinterpret_cast<const float2 *>(sums() + d0);           // Gamma_15
@@ -278,8 +322,7 @@ struct FactorGroup {
     const float e15[2] = {exp2_approx(first.x), exp2_approx(first.y)};
     const float e_rest[2] = {exp2_approx(second.x), exp2_approx(second.y)};
     if (half == 1) {
-      *reinterpret_cast<float2 *>(stage + kStDecay + 4 * d0) =
-          kIsolate && poisoned_from < kChunk ? make_float2(NAN, NAN) : make_float2(e15[0] * e_rest[0], e15[1] * e_rest[1]);
+      *reinterpret_cast<float2 *>(stage + kStDecay + 4 * d0) = make_float2(e15[0] * e_rest[0], e15[1] * e_rest[1]);
     } else {
       *reinterpret_cast<float2 *>(anchor_scale() + d0) = make_float2(e15[0], e15[1]);
     }
@@ -298,8 +341,7 @@ struct FactorGroup {
       const float x0 = x[j][0], x1 = x[j][1];  // Gamma_t - Gamma_15 (log2)
       const float r0 = exp2_approx(x0), r1 = exp2_approx(x1), c0 = exp2_approx(-x0), c1 = exp2_approx(-x1);
       const uint32_t qb = *reinterpret_cast<const uint32_t *>(q + at);
-      uint32_t kb = *reinterpret_cast<const uint32_t *>(k + at);
-      if (kIsolate && ((marked >> t) & 1u)) kb = 0u;
+      const uint32_t kb = *reinterpret_cast<const uint32_t *>(k + at);
       const float qr0 = bf16_low(qb) * r0, qr1 = bf16_high(qb) * r1;
       const float kr0 = bf16_low(kb) * r0, kr1 = bf16_high(kb) * r1;
       const float kc0 = bf16_low(kb) * c0, kc1 = bf16_high(kb) * c1;
@@ -313,7 +355,7 @@ struct FactorGroup {
       *reinterpret_cast<uint32_t *>(kc_lo + at) = lo;
       const float qs = rq[j], ks = rk[j];
       *reinterpret_cast<uint32_t *>(stage + kStWq + wq_offset(kQdRow0 + t, d0)) =
-          kIsolate && t >= poisoned_from ? pack_f16(NAN, NAN) : pack_f16(qr0 * e15[0] * qs, qr1 * e15[1] * qs);
+          pack_f16(qr0 * e15[0] * qs, qr1 * e15[1] * qs);
       const float kend0 = kc0 * e_rest[0] * ks, kend1 = kc1 * e_rest[1] * ks;
       if (j % 2 == 0) {
         kend_even[0] = kend0;

@@ -77,7 +77,7 @@ constexpr int kLRow = 36;   // L (32 x 32 f32), rows padded to 16-byte multiples
 constexpr int kTRow = 20;   // T00^T and T11 (16 x 16 f32)
 constexpr int kTbRow = 40;  // T diag(beta rk) (32 x 32 bf16): 80-byte rows for ldmatrix
 constexpr uint32_t kGrRaw = 0;
-constexpr uint32_t kGrLo = kRawSlots * kRawSlotBytes;        // 49152: Kr lo, Kc lo (phases B, C) ...
+constexpr uint32_t kGrLo = kRawSlots * kRawSlotBytes;        // 49152: (A: rare scratch) Kr lo, Kc lo (B, C) ...
 constexpr uint32_t kGrKrLo = kGrLo, kGrKcLo = kGrLo + kRawTileBytes;
 constexpr uint32_t kGrT00t = kGrLo;                           // ... then T00^T, T11, Tb (phases D, E)
 constexpr uint32_t kGrT11 = kGrT00t + kSubBlock * kTRow * kF32Bytes;
