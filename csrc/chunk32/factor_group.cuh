@@ -99,12 +99,39 @@ __device__ __forceinline__ float load_beta(const FusedParams &p, const Chain &ch
 }
 
 // ---- factor build ------------------------------------------------------------------------------
+// The gate of a thread's channel pair (d0, d0 + 1), so that the log2 decay is one fma and the gate's
+// function of z = g mul + add: bounded lower_bound log2(e) sigmoid(A (g + b)); softplus -A log2(1 + 2^z)
+// with z = (g + b) log2(e) (-A z past softplus's threshold); log-decay z = g log2(e). A value, so that
+// the out-of-line rare paths take it as an argument.
+template <GateMath kGate>
+struct Gate {
+  float mul, add[2], out;
+  __device__ __forceinline__ float log2_decay(float g, int ch) const {
+    const float z = fmaf(g, mul, add[ch]);
+    if (kGate == GateMath::kTanh) return fmaf(tanh_approx(z), out, out);  // sigmoid = (1 + tanh(z/2)) / 2
+    if (kGate == GateMath::kSoftplus) return out * (z > kSoftplusThreshold * kLog2e ? z : log2_approx(1.f + exp2_approx(z)));
+    if (kGate == GateMath::kLogDecay) return z;
+    return out * reciprocal_approx(1.f + exp2_approx(z));                 // sigmoid = 1 / (1 + e^-z)
+  }
+  // The log2 decays of token t's two channels (d0, d0 + 1). Past the end (zeros past T, or the next
+  // packed sequence's rows) nothing decays: g is taken as 0 there (a select on its bits, so that a
+  // non-finite g cannot enter the sums) and its decay times 0 (straight-line code: a select of the
+  // decay itself compiles to a branch per token).
+  __device__ __forceinline__ float2 decays(const uint8_t *raw, int t, int d0, int valid) const {
+    const bool live = t < valid;
+    const uint32_t loaded = *reinterpret_cast<const uint32_t *>(raw + kRawG + raw_offset(t, d0));
+    const uint32_t bits = live ? loaded : 0u;
+    const float mask = live ? 1.f : 0.f;
+    return make_float2(log2_decay(bf16_low(bits), 0) * mask, log2_decay(bf16_high(bits), 1) * mask);
+  }
+};
+
 template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid>
 struct FactorGroup {
   uint8_t *base;  // this group's area
   int group, tid, warp, lane;
   int half, d0;   // elementwise role: sub-block (tokens 16 half ..) and channel pair (d0, d0 + 1)
-  float gate_mul, gate_add[2], gate_out;
+  Gate<kGate> gate;
   float scale;
   float beta_max;  // the beta sigmoid's upper bound: 1, or 2 to allow negative eigenvalues
 
@@ -126,32 +153,23 @@ struct FactorGroup {
     asm volatile("" : "+r"(d0), "+r"(lane), "+r"(tid));
   }
 
-  // Gate constants of this thread's two channels, so that the log2 decay is one fma and the gate's
-  // function of z = g gate_mul + gate_add: bounded lower_bound log2(e) sigmoid(A (g + b)); softplus
-  // -A log2(1 + 2^z) with z = (g + b) log2(e) (-A z past softplus's threshold); log-decay z = g log2(e).
+  // The gate constants of this thread's channel pair for `head`.
   __device__ void load_gate(const FusedParams &p, int head) {
     const float a = p.a_log != nullptr ? expf(p.a_log[head]) : 1.f;  // absent: A = 1, no bias
 #pragma unroll
     for (int ch = 0; ch < 2; ++ch) {
       const float bias = p.dt_bias != nullptr ? p.dt_bias[head * kDimK + d0 + ch] : 0.f;
-      gate_add[ch] = kGate == GateMath::kTanh             ? 0.5f * a * bias
+      gate.add[ch] = kGate == GateMath::kTanh             ? 0.5f * a * bias
                      : kGate == GateMath::kExp2Reciprocal ? -a * kLog2e * bias
                      : kGate == GateMath::kSoftplus       ? kLog2e * bias
                                                           : 0.f;
     }
-    gate_mul = kGate == GateMath::kTanh ? 0.5f * a : kGate == GateMath::kExp2Reciprocal ? -a * kLog2e : kLog2e;
-    gate_out = kGate == GateMath::kTanh ? 0.5f * p.lower_bound * kLog2e
+    gate.mul = kGate == GateMath::kTanh ? 0.5f * a : kGate == GateMath::kExp2Reciprocal ? -a * kLog2e : kLog2e;
+    gate.out = kGate == GateMath::kTanh ? 0.5f * p.lower_bound * kLog2e
                : kGate == GateMath::kSoftplus ? -a
                                               : p.lower_bound * kLog2e;
     scale = p.scale;
     beta_max = p.beta_max;
-  }
-  __device__ __forceinline__ float log2_decay(float g, int ch) const {
-    const float z = fmaf(g, gate_mul, gate_add[ch]);
-    if (kGate == GateMath::kTanh) return fmaf(tanh_approx(z), gate_out, gate_out);  // sigmoid = (1 + tanh(z/2)) / 2
-    if (kGate == GateMath::kSoftplus) return gate_out * (z > kSoftplusThreshold * kLog2e ? z : log2_approx(1.f + exp2_approx(z)));
-    if (kGate == GateMath::kLogDecay) return z;
-    return gate_out * reciprocal_approx(1.f + exp2_approx(z));                     // sigmoid = 1 / (1 + e^-z)
   }
 
   // A. Gate and x_t = Gamma_t - Gamma_15 for this thread's 16 tokens (sub-block 1 sums forward from
@@ -163,24 +181,13 @@ struct FactorGroup {
     if (run.x != run.x || run.y != run.y) run = sanitized_sums(raw, valid, x);
     *reinterpret_cast<float2 *>(sums() + half * kDimK + d0) = run;
   }
-  // The log2 decays of token t's two channels. Past the end (zeros past T, or the next packed sequence's
-  // rows) nothing decays: g is taken as 0 there (a select on its bits, so that a non-finite g cannot enter
-  // the sums) and its decay times 0 (straight-line code: a select of the decay itself compiles to a branch
-  // per token).
-  __device__ __forceinline__ float2 decays(const uint8_t *raw, int t, int valid) const {
-    const bool live = t < valid;
-    const uint32_t loaded = *reinterpret_cast<const uint32_t *>(raw + kRawG + raw_offset(t, d0));
-    const uint32_t bits = live ? loaded : 0u;
-    const float mask = live ? 1.f : 0.f;
-    return make_float2(log2_decay(bf16_low(bits), 0) * mask, log2_decay(bf16_high(bits), 1) * mask);
-  }
   __device__ float2 sub_block_sums(const uint8_t *raw, int valid, float (&x)[kSubBlock][2]) const {
     const int t0 = kSubBlock * half;
     float run0 = 0.f, run1 = 0.f;
     if (half == 1) {
 #pragma unroll
       for (int j = 0; j < kSubBlock; ++j) {
-        const float2 a = decays(raw, t0 + j, valid);
+        const float2 a = gate.decays(raw, t0 + j, d0, valid);
         run0 += a.x;
         run1 += a.y;
         x[j][0] = run0;
@@ -191,7 +198,7 @@ struct FactorGroup {
       for (int j = kSubBlock - 1; j >= 0; --j) {
         x[j][0] = run0;
         x[j][1] = run1;
-        const float2 a = decays(raw, t0 + j, valid);
+        const float2 a = gate.decays(raw, t0 + j, d0, valid);
         run0 -= a.x;
         run1 -= a.y;
       }
@@ -200,18 +207,29 @@ struct FactorGroup {
     }
     return make_float2(run0, run1);
   }
-  // The same sums with NaN decays as zero, marking their tokens: the rare path, a rolled loop through
-  // this thread's 128 bytes of the lo tiles (free in phase A) so that it adds little code to the kernel.
+  // The same sums with NaN decays as zero, marking their tokens: the rare path, out of line (its code
+  // inside the item loop cost the factor pass 6% on the card) and through this thread's 128 bytes of
+  // the lo tiles (free in phase A), from where x is read back.
   __device__ float2 sanitized_sums(const uint8_t *raw, int valid, float (&x)[kSubBlock][2]) const {
     static_assert(kWarpgroupThreads * kSubBlock * sizeof(float2) <= 2 * kRawTileBytes, "scratch in the lo tiles");
     float2 *scratch = reinterpret_cast<float2 *>(base + kGrLo) + tid * kSubBlock;
+    const float2 run = sanitized_sums_into(raw, scratch, marks(), gate, half, d0, valid);
+#pragma unroll
+    for (int j = 0; j < kSubBlock; ++j) {
+      x[j][0] = scratch[j].x;
+      x[j][1] = scratch[j].y;
+    }
+    return run;
+  }
+  static __device__ __noinline__ float2 sanitized_sums_into(const uint8_t *raw, float2 *scratch, uint32_t *marks,
+                                                            Gate<kGate> gt, int half, int d0, int valid) {
     const int t0 = kSubBlock * half;
     float run0 = 0.f, run1 = 0.f;
     uint32_t bad = 0u;
 #pragma unroll 1
     for (int n = 0; n < kSubBlock; ++n) {
       const int j = half == 1 ? n : kSubBlock - 1 - n;
-      float2 a = decays(raw, t0 + j, valid);
+      float2 a = gt.decays(raw, t0 + j, d0, valid);
       if (a.x != a.x || a.y != a.y) {
         bad |= 1u << (t0 + j);
         a.x = a.x != a.x ? 0.f : a.x;
@@ -227,12 +245,7 @@ struct FactorGroup {
         run1 -= a.y;
       }
     }
-#pragma unroll
-    for (int j = 0; j < kSubBlock; ++j) {
-      x[j][0] = scratch[j].x;
-      x[j][1] = scratch[j].y;
-    }
-    if (bad != 0u) atomicOr(marks(), bad);
+    if (bad != 0u) atomicOr(marks, bad);
     return half == 1 ? make_float2(run0, run1) : make_float2(-run0, -run1);
   }
 
@@ -284,19 +297,20 @@ struct FactorGroup {
 
   // B. The elementwise factors of this thread's 16 tokens x 2 channels. A chunk with marked tokens
   // (a group-uniform branch: every thread reads the word after the same group barrier) then has them
-  // overwritten by `isolate`: a rare, compact second step instead of a second copy of this unrolled code.
+  // overwritten by `isolate`: a rare, compact second step instead of a second copy of this code.
   __device__ void elementwise_factors(uint8_t *raw, uint8_t *stage, const float (&x)[kSubBlock][2], int valid) const {
     elementwise(raw, stage, x);
     const uint32_t marked = *marks();
     if (marked != 0u) {
       const uint32_t poisoned = valid_rows(marked, valid);
-      isolate(raw, stage, marked, poisoned != 0u ? __ffs(poisoned) - 1 : kChunk);
+      isolate(raw, stage, base, half, d0, marked, poisoned != 0u ? __ffs(poisoned) - 1 : kChunk);
     }
   }
   // The factors of marked tokens as padding's (every product of their k is zero), and, from the first
   // marked token among the valid ones on, Qd and the chunk's decay NaN. The same thread's elements as
-  // `elementwise`, which it wrote: no barrier between them.
-  __device__ void isolate(uint8_t *raw, uint8_t *stage, uint32_t marked, int poisoned_from) const {
+  // `elementwise`, which it wrote: no barrier between them. Out of line, as sanitized_sums_into.
+  static __device__ __noinline__ void isolate(uint8_t *raw, uint8_t *stage, uint8_t *base, int half, int d0,
+                                              uint32_t marked, int poisoned_from) {
     uint8_t *kr = raw + kRawK, *kc = raw + kRawG, *kr_lo = base + kGrKrLo, *kc_lo = base + kGrKcLo;
     if (half == 1 && poisoned_from < kChunk)
       *reinterpret_cast<float2 *>(stage + kStDecay + 4 * d0) = make_float2(NAN, NAN);
