@@ -379,7 +379,8 @@ __device__ __forceinline__ ChainWindow chain_window(const Window &w, const Chain
 // copies have landed, while the state warps already run the chunk's products, and publishes the rows
 // holding a non-finite value (past the sequence too: a packed batch's next sequence). Only then, and
 // only where there are such rows, the state warps zero them, form R again and make the outputs from the
-// first valid one on and the state NaN (run_state): the check is off the chain's critical path.
+// first valid one on and the state NaN (run_state). Measured, the check still costs the state pass 6-11%
+// on A-D (docs/PERFLOG.md); waiting for the verdict before the products cost 29%.
 __device__ void run_scanner(uint8_t *smem, const RingBarriers &bars, const ChainWindow &cw, bool load_v, int lane) {
   for (int i = 0; i < cw.count; ++i) {
     const int s = ring_stage(i);
