@@ -33,6 +33,7 @@
 #include "device_helpers.cuh"
 #include "kda_contract.h"
 #include "kda_prefill.h"
+#include "non_finite.cuh"
 
 namespace jax_kda {
 namespace {
@@ -174,12 +175,6 @@ __device__ __forceinline__ void store_split(bf16 *hi, bf16 *lo, int i, float x0,
   const float2 hf = __bfloat1622float2(h);
   *reinterpret_cast<__nv_bfloat162 *>(hi + i) = h;
   *reinterpret_cast<__nv_bfloat162 *>(lo + i) = __floats2bfloat162_rn(x0 - hf.x, x1 - hf.y);
-}
-
-// Bit 15 of each half set where that bf16 of the pair is an Inf or a NaN (all exponent bits set; the
-// masked add carries into bit 15 only then, and never across the halves).
-__device__ __forceinline__ uint32_t non_finite_bf16x2(uint32_t pair) {
-  return ((pair & 0x7F807F80u) + 0x00800080u) & 0x80008000u;
 }
 
 // exp and log through the special-function unit, flushing denormals (single instructions).

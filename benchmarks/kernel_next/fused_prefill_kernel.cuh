@@ -53,6 +53,8 @@ __device__ void run_factor_group(const FusedParams &p, const TensorMaps &maps, u
   const bool loader = fg.tid == kLoaderThread;
   uint64_t *raw_full = bars.raw_full + group * kRawSlots;
   auto slot_of = [&](int it) { return fg.base + kGrRaw + (it % kRawSlots) * kRawSlotBytes; };
+  fg.clear_marks();
+  fg.sync();
   float beta_logit = 0.f;
   if (group < chain.chunks) {
     if (loader) issue_raw_loads(maps, chain, group, slot_of(0), &raw_full[0]);
@@ -82,8 +84,9 @@ __device__ void run_factor_group(const FusedParams &p, const TensorMaps &maps, u
     uint8_t *stage = smem + kSmStages + s * kStBytes;
     if (c >= kStages) mbarrier_wait(&bars.empty[s], stage_parity(c - kStages));
     if (loader) issue_v_loads(maps, chain, c, stage, &bars.full[s]);
-    fg.elementwise_factors(raw, stage, x);
+    fg.elementwise_factors(raw, stage, x, valid);
     fg.sync();
+    fg.clear_marks();
     fg.scores(raw, stage);
     fg.sync();
     if (fg.warp == 0) fg.invert_and_merge(stage);

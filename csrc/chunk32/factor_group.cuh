@@ -19,6 +19,12 @@
 //     D  (I + L)^-1: both 16 x 16 diagonal blocks by f32 forward substitution on one warp, merged by two
 //        bf16 mma; T beta as bf16 hi + lo, T diag(beta rk) bf16.
 //     E  W' = -(T diag(beta rk)) Kr diag(2^Gamma_15) (mma) -> f16.
+// Non-finite inputs: the 0 x NaN of the chunk's products would carry a non-finite k, g or beta to the
+// earlier tokens of the chunk. Phase A marks such tokens with a compare on values it computes anyway
+// (Σ k², beta, each sub-block's decay sum; q reaches only its own row and is not marked); only a chunk
+// with a mark takes the slower paths: its marked tokens run as padding (k, beta and the bad decays
+// zero), and Qd from the first marked row on and the chunk's decay are NaN, so that those outputs and
+// the state leave as NaN. (A non-finite V the state pass's loader finds: two_pass.cuh.)
 #pragma once
 
 #include <cuda.h>
@@ -93,12 +99,39 @@ __device__ __forceinline__ float load_beta(const FusedParams &p, const Chain &ch
 }
 
 // ---- factor build ------------------------------------------------------------------------------
+// The gate of a thread's channel pair (d0, d0 + 1), so that the log2 decay is one fma and the gate's
+// function of z = g mul + add: bounded lower_bound log2(e) sigmoid(A (g + b)); softplus -A log2(1 + 2^z)
+// with z = (g + b) log2(e) (-A z past softplus's threshold); log-decay z = g log2(e). A value, so that
+// the out-of-line rare paths take it as an argument.
+template <GateMath kGate>
+struct Gate {
+  float mul, add[2], out;
+  __device__ __forceinline__ float log2_decay(float g, int ch) const {
+    const float z = fmaf(g, mul, add[ch]);
+    if (kGate == GateMath::kTanh) return fmaf(tanh_approx(z), out, out);  // sigmoid = (1 + tanh(z/2)) / 2
+    if (kGate == GateMath::kSoftplus) return out * (z > kSoftplusThreshold * kLog2e ? z : log2_approx(1.f + exp2_approx(z)));
+    if (kGate == GateMath::kLogDecay) return z;
+    return out * reciprocal_approx(1.f + exp2_approx(z));                 // sigmoid = 1 / (1 + e^-z)
+  }
+  // The log2 decays of token t's two channels (d0, d0 + 1). Past the end (zeros past T, or the next
+  // packed sequence's rows) nothing decays: g is taken as 0 there (a select on its bits, so that a
+  // non-finite g cannot enter the sums) and its decay times 0 (straight-line code: a select of the
+  // decay itself compiles to a branch per token).
+  __device__ __forceinline__ float2 decays(const uint8_t *raw, int t, int d0, int valid) const {
+    const bool live = t < valid;
+    const uint32_t loaded = *reinterpret_cast<const uint32_t *>(raw + kRawG + raw_offset(t, d0));
+    const uint32_t bits = live ? loaded : 0u;
+    const float mask = live ? 1.f : 0.f;
+    return make_float2(log2_decay(bf16_low(bits), 0) * mask, log2_decay(bf16_high(bits), 1) * mask);
+  }
+};
+
 template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid>
 struct FactorGroup {
   uint8_t *base;  // this group's area
   int group, tid, warp, lane;
   int half, d0;   // elementwise role: sub-block (tokens 16 half ..) and channel pair (d0, d0 + 1)
-  float gate_mul, gate_add[2], gate_out;
+  Gate<kGate> gate;
   float scale;
   float beta_max;  // the beta sigmoid's upper bound: 1, or 2 to allow negative eigenvalues
 
@@ -110,59 +143,53 @@ struct FactorGroup {
   __device__ float *t11() const { return reinterpret_cast<float *>(base + kGrT11); }
   __device__ bf16 *tb() const { return reinterpret_cast<bf16 *>(base + kGrTb); }
   __device__ float *anchor_scale() const { return reinterpret_cast<float *>(base + kGrAnchor); }
+  __device__ uint32_t *marks() const { return reinterpret_cast<uint32_t *>(base + kGrMarks); }
+  // The kernel clears the marks before its first chunk and after each chunk's phase B has read them.
+  __device__ void clear_marks() const {
+    if (tid == 0) *marks() = 0u;
+  }
   __device__ void sync() const { named_barrier(1 + group, kWarpgroupThreads); }
   __device__ __forceinline__ void launder_indices() {
     asm volatile("" : "+r"(d0), "+r"(lane), "+r"(tid));
   }
 
-  // Gate constants of this thread's two channels, so that the log2 decay is one fma and the gate's
-  // function of z = g gate_mul + gate_add: bounded lower_bound log2(e) sigmoid(A (g + b)); softplus
-  // -A log2(1 + 2^z) with z = (g + b) log2(e) (-A z past softplus's threshold); log-decay z = g log2(e).
+  // The gate constants of this thread's channel pair for `head`.
   __device__ void load_gate(const FusedParams &p, int head) {
     const float a = p.a_log != nullptr ? expf(p.a_log[head]) : 1.f;  // absent: A = 1, no bias
 #pragma unroll
     for (int ch = 0; ch < 2; ++ch) {
       const float bias = p.dt_bias != nullptr ? p.dt_bias[head * kDimK + d0 + ch] : 0.f;
-      gate_add[ch] = kGate == GateMath::kTanh             ? 0.5f * a * bias
+      gate.add[ch] = kGate == GateMath::kTanh             ? 0.5f * a * bias
                      : kGate == GateMath::kExp2Reciprocal ? -a * kLog2e * bias
                      : kGate == GateMath::kSoftplus       ? kLog2e * bias
                                                           : 0.f;
     }
-    gate_mul = kGate == GateMath::kTanh ? 0.5f * a : kGate == GateMath::kExp2Reciprocal ? -a * kLog2e : kLog2e;
-    gate_out = kGate == GateMath::kTanh ? 0.5f * p.lower_bound * kLog2e
+    gate.mul = kGate == GateMath::kTanh ? 0.5f * a : kGate == GateMath::kExp2Reciprocal ? -a * kLog2e : kLog2e;
+    gate.out = kGate == GateMath::kTanh ? 0.5f * p.lower_bound * kLog2e
                : kGate == GateMath::kSoftplus ? -a
                                               : p.lower_bound * kLog2e;
     scale = p.scale;
     beta_max = p.beta_max;
   }
-  __device__ __forceinline__ float log2_decay(float g, int ch) const {
-    const float z = fmaf(g, gate_mul, gate_add[ch]);
-    if (kGate == GateMath::kTanh) return fmaf(tanh_approx(z), gate_out, gate_out);  // sigmoid = (1 + tanh(z/2)) / 2
-    if (kGate == GateMath::kSoftplus) return gate_out * (z > kSoftplusThreshold * kLog2e ? z : log2_approx(1.f + exp2_approx(z)));
-    if (kGate == GateMath::kLogDecay) return z;
-    return gate_out * reciprocal_approx(1.f + exp2_approx(z));                     // sigmoid = 1 / (1 + e^-z)
-  }
 
   // A. Gate and x_t = Gamma_t - Gamma_15 for this thread's 16 tokens (sub-block 1 sums forward from
-  // token 16, sub-block 0 backward from token 15). Tokens >= valid decay by nothing.
+  // token 16, sub-block 0 backward from token 15). Tokens >= valid decay by nothing. A NaN decay leaves
+  // its sub-block's sum NaN: the sums are then taken again with the NaN decays as zero, and those tokens
+  // marked (sanitized_sums).
   __device__ void gate_and_offsets(const uint8_t *raw, int valid, float (&x)[kSubBlock][2]) const {
-    const uint8_t *g = raw + kRawG;
+    float2 run = sub_block_sums(raw, valid, x);
+    if (run.x != run.x || run.y != run.y) run = sanitized_sums(raw, valid, x);
+    *reinterpret_cast<float2 *>(sums() + half * kDimK + d0) = run;
+  }
+  __device__ float2 sub_block_sums(const uint8_t *raw, int valid, float (&x)[kSubBlock][2]) const {
     const int t0 = kSubBlock * half;
     float run0 = 0.f, run1 = 0.f;
-    // Past the end g is 0 (the copy's fill), so the decay is finite and the mask a multiply, not a branch.
-    auto gate_pair = [&](int j, float &a0, float &a1) {
-      const uint32_t bits = *reinterpret_cast<const uint32_t *>(g + raw_offset(t0 + j, d0));
-      const float live = t0 + j < valid ? 1.f : 0.f;
-      a0 = log2_decay(bf16_low(bits), 0) * live;
-      a1 = log2_decay(bf16_high(bits), 1) * live;
-    };
     if (half == 1) {
 #pragma unroll
       for (int j = 0; j < kSubBlock; ++j) {
-        float a0, a1;
-        gate_pair(j, a0, a1);
-        run0 += a0;
-        run1 += a1;
+        const float2 a = gate.decays(raw, t0 + j, d0, valid);
+        run0 += a.x;
+        run1 += a.y;
         x[j][0] = run0;
         x[j][1] = run1;
       }
@@ -171,20 +198,62 @@ struct FactorGroup {
       for (int j = kSubBlock - 1; j >= 0; --j) {
         x[j][0] = run0;
         x[j][1] = run1;
-        float a0, a1;
-        gate_pair(j, a0, a1);
-        run0 -= a0;
-        run1 -= a1;
+        const float2 a = gate.decays(raw, t0 + j, d0, valid);
+        run0 -= a.x;
+        run1 -= a.y;
       }
       run0 = -run0;  // Gamma_15
       run1 = -run1;
     }
-    *reinterpret_cast<float2 *>(sums() + half * kDimK + d0) = make_float2(run0, run1);
+    return make_float2(run0, run1);
+  }
+  // The same sums with NaN decays as zero, marking their tokens: the rare path, out of line (its code
+  // inside the item loop cost the factor pass 6% on the card) and through this thread's 128 bytes of
+  // the lo tiles (free in phase A), from where x is read back.
+  __device__ float2 sanitized_sums(const uint8_t *raw, int valid, float (&x)[kSubBlock][2]) const {
+    static_assert(kWarpgroupThreads * kSubBlock * sizeof(float2) <= 2 * kRawTileBytes, "scratch in the lo tiles");
+    float2 *scratch = reinterpret_cast<float2 *>(base + kGrLo) + tid * kSubBlock;
+    const float2 run = sanitized_sums_into(raw, scratch, marks(), gate, half, d0, valid);
+#pragma unroll
+    for (int j = 0; j < kSubBlock; ++j) {
+      x[j][0] = scratch[j].x;
+      x[j][1] = scratch[j].y;
+    }
+    return run;
+  }
+  static __device__ __noinline__ float2 sanitized_sums_into(const uint8_t *raw, float2 *scratch, uint32_t *marks,
+                                                            Gate<kGate> gt, int half, int d0, int valid) {
+    const int t0 = kSubBlock * half;
+    float run0 = 0.f, run1 = 0.f;
+    uint32_t bad = 0u;
+#pragma unroll 1
+    for (int n = 0; n < kSubBlock; ++n) {
+      const int j = half == 1 ? n : kSubBlock - 1 - n;
+      float2 a = gt.decays(raw, t0 + j, d0, valid);
+      if (a.x != a.x || a.y != a.y) {
+        bad |= 1u << (t0 + j);
+        a.x = a.x != a.x ? 0.f : a.x;
+        a.y = a.y != a.y ? 0.f : a.y;
+      }
+      if (half == 1) {
+        run0 += a.x;
+        run1 += a.y;
+        scratch[j] = make_float2(run0, run1);
+      } else {
+        scratch[j] = make_float2(run0, run1);
+        run0 -= a.x;
+        run1 -= a.y;
+      }
+    }
+    if (bad != 0u) atomicOr(marks, bad);
+    return half == 1 ? make_float2(run0, run1) : make_float2(-run0, -run1);
   }
 
   // A. Inverse L2 norms: warp (tile, row block) forms the 16 x 16 Gram block X X^T of its rows on the
   // tensor cores and keeps the diagonal (B fragments of X^T are the A fragment registers).
-  // norms[0..31] = scale rq, norms[32..63] = rk. Zero rows (past the end) give finite norms.
+  // norms[0..31] = scale rq, norms[32..63] = rk. Zero rows (past T) give finite norms. A k row whose
+  // Σ k² is not finite is marked (past `valid` too: the next packed sequence's row, zeroed in phase B
+  // without poisoning anything) and its norm is zero.
   __device__ void row_norms(const uint8_t *raw) const {
     const int tile = warp >> 1, row_block = warp & 1;
     const uint8_t *x = raw + (tile ? kRawK : kRawQ);
@@ -200,21 +269,66 @@ struct FactorGroup {
     if (e == 0 || e == 1) {
       const float top = e ? acc[0][1] : acc[0][0], bottom = e ? acc[1][3] : acc[1][2];
       const float factor = tile == 0 ? scale : 1.f;
-      float *dst = norms() + tile * kChunk + kSubBlock * row_block + g;
-      dst[0] = (kL2Norm ? rsqrt_approx(top + kNormEpsilon) : 1.f) * factor;
-      dst[8] = (kL2Norm ? rsqrt_approx(bottom + kNormEpsilon) : 1.f) * factor;
+      const int row = kSubBlock * row_block + g;
+      float *dst = norms() + tile * kChunk + row;
+      float n_top = (kL2Norm ? rsqrt_approx(top + kNormEpsilon) : 1.f) * factor;
+      float n_bottom = (kL2Norm ? rsqrt_approx(bottom + kNormEpsilon) : 1.f) * factor;
+      const bool bad_top = tile == 1 && !(top < INFINITY), bad_bottom = tile == 1 && !(bottom < INFINITY);
+      if (bad_top || bad_bottom) {
+        atomicOr(marks(), (bad_top ? 1u << row : 0u) | (bad_bottom ? 1u << (row + 8) : 0u));
+        n_top = bad_top ? 0.f : n_top;
+        n_bottom = bad_bottom ? 0.f : n_bottom;
+      }
+      dst[0] = n_top;
+      dst[8] = n_bottom;
     }
   }
 
   __device__ void write_betas(float logit, int valid) const {
     if (tid < kChunk) {
-      const float b = kBetaSigmoid ? beta_max * reciprocal_approx(1.f + exp2_approx(-logit * kLog2e)) : logit;
+      float b = kBetaSigmoid ? beta_max * reciprocal_approx(1.f + exp2_approx(-logit * kLog2e)) : logit;
+      if (tid < valid && !(fabsf(b) < INFINITY)) {  // runs as padding
+        atomicOr(marks(), 1u << tid);
+        b = 0.f;
+      }
       betas()[tid] = tid < valid ? b : 0.f;
     }
   }
 
-  // B. The elementwise factors of this thread's 16 tokens x 2 channels.
-  __device__ void elementwise_factors(uint8_t *raw, uint8_t *stage, const float (&x)[kSubBlock][2]) const {
+  // B. The elementwise factors of this thread's 16 tokens x 2 channels. A chunk with marked tokens
+  // (a group-uniform branch: every thread reads the word after the same group barrier) then has them
+  // overwritten by `isolate`: a rare, compact second step instead of a second copy of this code.
+  __device__ void elementwise_factors(uint8_t *raw, uint8_t *stage, const float (&x)[kSubBlock][2], int valid) const {
+    elementwise(raw, stage, x);
+    const uint32_t marked = *marks();
+    if (marked != 0u) {
+      const uint32_t poisoned = valid_rows(marked, valid);
+      isolate(raw, stage, base, half, d0, marked, poisoned != 0u ? __ffs(poisoned) - 1 : kChunk);
+    }
+  }
+  // The factors of marked tokens as padding's (every product of their k is zero), and, from the first
+  // marked token among the valid ones on, Qd and the chunk's decay NaN. The same thread's elements as
+  // `elementwise`, which it wrote: no barrier between them. Out of line, as sanitized_sums_into.
+  static __device__ __noinline__ void isolate(uint8_t *raw, uint8_t *stage, uint8_t *base, int half, int d0,
+                                              uint32_t marked, int poisoned_from) {
+    uint8_t *kr = raw + kRawK, *kc = raw + kRawG, *kr_lo = base + kGrKrLo, *kc_lo = base + kGrKcLo;
+    if (half == 1 && poisoned_from < kChunk)
+      *reinterpret_cast<float2 *>(stage + kStDecay + 4 * d0) = make_float2(NAN, NAN);
+#pragma unroll 1
+    for (int j = 0; j < kSubBlock; ++j) {
+      const int t = kSubBlock * half + j;
+      const uint32_t at = raw_offset(t, d0);
+      if ((marked >> t) & 1u) {
+        *reinterpret_cast<uint32_t *>(kr + at) = 0u;
+        *reinterpret_cast<uint32_t *>(kr_lo + at) = 0u;
+        *reinterpret_cast<uint32_t *>(kc + at) = 0u;
+        *reinterpret_cast<uint32_t *>(kc_lo + at) = 0u;
+        for (int ch = 0; ch < 2; ++ch) *reinterpret_cast<uint16_t *>(stage + kStKend + k32_offset(d0 + ch, t)) = 0u;
+      }
+      if (t >= poisoned_from) *reinterpret_cast<uint32_t *>(stage + kStWq + wq_offset(kQdRow0 + t, d0)) = pack_f16(NAN, NAN);
+    }
+  }
+  __device__ void elementwise(uint8_t *raw, uint8_t *stage, const float (&x)[kSubBlock][2]) const {
     uint8_t *q = raw + kRawQ, *k = raw + kRawK, *kc = raw + kRawG;  // Kc over the consumed g
     uint8_t *kr_lo = base + kGrKrLo, *kc_lo = base + kGrKcLo;
     const float2 first = *reinterpret_cast<const float2 *>(sums() + d0);           // Gamma_15

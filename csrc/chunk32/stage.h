@@ -77,7 +77,7 @@ constexpr int kLRow = 36;   // L (32 x 32 f32), rows padded to 16-byte multiples
 constexpr int kTRow = 20;   // T00^T and T11 (16 x 16 f32)
 constexpr int kTbRow = 40;  // T diag(beta rk) (32 x 32 bf16): 80-byte rows for ldmatrix
 constexpr uint32_t kGrRaw = 0;
-constexpr uint32_t kGrLo = kRawSlots * kRawSlotBytes;        // 49152: Kr lo, Kc lo (phases B, C) ...
+constexpr uint32_t kGrLo = kRawSlots * kRawSlotBytes;        // 49152: (A: rare scratch) Kr lo, Kc lo (B, C) ...
 constexpr uint32_t kGrKrLo = kGrLo, kGrKcLo = kGrLo + kRawTileBytes;
 constexpr uint32_t kGrT00t = kGrLo;                           // ... then T00^T, T11, Tb (phases D, E)
 constexpr uint32_t kGrT11 = kGrT00t + kSubBlock * kTRow * kF32Bytes;
@@ -88,7 +88,8 @@ constexpr uint32_t kGrSums = kGrAnchor + kDimK * kF32Bytes;  // [2][128] f32: su
 constexpr uint32_t kGrNorms = kGrSums + 2 * kDimK * kF32Bytes;  // [0..31] scale rq, [32..63] rk
 constexpr uint32_t kGrBeta = kGrNorms + 2 * kChunk * kF32Bytes;
 constexpr uint32_t kGrL = kGrBeta + kChunk * kF32Bytes;
-constexpr uint32_t kGrBytes = align_up(kGrL + kChunk * kLRow * kF32Bytes, kSwizzleAlign);  // 72704
+constexpr uint32_t kGrMarks = kGrL + kChunk * kLRow * kF32Bytes;  // u32: the chunk's non-finite tokens (bits)
+constexpr uint32_t kGrBytes = align_up(kGrMarks + 4, kSwizzleAlign);  // 72704
 static_assert(kGrKrLo % kSwizzleAlign == 0 && kGrKcLo % kSwizzleAlign == 0 && kGrAnchor % 16 == 0 &&
                   kGrNorms % 16 == 0 && kGrL % 16 == 0 && kGrTb % 16 == 0 && kGrT11 % 16 == 0,
               "alignment");
@@ -132,6 +133,10 @@ CHUNK32_HD uint32_t stage_parity(int chunk) { return uint32_t(chunk / kStages) &
 CHUNK32_HD int valid_tokens(int chunk, int tokens) {
   const int left = tokens - chunk * kChunk;
   return left < kChunk ? left : kChunk;
+}
+// The rows of a chunk's row mask (bit t: token t) that are among its `valid` tokens.
+CHUNK32_HD uint32_t valid_rows(uint32_t rows, int valid) {
+  return valid < kChunk ? rows & ((1u << valid) - 1u) : rows;
 }
 
 // ---- parameters --------------------------------------------------------------------------------------

@@ -36,21 +36,12 @@ __device__ __forceinline__ void decay_state(float (&s)[kStateValues], const floa
   }
 }
 
-// One chunk of the chain for this warpgroup's 64 V rows ("two-products" form of state_chain.cu, all
-// accumulators m64n32 or the state): `stage` is the stage's shared address; O^T is left in o.
-// Accumulators of different shapes must not alias (ptxas then serializes the wgmma pipeline, C7511).
-__device__ __forceinline__ void state_step(uint32_t stage, const float *decay, int group, int thread,
-                                           float (&s)[kStateValues], float (&o)[kHalfRo]) {
-  uint32_t sa[kKBlocksState][4];
-#pragma unroll
-  for (int kb = 0; kb < kKBlocksState; ++kb)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) sa[kb][r] = pack_f16(s[8 * kb + 2 * r], s[8 * kb + 2 * r + 1]);
-  // S^T diag(decay) before any wgmma is in flight (ptxas would otherwise insert a wait, C7517).
-  decay_state(s, decay, thread);
-  float r[kHalfRo];
+// R^T = V^T (T beta hi + lo)^T + S^T W'^T into r (sa: S^T as f16 A fragments); with kWithO also
+// O^T = S^T Qd^T into o, in the same batch.
+template <bool kWithO>
+__device__ __forceinline__ void r_products(uint32_t stage, int group, const uint32_t (&sa)[kKBlocksState][4],
+                                          float (&r)[kHalfRo], float (&o)[kHalfRo]) {
   wgmma_fence();
-  // R^T = V^T (T beta hi + lo)^T + S^T W'^T;  O^T = S^T Qd^T
 #pragma unroll
   for (int kb = 0; kb < kKBlocksChunk; ++kb) {
     wgmma_m64n32k16_ss_a_mn_major(r, v_descriptor(stage + kStV, group, kb),
@@ -61,12 +52,38 @@ __device__ __forceinline__ void state_step(uint32_t stage, const float *decay, i
 #pragma unroll
   for (int kb = 0; kb < kKBlocksState; ++kb) {
     wgmma_m64n32k16_rs_f16(r, sa[kb], wq_descriptor(stage + kStWq, kWRow0, kb), 1);
-    wgmma_m64n32k16_rs_f16(o, sa[kb], wq_descriptor(stage + kStWq, kQdRow0, kb), kb > 0);
+    if (kWithO) wgmma_m64n32k16_rs_f16(o, sa[kb], wq_descriptor(stage + kStWq, kQdRow0, kb), kb > 0);
   }
   wgmma_commit();
   wgmma_wait<0>();
   pin_registers(r);
   pin_registers(o);
+}
+
+// The default between the two halves of a step: V stands as loaded.
+struct VAsLoaded {
+  __device__ __forceinline__ bool operator()() const { return false; }
+};
+
+// One chunk of the chain for this warpgroup's 64 V rows ("two-products" form of state_chain.cu, all
+// accumulators m64n32 or the state): `stage` is the stage's shared address; O^T is left in o.
+// Accumulators of different shapes must not alias (ptxas then serializes the wgmma pipeline, C7511).
+// `rewrote_v` runs once R is formed; when it returns true it has changed this group's V in the stage
+// (made visible to wgmma), and R is formed again from it.
+template <typename RewroteV = VAsLoaded>
+__device__ __forceinline__ void state_step(uint32_t stage, const float *decay, int group, int thread,
+                                           float (&s)[kStateValues], float (&o)[kHalfRo],
+                                           const RewroteV &rewrote_v = RewroteV()) {
+  uint32_t sa[kKBlocksState][4];
+#pragma unroll
+  for (int kb = 0; kb < kKBlocksState; ++kb)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) sa[kb][r] = pack_f16(s[8 * kb + 2 * r], s[8 * kb + 2 * r + 1]);
+  // S^T diag(decay) before any wgmma is in flight (ptxas would otherwise insert a wait, C7517).
+  decay_state(s, decay, thread);
+  float r[kHalfRo];
+  r_products<true>(stage, group, sa, r, o);
+  if (rewrote_v()) r_products<false>(stage, group, sa, r, o);
   uint32_t ra[kKBlocksChunk][4];
 #pragma unroll
   for (int kb = 0; kb < kKBlocksChunk; ++kb)

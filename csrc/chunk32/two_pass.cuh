@@ -12,11 +12,13 @@
 //           prototype.
 //   pass 2  state_pass_kernel: one CTA per chain, two state warpgroups (state_step.cuh) and a loader
 //           warp streaming each chunk's factors (one bulk copy) and V (two bulk tensor boxes) into a
-//           kPassStages-deep ring; writes o (bf16) and the final state (fp32). A window after the first
+//           kPassStages-deep ring, and a scanner warp that finds V rows holding non-finite values
+//           beside the state warps' products; writes o (bf16) and the final state (fp32). A window after the first
 //           starts from the final state the last one left.
 // Any T >= 1: pass 1 masks the tokens past T, pass 2 stores only valid tokens.
 #pragma once
 
+#include "../non_finite.cuh"
 #include "factor_group.cuh"
 #include "state_step.cuh"
 
@@ -139,12 +141,14 @@ struct TransitionOutputs {
   float *state = nullptr;  // fp32 state of the transition columns (the initial one of a later window too)
 };
 
-// Pass 2: two state warpgroups and one loader warp; a ring of kPassStages stages.
+// Pass 2: two state warpgroups, a loader warp and a scanner warp; a ring of kPassStages stages. The
+// scanner is a warp of its own so that the loader's copies wait for nothing but a free stage.
 constexpr int kPassStages = 5;  // 4 chunks of lookahead (~3 us, ~190 KB in flight at 0.75 us a step) cover the HBM latency
-constexpr int kLoaderWarp = kStateThreads / 32;
-constexpr int kStateCtaThreads = kStateThreads + 32;  // 288
+constexpr int kLoaderWarp = kStateThreads / 32, kScannerWarp = kLoaderWarp + 1;
+constexpr int kStateCtaThreads = kStateThreads + 2 * 32;  // 320
 constexpr uint32_t kS2Barriers = kPassStages * kStBytes;
-constexpr uint32_t kS2SmBytes = kS2Barriers + 2 * kPassStages * 8 + kSwizzleAlign;
+constexpr uint32_t kS2BadRows = kS2Barriers + 3 * kPassStages * 8;  // after the full, empty, scanned barriers
+constexpr uint32_t kS2SmBytes = kS2BadRows + kPassStages * 4 + kSwizzleAlign;
 static_assert(kS2SmBytes <= kSmLimit, "state pass shared memory");
 
 CHUNK32_HD int ring_stage(int chunk) { return chunk % kPassStages; }
@@ -256,6 +260,8 @@ __global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
   fg.half = fg.warp >> 1;
   fg.d0 = 2 * (((fg.warp & 1) << 5) | fg.lane);
   const bool loader = fg.tid == kLoaderThread;
+  fg.clear_marks();
+  fg.sync();
   auto slot_of = [&](int it) { return smem + kGrRaw + (it % kSlots) * kRawSlotBytes; };
   float beta_logit = 0.f;
   if (range.first < range.last) {
@@ -296,9 +302,10 @@ __global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
     fg.sync();
     clk.mark(kPhBarA);
     uint8_t *stage = factors + size_t(item) * kFactorPitch;  // global: factors[chain][chunk]
-    fg.elementwise_factors(raw, stage, x);
+    fg.elementwise_factors(raw, stage, x, valid);
     clk.mark(kPhElementwise);
     fg.sync();
+    fg.clear_marks();  // read by every thread before the barrier; set again from the next chunk's phase A
     clk.mark(kPhBarB);
     fg.scores(raw, stage);
     clk.mark(kPhScores);
@@ -329,8 +336,10 @@ __global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
 
 // ---- pass 2 ------------------------------------------------------------------------------------------
 struct RingBarriers {
-  uint64_t *full;   // [kPassStages]: factors and V of the stage's chunk arrived (1 arrival + bytes)
-  uint64_t *empty;  // [kPassStages]: the state warpgroups are done with it (kStateThreads arrivals)
+  uint64_t *full;     // [kPassStages]: factors and V of the stage's chunk arrived (1 arrival + bytes)
+  uint64_t *scanned;  // [kPassStages]: the scanner warp has scanned its V (1 arrival)
+  uint64_t *empty;    // [kPassStages]: the state warpgroups are done with it (kStateThreads arrivals)
+  uint32_t *bad_rows;  // [kPassStages]: the stage's token rows of V holding a non-finite value
 };
 
 // A chain's part of a window: its chunks [first, first + count), and where their factors sit.
@@ -365,6 +374,47 @@ __device__ __forceinline__ ChainWindow chain_window(const Window &w, const Chain
   return {first, lower_bound(items, chain.chunks, w.first + w.count) - first, 0, items + first, w.first};
 }
 
+// A non-finite V row would reach the earlier tokens of its chunk through R^T = V^T (T beta)^T (0 x NaN).
+// The scanner warp reads each chunk's V (both state groups' halves, token rows of 128 bytes) once its
+// copies have landed, while the state warps already run the chunk's products, and publishes the rows
+// holding a non-finite value (past the sequence too: a packed batch's next sequence). Only then, and
+// only where there are such rows, the state warps zero them, form R again and make the outputs from the
+// first valid one on and the state NaN (run_state). Measured, the check still costs the state pass 6-11%
+// on A-D (docs/PERFLOG.md); waiting for the verdict before the products cost 29%.
+__device__ void run_scanner(uint8_t *smem, const RingBarriers &bars, const ChainWindow &cw, bool load_v, int lane) {
+  for (int i = 0; i < cw.count; ++i) {
+    const int s = ring_stage(i);
+    mbarrier_wait(&bars.full[s], ring_parity(i));
+    uint32_t bad = 0u;
+    if (load_v) {
+      const uint4 *v = reinterpret_cast<const uint4 *>(smem + s * kStBytes + kStV);
+      constexpr int kPieces = int(kVBytes / 16), kRowPieces = int(kSwizzleRowBytes128 / 16);
+#pragma unroll
+      for (int u = lane; u < kPieces; u += 32) {
+        const uint4 x = v[u];
+        if (non_finite_bf16x2(x.x) | non_finite_bf16x2(x.y) | non_finite_bf16x2(x.z) | non_finite_bf16x2(x.w))
+          bad |= 1u << (u / kRowPieces % kChunk);
+      }
+      bad = __reduce_or_sync(0xFFFFFFFFu, bad);
+    }
+    if (lane == 0) {
+      bars.bad_rows[s] = bad;
+      mbarrier_arrive(&bars.scanned[s]);
+    }
+  }
+}
+
+// The state warpgroup `group`'s half of V in a stage: the token rows in `rows` zeroed, for wgmma to read.
+__device__ void zero_v_rows(uint8_t *stage, int group, uint32_t rows, int thread) {
+  named_barrier(1 + group, kWarpgroupThreads);  // the group's products that read them are done
+  uint4 *v = reinterpret_cast<uint4 *>(stage + kStV + group * kVGroupBytes);
+  constexpr int kRowPieces = int(kSwizzleRowBytes128 / 16);
+  for (int u = thread; u < kChunk * kRowPieces; u += kWarpgroupThreads)
+    if ((rows >> (u / kRowPieces)) & 1u) v[u] = make_uint4(0u, 0u, 0u, 0u);
+  fence_proxy_async();
+  named_barrier(1 + group, kWarpgroupThreads);
+}
+
 // Lane 0 of the loader warp: the chain's chunks of the window, each one's factors (one bulk copy) and V
 // (two boxes) into stage i % kPassStages.
 __device__ void run_loader(const TensorMaps &maps, const uint8_t *factors, uint8_t *smem,
@@ -377,6 +427,18 @@ __device__ void run_loader(const TensorMaps &maps, const uint8_t *factors, uint8
     mbarrier_arrive_expect_bytes(&bars.full[s], kPassFactorBytes);
     bulk_copy_to_shared(stage, factors + cw.factor_of(i) * kFactorPitch, kPassFactorBytes, &bars.full[s]);
   }
+}
+
+// A chunk whose V had a non-finite row among its valid ones (`poisoned`): its outputs from the first
+// such token on and the state are NaN, as the float64 recurrence's are (there only in that row's value
+// columns).
+__device__ __forceinline__ void poison(uint32_t poisoned, int thread, float (&s)[kStateValues], float (&o)[kHalfRo]) {
+  const int from = __ffs(poisoned) - 1;
+#pragma unroll
+  for (int i = 0; i < kHalfRo; ++i)
+    if (acc_col(thread, i) >= from) o[i] = NAN;
+#pragma unroll
+  for (int i = 0; i < kStateValues; ++i) s[i] = NAN;
 }
 
 __device__ void run_state(const FusedParams &p, uint8_t *smem, const RingBarriers &bars, const Chain &chain,
@@ -394,8 +456,18 @@ __device__ void run_state(const FusedParams &p, uint8_t *smem, const RingBarrier
     const int st = ring_stage(i);
     const float *decay = reinterpret_cast<const float *>(smem + st * kStBytes + kStDecay);
     mbarrier_wait(&bars.full[st], ring_parity(i));
-    state_step(stages + st * kStBytes, decay, group, thread, s, o);
+    uint32_t bad = 0u;
+    auto rewrote_v = [&] {  // once R is formed: the scanner's verdict on this chunk's V
+      mbarrier_wait(&bars.scanned[st], ring_parity(i));
+      bad = bars.bad_rows[st];  // rewritten only after this stage is released
+      if (bad == 0u) return false;
+      zero_v_rows(smem + st * kStBytes, group, bad, thread);
+      return true;
+    };
+    state_step(stages + st * kStBytes, decay, group, thread, s, o, rewrote_v);
     mbarrier_arrive(&bars.empty[st]);  // every wgmma reading the stage has completed (wait_group 0)
+    const uint32_t poisoned = valid_rows(bad, valid_tokens(first + i, chain.tokens));
+    if (poisoned != 0u) poison(poisoned, thread, s, o);
     store_outputs(p, chain, first + i, group, thread, o);
   }
   store_final_state(p, chain, group, thread, s);
@@ -427,10 +499,12 @@ __global__ void __launch_bounds__(kStateCtaThreads, 1)
     }
     fence_proxy_async();  // the zeros are read by wgmma (the async proxy)
   }
-  const RingBarriers bars{bar_base, bar_base + kPassStages};
+  const RingBarriers bars{bar_base, bar_base + kPassStages, bar_base + 2 * kPassStages,
+                          reinterpret_cast<uint32_t *>(smem + kS2BadRows)};
   if (threadIdx.x == 0) {
     for (int i = 0; i < kPassStages; ++i) {
       mbarrier_init(&bars.full[i], 1);
+      mbarrier_init(&bars.scanned[i], 1);
       mbarrier_init(&bars.empty[i], kStateThreads);
     }
     fence_barrier_init();
@@ -441,6 +515,8 @@ __global__ void __launch_bounds__(kStateCtaThreads, 1)
   const int warp = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / 32, 0);
   if (warp < kLoaderWarp) {
     run_state(q, smem, bars, chain, warp / (kWarpgroupThreads / 32), cw.first, cw.count, transition && w.first == 0);
+  } else if (warp == kScannerWarp) {
+    run_scanner(smem, bars, cw, !transition, int(threadIdx.x % 32));
   } else if (threadIdx.x % 32 == 0) {
     run_loader(maps, factors, smem, bars, chain, cw, !transition);
   }
