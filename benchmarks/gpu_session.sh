@@ -7,12 +7,15 @@
 # bytes; DECODE_ARGS), `segments` (time and error against the number of segments; SWEEP_ARGS),
 # `profile-decode` (Nsight Compute on the decode kernel; PROFILE_DECODE_ARGS e.g. "k-first bfloat16"),
 # `sharded` (time against the number of GPUs), `notebook` (runs NOTEBOOK in a Jupyter kernel, returned
-# with outputs). PREBUILT_WHEELS names a folder holding a jax_kda wheel built on this machine earlier,
+# with outputs), `kernel-times` (each kernel's device time, KT_ARGS, e.g. "--cases ACD --calls 10"; with
+# BASELINE, a source tree such as `git archive main` unpacked in an ignored and carried folder, built
+# beside this one and timed after it in the same call: an A/B on one card). PREBUILT_WHEELS names a folder holding a jax_kda wheel built on this machine earlier,
 # installed instead of building. Logs, the benchmark tables (JSON) and plot go to $OUT.
 #   BENCH_ARGS="--cases AEF" bash benchmarks/gpu_session.sh test bench
 #   TESTS=tests/test_sharding_gpu.py NOTEBOOK=sharded_prefill bash benchmarks/gpu_session.sh test sharded notebook
 #   TESTS="tests/test_decode_cuda.py tests/test_flax_layer.py" bash benchmarks/gpu_session.sh test
 #   TESTS=tests/test_cuda.py PYTEST_ARGS="-k 'non_finite or packed'" bash benchmarks/gpu_session.sh test
+#   BASELINE=.ab/main KT_ARGS="--cases ACD" bash benchmarks/gpu_session.sh kernel-times
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -52,14 +55,28 @@ for step in "$@"; do
     bench)
       (cd /tmp && python3 "$repo/benchmarks/bench_prefill.py" --json "$out/bench.json" --plot "$out/bench.png" \
         ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log" | tail -20) || status=1 ;;
-    profile)  # Nsight Compute on the third kernel launch of one case (PROFILE_CASE, default F)
-      (cd "$repo/benchmarks" && ncu --clock-control none -k regex:kda_prefill_kernel --launch-skip 2 --launch-count 1 \
+    profile)  # Nsight Compute on the third launch of one kernel (PROFILE_KERNEL, a name regex, default the
+      # chunk-16 kernel; e.g. factor_pass_kernel) in one case (PROFILE_CASE, default F); then its warps'
+      # stall reasons, cycles per issued instruction (instruction fetch: "no_instruction")
+      (cd "$repo/benchmarks" && ncu --clock-control none -k "regex:${PROFILE_KERNEL:-kda_prefill_kernel}" \
+        --launch-skip 2 --launch-count 1 \
         --set full --import-source yes -f -o "$out/prefill" python3 profile_prefill.py "${PROFILE_CASE:-F}" \
         > "$out/ncu.log" 2>&1 && ncu -i "$out/prefill.ncu-rep" --print-details all > "$out/ncu_details.txt" 2>&1 \
+        && ncu -i "$out/prefill.ncu-rep" --page raw --csv > "$out/ncu_raw.csv" 2>&1 \
         && ncu -i "$out/prefill.ncu-rep" --page source --csv --print-source sass > "$out/ncu_source.csv" 2>&1) \
         || { tail -20 "$out/ncu.log"; status=1; }
       grep -E "Duration|Registers Per|Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput" \
-        "$out/ncu_details.txt" | head -12 ;;
+        "$out/ncu_details.txt" | head -12
+      python3 - "$out/ncu_raw.csv" <<'STALLS'
+import csv, sys
+header, units, values = list(csv.reader(open(sys.argv[1])))[:3]
+prefix, suffix = "smsp__average_warps_issue_stalled_", "_per_issue_active.ratio"
+stalls = {h[len(prefix):-len(suffix)]: float(v) for h, v in zip(header, values)
+          if h.startswith(prefix) and h.endswith(suffix) and v.replace(".", "", 1).isdigit()}
+print("stalls, cycles per issued instruction:", ", ".join(f"{k} {v:.2f}" for k, v in
+      sorted(stalls.items(), key=lambda kv: -kv[1])[:8]))
+STALLS
+      ;;
     profile-decode)  # Nsight Compute on the third decode-kernel launch
       (cd "$repo/benchmarks" && ncu --clock-control none -k regex:decode_kernel --launch-skip 2 --launch-count 1 \
         --set full --import-source yes -f -o "$out/decode" python3 profile_decode.py ${PROFILE_DECODE_ARGS:-} \
@@ -84,6 +101,20 @@ for step in "$@"; do
       cp "$repo/notebooks/$nb" "$out/$nb"
       (cd /tmp && python3 "$repo/notebooks/run_notebook.py" "$out/$nb" --write 2>&1 | tee "$out/notebook.log" \
         | tail -12) || status=1 ;;
+    kernel-times)
+      if [[ -n "${BASELINE:-}" && ! -d /tmp/baseline_site ]]; then
+        JAX_KDA_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/baseline_site \
+          "$repo/$BASELINE" > "$out/baseline_build.log" 2>&1 || { tail -20 "$out/baseline_build.log"; status=1; continue; }
+      fi
+      : > "$out/kernel_times.log"
+      for tree in this ${BASELINE:+baseline}; do
+        echo "== $tree" >> "$out/kernel_times.log"
+        site=${PYTHONPATH:-}
+        [[ $tree == baseline ]] && site=/tmp/baseline_site${PYTHONPATH:+:$PYTHONPATH}
+        (cd /tmp && PYTHONPATH=$site python3 "$repo/benchmarks/kernel_times.py" ${KT_ARGS:-} \
+          >> "$out/kernel_times.log" 2>&1) || status=1
+      done
+      grep -E "^==|^case|ms " "$out/kernel_times.log" | cut -c1-110 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
