@@ -8,14 +8,14 @@
 # `profile-decode` (Nsight Compute on the decode kernel; PROFILE_DECODE_ARGS e.g. "k-first bfloat16"),
 # `sharded` (time against the number of GPUs), `notebook` (runs NOTEBOOK in a Jupyter kernel, returned
 # with outputs), `kernel-times` (each kernel's device time, KT_ARGS, e.g. "--cases ACD --calls 10"; with
-# BASELINE, a source tree such as `git archive main` unpacked in an ignored and carried folder, built
-# beside this one and timed after it in the same call: an A/B on one card). PREBUILT_WHEELS names a folder holding a jax_kda wheel built on this machine earlier,
+# BASELINE, source trees such as `git archive main` unpacked in an ignored and carried folder, each
+# built beside this one and timed after it in the same call: A/Bs on one card). PREBUILT_WHEELS names a folder holding a jax_kda wheel built on this machine earlier,
 # installed instead of building. Logs, the benchmark tables (JSON) and plot go to $OUT.
 #   BENCH_ARGS="--cases AEF" bash benchmarks/gpu_session.sh test bench
 #   TESTS=tests/test_sharding_gpu.py NOTEBOOK=sharded_prefill bash benchmarks/gpu_session.sh test sharded notebook
 #   TESTS="tests/test_decode_cuda.py tests/test_flax_layer.py" bash benchmarks/gpu_session.sh test
 #   TESTS=tests/test_cuda.py PYTEST_ARGS="-k 'non_finite or packed'" bash benchmarks/gpu_session.sh test
-#   BASELINE=.ab/main KT_ARGS="--cases ACD" bash benchmarks/gpu_session.sh kernel-times
+#   BASELINE=".ab/main .ab/fold:IJ" KT_ARGS="--cases ACD" bash benchmarks/gpu_session.sh kernel-times
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -101,20 +101,25 @@ STALLS
       cp "$repo/notebooks/$nb" "$out/$nb"
       (cd /tmp && python3 "$repo/notebooks/run_notebook.py" "$out/$nb" --write 2>&1 | tee "$out/notebook.log" \
         | tail -12) || status=1 ;;
-    kernel-times)
-      if [[ -n "${BASELINE:-}" && ! -d /tmp/baseline_site ]]; then
-        JAX_KDA_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/baseline_site \
-          "$repo/$BASELINE" > "$out/baseline_build.log" 2>&1 || { tail -20 "$out/baseline_build.log"; status=1; continue; }
-      fi
+    kernel-times)  # this tree, then each of BASELINE's (space-separated; "tree:CASES" times those cases)
       : > "$out/kernel_times.log"
-      for tree in this ${BASELINE:+baseline}; do
-        echo "== $tree" >> "$out/kernel_times.log"
+      for entry in this ${BASELINE:-}; do
+        tree=${entry%%:*} cases=""
+        [[ $entry == *:* ]] && cases="--cases ${entry#*:}"
         site=${PYTHONPATH:-}
-        [[ $tree == baseline ]] && site=/tmp/baseline_site${PYTHONPATH:+:$PYTHONPATH}
-        (cd /tmp && PYTHONPATH=$site python3 "$repo/benchmarks/kernel_times.py" ${KT_ARGS:-} \
+        if [[ $tree != this ]]; then
+          site=/tmp/site_$(basename "$tree")
+          if [[ ! -d $site ]]; then
+            JAX_KDA_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps --target "$site" "$repo/$tree" \
+              > "$out/build_$(basename "$tree").log" 2>&1 || { echo "== $tree: build failed"; status=1; continue; }
+          fi
+          site=$site${PYTHONPATH:+:$PYTHONPATH}
+        fi
+        echo "== $entry" >> "$out/kernel_times.log"
+        (cd /tmp && PYTHONPATH=$site python3 "$repo/benchmarks/kernel_times.py" ${KT_ARGS:-} $cases \
           >> "$out/kernel_times.log" 2>&1) || status=1
       done
-      grep -E "^==|^case|ms " "$out/kernel_times.log" | cut -c1-110 ;;
+      grep -E "^==|^case|sum per call|ms " "$out/kernel_times.log" | cut -c1-110 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
