@@ -24,7 +24,7 @@
 // (Σ k², beta, each sub-block's decay sum; q reaches only its own row and is not marked); only a chunk
 // with a mark takes the slower paths: its marked tokens run as padding (k, beta and the bad decays
 // zero), and Qd from the first marked row on and the chunk's decay are NaN, so that those outputs and
-// the state leave as NaN. (A non-finite V the state pass's loader finds: two_pass.cuh.)
+// the state leave as NaN. (A non-finite V the state pass's scanner warp finds: two_pass.cuh.)
 #pragma once
 
 #include <cuda.h>
