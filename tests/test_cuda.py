@@ -257,10 +257,7 @@ def test_nan_inputs_give_nan(case, where):
         s[0, 0, 3, 5] = np.nan
         c.kwargs["initial_state"] = jnp.asarray(s)
     else:
-        idx = ["q", "k", "v", "g", "beta"].index(where)
-        a = np.array(c.args[idx].astype(jnp.float32))
-        a[0, 10, 0] = np.nan
-        c.args = c.args[:idx] + (jnp.asarray(a, c.args[idx].dtype),) + c.args[idx + 1:]
+        put_input_value(c, where, 10, np.nan)
     o, final = run_cuda(c)
     # q feeds only the output; everything else reaches the state too.
     assert np.isnan(np.asarray(o[0], np.float32)).any()
@@ -317,28 +314,35 @@ def test_non_finite_token_stays_in_its_packed_sequence(case, two_pass, where, va
     c = case(seqlens=[45, 60, 30], H=1, HV=2, K=128, V=128, dtype="bfloat16", gate="bounded",
              state_v_first=True)
     assert takes_two_pass(c)
-    clean_o, clean_final = (np.asarray(a, np.float32) for a in run_cuda(c))
-    idx = ["q", "k", "v", "g", "beta"].index(where)
-    a = np.array(c.args[idx].astype(jnp.float32))
-    a[0, 45, 0] = value  # the first token of sequence 1, head 0
-    c.args = c.args[:idx] + (jnp.asarray(a, c.args[idx].dtype),) + c.args[idx + 1:]
-    o, final = (np.asarray(x, np.float32) for x in run_cuda(c))
+    (clean_o, clean_final), (o, final) = run_clean_and_with(c, where, value, 45)  # sequence 1's first token
     np.testing.assert_array_equal(o[0, :45], clean_o[0, :45])
     np.testing.assert_array_equal(o[0, 105:], clean_o[0, 105:])
     np.testing.assert_array_equal(final[[0, 2]], clean_final[[0, 2]])
     assert not np.isfinite(o[0, 45, [0, 1] if where in ("q", "k") else [0]]).all()
 
 
+def put_input_value(c, where, token, value):
+    """`value` into input `where` of `c` at `token` of row 0 and head 0 (q/k head 0 feeds both value
+    heads; else value head 0), in place of the element there."""
+    idx = ["q", "k", "v", "g", "beta"].index(where)
+    a = np.array(c.args[idx].astype(jnp.float32))
+    a[0, token, 0] = value
+    c.args = c.args[:idx] + (jnp.asarray(a, c.args[idx].dtype),) + c.args[idx + 1:]
+
+
+def run_clean_and_with(c, where, value, token):
+    """(o, final state) of the call as it is, then with `value` put in (`put_input_value`, which `c`
+    keeps); float32 arrays."""
+    clean = tuple(np.asarray(a, np.float32) for a in run_cuda(c))
+    put_input_value(c, where, token, value)
+    return clean, tuple(np.asarray(x, np.float32) for x in run_cuda(c))
+
+
 def check_non_finite_isolated(c, where, value, token=43, same_sub_block_exact=True):
     """A non-finite `where` at `token` of sequence 0 (head 0) reaches no earlier token, no other sequence
     and no other value head; its own output is not finite. The earlier tokens are bit-identical to the
     clean call's, or (`same_sub_block_exact=False`) those of its 16-token sub-block within rounding."""
-    clean_o, clean_final = (np.asarray(a, np.float32) for a in run_cuda(c))
-    idx = ["q", "k", "v", "g", "beta"].index(where)
-    a = np.array(c.args[idx].astype(jnp.float32))
-    a[0, token, 0] = value  # sequence 0, q/k head 0 (feeds both value heads) or value head 0
-    c.args = c.args[:idx] + (jnp.asarray(a, c.args[idx].dtype),) + c.args[idx + 1:]
-    o, final = (np.asarray(x, np.float32) for x in run_cuda(c))
+    (clean_o, clean_final), (o, final) = run_clean_and_with(c, where, value, token)
     exact = token if same_sub_block_exact else token - token % 16
     np.testing.assert_array_equal(o[0, :exact], clean_o[0, :exact])  # the kernels are deterministic
     assert np.isfinite(o[0, :token]).all() and rel_err(o[0, :token], clean_o[0, :token]) < BF16_TOL
