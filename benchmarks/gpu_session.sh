@@ -2,15 +2,15 @@
 # One session on a lent Hopper GPU (see ../.library/device): install the carried wheels (.whl/), build
 # jax_kda with its kernels, then run what is asked, in any order: `test` (the GPU test suite; TESTS,
 # PYTEST_ARGS, TEST_TIMEOUT), `bench` (the prefill benchmark; BENCH_ARGS are passed to it), `profile`
-# (Nsight Compute on one case),
+# (Nsight Compute on one kernel of one case, and its stall reasons; PROFILE_KERNEL, PROFILE_CASE),
 # `decode` (generation with the notebook's model, and the decode step, XLA and the kernel, against its
 # bytes; DECODE_ARGS), `segments` (time and error against the number of segments; SWEEP_ARGS),
 # `profile-decode` (Nsight Compute on the decode kernel; PROFILE_DECODE_ARGS e.g. "k-first bfloat16"),
 # `sharded` (time against the number of GPUs), `notebook` (runs NOTEBOOK in a Jupyter kernel, returned
 # with outputs), `kernel-times` (each kernel's device time, KT_ARGS, e.g. "--cases ACD --calls 10"; with
 # BASELINE, source trees such as `git archive main` unpacked in an ignored and carried folder, each
-# built beside this one and timed after it in the same call: A/Bs on one card). PREBUILT_WHEELS names a folder holding a jax_kda wheel built on this machine earlier,
-# installed instead of building. Logs, the benchmark tables (JSON) and plot go to $OUT.
+# built beside this one and timed after it in the same call: A/Bs on one card). PREBUILT_WHEELS names a
+# folder holding a jax_kda wheel built on this machine earlier, installed instead of building. Logs, the benchmark tables (JSON) and plot go to $OUT.
 #   BENCH_ARGS="--cases AEF" bash benchmarks/gpu_session.sh test bench
 #   TESTS=tests/test_sharding_gpu.py NOTEBOOK=sharded_prefill bash benchmarks/gpu_session.sh test sharded notebook
 #   TESTS="tests/test_decode_cuda.py tests/test_flax_layer.py" bash benchmarks/gpu_session.sh test

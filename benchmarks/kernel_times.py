@@ -4,9 +4,10 @@ device trace (CUPTI), for bench_prefill.py's cases and inputs.
     python benchmarks/kernel_times.py [--cases IJF] [--gate bounded] [--kernel auto] [--calls 20]
 
 For each case: the path the call takes, the median span of the call's XLA module on the GPU (where the
-trace has it), the kernels' sum per call, and per kernel name its launches and GPU milliseconds per call (summed over the call, averaged over `--calls`
-back-to-back calls after a warm-up). `--kernel chunk-16` or `two-pass` forces the prefill's kernel
-where the two-pass kernel takes the call (as the tests' fixture does).
+trace has it), the kernels' sum per call, and per kernel name its launches and GPU milliseconds per call
+(summed over the call, averaged over `--calls` back-to-back calls after a warm-up). `--kernel chunk-16`
+or `two-pass` forces the prefill's kernel where the two-pass kernel takes the call (as the tests'
+fixture does).
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@
 //   pass 2  state_pass_kernel: one CTA per chain, two state warpgroups (state_step.cuh) and a loader
 //           warp streaming each chunk's factors (one bulk copy) and V (two bulk tensor boxes) into a
 //           kPassStages-deep ring, and a scanner warp that finds V rows holding non-finite values
-//           beside the state warps' products; writes o (bf16) and the final state (fp32). A window after the first
-//           starts from the final state the last one left.
+//           beside the state warps' products; writes o (bf16) and the final state (fp32). A window
+//           after the first starts from the final state the last one left.
 // Any T >= 1: pass 1 masks the tokens past T, pass 2 stores only valid tokens.
 #pragma once
 
