@@ -11,6 +11,7 @@
 // the second column block's queries come from L2.
 
 #include <cute/arch/copy_sm80.hpp>
+#include <type_traits>
 
 #include "device_helpers.cuh"
 #include "kda_correct.h"
@@ -62,27 +63,23 @@ template <int K>
 __device__ void load_tile(const CorrectParams &p, int head, int c0, int t0, int end, int lane,
                           typename Smem<K>::Tile &tile) {
   using S = Smem<K>;
-  constexpr int kQueryPieces = K / 8, kOutPieces = kColumns / 8;  // 16-byte pieces per row
   const bf16 *o_aug = static_cast<const bf16 *>(p.o_aug);
   const int width = p.head_dim_v + K;
-  auto copy = [](const bf16 *src, bf16 *dst, bool ok) {
-    cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(*reinterpret_cast<const uint128_t *>(src),
-                                                           *reinterpret_cast<uint128_t *>(dst), ok);
+  // Columns [col, col + 8 kPieces) of the tile's token rows into dst (rows `row_elements` apart).
+  auto copy_rows = [&](auto pieces, int col, bf16 *dst, int row_elements) {
+    constexpr int kPieces = decltype(pieces)::value;  // 16-byte pieces per row
+#pragma unroll
+    for (int i = lane; i < kTile * kPieces; i += 32) {
+      const int r = i / kPieces, piece = i % kPieces, t = t0 + r;
+      const bool ok = t < end;
+      const bf16 *src = o_aug + (ok ? (int64_t(t) * p.value_heads + head) * width + col : 0) + piece * 8;
+      cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
+          *reinterpret_cast<const uint128_t *>(src),
+          *reinterpret_cast<uint128_t *>(dst + r * row_elements + piece * 8), ok);
+    }
   };
-#pragma unroll
-  for (int i = lane; i < kTile * kQueryPieces; i += 32) {
-    const int r = i / kQueryPieces, piece = i % kQueryPieces, t = t0 + r;
-    const bool ok = t < end;
-    copy(o_aug + (ok ? (int64_t(t) * p.value_heads + head) * width + p.head_dim_v : 0) + piece * 8,
-         tile.queries + r * S::kQueryRow + piece * 8, ok);
-  }
-#pragma unroll
-  for (int i = lane; i < kTile * kOutPieces; i += 32) {
-    const int r = i / kOutPieces, piece = i % kOutPieces, t = t0 + r;
-    const bool ok = t < end;
-    copy(o_aug + (ok ? (int64_t(t) * p.value_heads + head) * width + c0 : 0) + piece * 8,
-         tile.out + r * S::kOutRow + piece * 8, ok);
-  }
+  copy_rows(std::integral_constant<int, K / 8>(), p.head_dim_v, tile.queries, S::kQueryRow);
+  copy_rows(std::integral_constant<int, kColumns / 8>(), c0, tile.out, S::kOutRow);
 }
 
 // Copies the CTA's 64 columns of the state entering segment `seg` into shared memory (all threads).
