@@ -9,8 +9,9 @@
 # `sharded` (time against the number of GPUs), `notebook` (runs NOTEBOOK in a Jupyter kernel, returned
 # with outputs), `kernel-times` (each kernel's device time, KT_ARGS, e.g. "--cases ACD --calls 10"; with
 # BASELINE, source trees such as `git archive main` unpacked in an ignored and carried folder, each
-# built beside this one and timed after it in the same call: A/Bs on one card). PREBUILT_WHEELS names a
-# folder holding a jax_kda wheel built on this machine earlier, installed instead of building. Logs, the benchmark tables (JSON) and plot go to $OUT.
+# built beside this one, in parallel, and timed after it in the same call: A/Bs on one card).
+# PREBUILT_WHEELS=/tmp/jax_kda_wheel, on a machine still warm from a call that built this tree, installs
+# that call's wheel instead of building. Logs, the benchmark tables (JSON) and plot go to $OUT.
 #   BENCH_ARGS="--cases AEF" bash benchmarks/gpu_session.sh test bench
 #   TESTS=tests/test_sharding_gpu.py NOTEBOOK=sharded_prefill bash benchmarks/gpu_session.sh test sharded notebook
 #   TESTS="tests/test_decode_cuda.py tests/test_flax_layer.py" bash benchmarks/gpu_session.sh test
@@ -29,16 +30,30 @@ if compgen -G "$repo/.whl/*.whl" > /dev/null; then
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 start=$(date +%s)
-# A wheel built earlier on this machine (PREBUILT_WHEELS, e.g. by a background `pip wheel` in the call
-# before, while the machine stayed warm) saves the build.
+# BASELINE's trees (kernel-times) build in the background beside this one: one tree's four kernel
+# translation units leave most of the machine's cores idle.
+baseline_site() { echo "/tmp/site_$(basename "${1%%:*}")"; }
+baseline_builds=()
+for entry in ${BASELINE:-}; do
+  tree=${entry%%:*}
+  [[ -d $(baseline_site "$tree") ]] && continue
+  JAX_KDA_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps --target "$(baseline_site "$tree")" \
+    "$repo/$tree" > "$out/build_$(basename "$tree").log" 2>&1 &
+  baseline_builds+=($!)
+done
+# This tree's wheel stays in /tmp/jax_kda_wheel: a later call on the same warm machine passes
+# PREBUILT_WHEELS=/tmp/jax_kda_wheel and saves the build.
 if [[ -n "${PREBUILT_WHEELS:-}" ]] && compgen -G "$PREBUILT_WHEELS/jax_kda-*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --force-reinstall "$PREBUILT_WHEELS"/jax_kda-*.whl \
-    > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
-  echo "installed the prebuilt wheel"
+  wheels=$PREBUILT_WHEELS
+  echo "installing the prebuilt wheel"
 else
-  JAX_KDA_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps "$repo" > "$out/build.log" 2>&1 \
+  wheels=/tmp/jax_kda_wheel
+  rm -rf "$wheels"
+  JAX_KDA_CUDA=1 python3 -m pip wheel -q --no-build-isolation --no-deps -w "$wheels" "$repo" > "$out/build.log" 2>&1 \
     || { tail -40 "$out/build.log"; exit 1; }
 fi
+python3 -m pip install -q --no-index --no-deps --force-reinstall "$wheels"/jax_kda-*.whl >> "$out/build.log" 2>&1 \
+  || { tail -40 "$out/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
 
 status=0
@@ -103,16 +118,15 @@ STALLS
         | tail -12) || status=1 ;;
     kernel-times)  # this tree, then each of BASELINE's (space-separated; "tree:CASES" times those cases)
       : > "$out/kernel_times.log"
+      (( ${#baseline_builds[@]} )) && wait "${baseline_builds[@]}"
+      baseline_builds=()
       for entry in this ${BASELINE:-}; do
         tree=${entry%%:*} cases=""
         [[ $entry == *:* ]] && cases="--cases ${entry#*:}"
         site=${PYTHONPATH:-}
         if [[ $tree != this ]]; then
-          site=/tmp/site_$(basename "$tree")
-          if [[ ! -d $site ]]; then
-            JAX_KDA_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps --target "$site" "$repo/$tree" \
-              > "$out/build_$(basename "$tree").log" 2>&1 || { echo "== $tree: build failed"; status=1; continue; }
-          fi
+          site=$(baseline_site "$tree")
+          [[ -f $site/jax_kda/__init__.py ]] || { echo "== $tree: build failed (build_$(basename "$tree").log)"; status=1; continue; }
           site=$site${PYTHONPATH:+:$PYTHONPATH}
         fi
         echo "== $entry" >> "$out/kernel_times.log"
