@@ -135,11 +135,20 @@ def correct_xla(o_aug: jax.Array, entries: jax.Array, bounds: tuple[int, ...]) -
     return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
 
 
+def folded_entry_states(transition: jax.Array, local: jax.Array, initial: jax.Array):
+    """`entry_states` along axis 1 by folding the segments in turn (S_j+1 = Phi_j S_j + L_j): P dependent
+    products and no running Phi products, which the cut on one GPU does not need."""
+    states = [initial]
+    for j in range(transition.shape[1]):
+        states.append(advance(transition[:, j], local[:, j], states[-1]))
+    return jnp.stack(states[:-1], axis=1), states[-1]
+
+
 def finish(s: Summaries, entry: jax.Array, correct=correct_xla) -> tuple[jax.Array, jax.Array]:
     """The outputs `[B, T, HV, V]` and the final state `[B, HV, K, V]` (float32) when the sequences
     enter their first segment with state `entry` `[B, HV, K, V]` (float32). `correct` is `correct_xla`
     or a kernel with its signature."""
-    entries, final = entry_states(s.transition, s.local, entry, axis=1)
+    entries, final = folded_entry_states(s.transition, s.local, entry)
     return correct(s.o_aug, entries, s.bounds), final
 
 
