@@ -141,6 +141,16 @@ def test_running_summaries_equal_the_serial_fold(rng):
         assert rel_err(got_t[:, j], t) < 1e-5 and rel_err(got_l[:, j], l) < 1e-5
 
 
+def test_folded_entry_states_equal_the_scan(rng):
+    P, K, V = 5, 8, 5
+    transition = jnp.asarray(rng.standard_normal((2, P, 3, K, K)) / np.sqrt(K), jnp.float32)
+    local = jnp.asarray(rng.standard_normal((2, P, 3, K, V)), jnp.float32)
+    initial = jnp.asarray(rng.standard_normal((2, 3, K, V)), jnp.float32)
+    for got, want in zip(segments.folded_entry_states(transition, local, initial),
+                         segments.entry_states(transition, local, initial, axis=1)):
+        assert got.shape == want.shape and rel_err(got, want) < 1e-5
+
+
 def test_transition_columns_carry_the_affine_summary(case, rng):
     """The columns after V hold Φ: the final state from any S_in is Φ S_in + S_local."""
     c = case(B=2, T=70, H=2, K=16, V=24, gate="softplus", initial_state=None)
