@@ -91,6 +91,7 @@ stalls = {h[len(prefix):-len(suffix)]: float(v) for h, v in zip(header, values)
 print("stalls, cycles per issued instruction:", ", ".join(f"{k} {v:.2f}" for k, v in
       sorted(stalls.items(), key=lambda kv: -kv[1])[:8]))
 STALLS
+      python3 "$repo/benchmarks/ncu_hotspots.py" "$out/ncu_source.csv" 2>&1 | tee "$out/ncu_hotspots.txt" | head -40
       ;;
     profile-decode)  # Nsight Compute on the third decode-kernel launch
       (cd "$repo/benchmarks" && ncu --clock-control none -k regex:decode_kernel --launch-skip 2 --launch-count 1 \
