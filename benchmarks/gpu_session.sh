@@ -32,8 +32,9 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,
 start=$(date +%s)
 # BASELINE's trees (kernel-times) build in the background beside this one: one tree's four kernel
 # translation units leave most of the machine's cores idle.
-baseline_site() { echo "/tmp/site_$(basename "${1%%:*}")"; }
+baseline_site() { echo "/tmp/site_$(basename "$1")"; }
 baseline_builds=()
+[[ " $* " == *" kernel-times "* ]] || BASELINE=""  # only that step times them
 for entry in ${BASELINE:-}; do
   tree=${entry%%:*}
   [[ -d $(baseline_site "$tree") ]] && continue
