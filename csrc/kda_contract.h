@@ -86,15 +86,18 @@ constexpr const char *two_pass_unsupported(int head_dim_k, int head_dim_v, bool 
 }
 
 // The two-pass prefill's workspace, and the windows it runs in. The passes run window by window; a
-// window's factors fill at most kTwoPassWorkspaceBudget (one chunk of every chain at least): a window
-// is a range of chunks of every chain, or, packed, of items (chain, chunk) in chunk-major order, planned
-// on the device. After the factors: when the call writes no final state, an fp32 state per chain
-// (`carried_columns` wide: V, or V + K with transition columns; 0 when the final state carries it);
-// when packed, the plan (an int2 and an int per item, an int per chain and two more).
+// window is a range of chunks of every chain, or, packed, of items (chain, chunk) in chunk-major order,
+// planned on the device. When every item's factors fit kTwoPassWorkspaceBudget, one window; otherwise
+// two buffers of half of it alternate, so that the factor pass of the next window fills one while the
+// state pass of this one reads the other (one chunk of every chain a window at least). After the
+// factors: when the call writes no final state, an fp32 state per chain (`carried_columns` wide: V, or
+// V + K with transition columns; 0 when the final state carries it); when packed, the plan (an int2 and
+// an int per item, an int per chain and two more).
 struct TwoPassLayout {
   int64_t window = 0;   // chunks of every chain a window (packed: items)
   int64_t windows = 0;  // windows to run (packed: some may hold no items)
   int64_t items = 0;    // packed: items at most
+  int64_t buffers = 0, buffer = 0;  // factor buffers (1, or 2 alternating) and the bytes of one
   int64_t carry = 0, plan = 0, bytes = 0;  // offsets of the state carry and of the plan; the size
 };
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -103,21 +106,41 @@ constexpr TwoPassLayout two_pass_layout(int64_t sequences, int64_t tokens, int64
   TwoPassLayout l{};
   const int64_t chains = sequences * value_heads, chunks = ceil_div(tokens, kTwoPassChunk);
   if (chains <= 0 || chunks <= 0) return l;  // nothing to run
-  const int64_t fit = kTwoPassWorkspaceBudget / kTwoPassFactorBytes;  // items
-  int64_t factors = 0;
-  if (packed) {  // every sequence may end in a partial chunk
-    l.items = value_heads * (chunks + sequences);
+  if (packed) l.items = value_heads * (chunks + sequences);  // every sequence may end in a partial chunk
+  const int64_t whole = kTwoPassWorkspaceBudget / kTwoPassFactorBytes;  // items
+  l.buffers = (packed ? l.items : chains * chunks) <= whole ? 1 : 2;
+  const int64_t fit = whole / l.buffers;
+  if (packed) {
     l.window = fit < l.items ? fit : l.items;
-    factors = l.window * kTwoPassFactorBytes;
+    l.buffer = l.window * kTwoPassFactorBytes;
   } else {
     l.window = fit / chains < 1 ? 1 : fit / chains < chunks ? fit / chains : chunks;
-    factors = chains * l.window * kTwoPassFactorBytes;
+    l.buffer = chains * l.window * kTwoPassFactorBytes;
   }
   l.windows = ceil_div(packed ? l.items : chunks, l.window);
-  l.carry = factors;
+  if (l.windows == 1) l.buffers = 1;  // one chunk of more chains than the budget holds
+  l.carry = l.buffers * l.buffer;
   l.plan = l.carry + chains * kTwoPassHeadDim * carried_columns * int64_t(sizeof(float));
   l.bytes = l.plan + (packed ? l.items * int64_t(sizeof(int32_t) * 3) + (chains + 2) * int64_t(sizeof(int32_t)) : 0);
   return l;
+}
+
+// The windows as the launcher runs them (kda_two_pass_kernel.cu): overlapped where the layout has two
+// buffers and the state pass's CTAs (a multiprocessor each) leave some multiprocessors to the next
+// window's factor pass; otherwise serial, the two buffers taken as one (half as many windows).
+struct TwoPassSchedule {
+  bool overlapped = false;
+  int64_t buffers = 0, window = 0, windows = 0;  // buffers taken in turn; chunks (packed: items) a window
+};
+constexpr TwoPassSchedule two_pass_schedule(const TwoPassLayout &l, int64_t tokens, int64_t state_ctas,
+                                            int64_t multiprocessors) {
+  TwoPassSchedule s{};
+  if (l.windows == 0) return s;
+  s.overlapped = l.buffers > 1 && state_ctas < multiprocessors;
+  s.buffers = s.overlapped ? l.buffers : 1;
+  s.window = l.window * (l.buffers / s.buffers);
+  s.windows = ceil_div(l.items > 0 ? l.items : ceil_div(tokens, kTwoPassChunk), s.window);  // items: packed
+  return s;
 }
 
 // Value columns one CTA of the prefill owns (128 or 64 state rows: one or two consumer warpgroups);

@@ -3,15 +3,23 @@
 //
 // Per window (chunks [first, first + count) of every chain; packed sequences: a range of items in the
 // chunk-major order a first small kernel plans from cu_seqlens on the device): the factor pass builds
-// every item's factors into the workspace across the whole GPU, then the state pass runs each chain's
-// chunks of the window in order from them. The state crosses windows in fp32 through the final-state
-// buffer (or the workspace's carry when the call writes no final state), so the outputs are bit for
-// bit those of one window. Both kernels read
-// q, k, g and v by bulk tensor copies, whose tensor maps are built here on the host per call (the
-// kernels take them by value: nothing is allocated, and a captured graph keeps them).
+// every item's factors into a buffer of the workspace across the whole GPU, then the state pass runs
+// each chain's chunks of the window in order from them. With several windows the workspace holds two
+// buffers, and where the chains are fewer than the multiprocessors the passes overlap: the factor pass
+// of window i + 1 (XLA's stream, one item a CTA so that its CTAs retire) runs beside the state pass of
+// window i (a stream of the highest priority, which takes the multiprocessors they free), so the
+// multiprocessors the chains leave idle build factors. Events order them: a state pass after its
+// window's factors, a factor pass into a buffer after the state pass that read it, and XLA's stream
+// after the last state pass (CUDA graph capture records them as edges). The state crosses windows in
+// fp32 through the final-state buffer (or the workspace's carry when the call writes no final state),
+// so the outputs are bit for bit those of one window. Both kernels read q, k, g and v by bulk tensor
+// copies, whose tensor maps are built here on the host per call (the kernels take them by value:
+// nothing is allocated, and a captured graph keeps them).
 
 #include <cuda.h>
 #include <cudaTypedefs.h>
+
+#include <vector>
 
 #include "chunk32/two_pass.cuh"
 #include "kda_contract.h"
@@ -55,7 +63,37 @@ bool encode_token_map(CUtensorMap *map, const void *base, int batch, int tokens,
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// The two passes window by window (layout: kda_contract.h's TwoPassLayout of the call).
+// The state pass's stream and the events of the overlapped windows, one set per host thread and device,
+// created on first use and kept: a stream joined to a CUDA graph capture stays in it until the capture
+// ends, so no other thread's call may share it.
+struct OverlapStreams {
+  cudaStream_t state = nullptr;  // at the device's highest priority
+  cudaEvent_t start, factors_ready[2], state_done[2], end;
+};
+
+cudaError_t overlap_streams(int device, OverlapStreams **out) {
+  thread_local std::vector<OverlapStreams> per_device;
+  if (device >= int(per_device.size())) per_device.resize(device + 1);
+  OverlapStreams &o = per_device[device];
+  if (o.state == nullptr) {
+    int least = 0, greatest = 0;
+    cudaError_t err = cudaDeviceGetStreamPriorityRange(&least, &greatest);
+    for (cudaEvent_t *e : {&o.start, &o.factors_ready[0], &o.factors_ready[1], &o.state_done[0], &o.state_done[1],
+                           &o.end}) {
+      if (err == cudaSuccess) err = cudaEventCreateWithFlags(e, cudaEventDisableTiming);
+    }
+    if (err == cudaSuccess) err = cudaStreamCreateWithPriority(&o.state, cudaStreamNonBlocking, greatest);
+    if (err != cudaSuccess) {
+      o.state = nullptr;
+      return err;
+    }
+  }
+  *out = &o;
+  return cudaSuccess;
+}
+
+// The two passes window by window (layout: kda_contract.h's TwoPassLayout of the call), serial or
+// overlapped as its TwoPassSchedule says.
 template <bool kL2Norm, bool kBetaSigmoid>
 cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const TransitionOutputs &transition,
                            uint8_t *factors, const TwoPassLayout &layout, const PackedItems &packed,
@@ -75,28 +113,50 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
   if (err != cudaSuccess) return err;
   if (resident < 1) return cudaErrorInvalidConfiguration;
   const int chains = (p.cu_seqlens != nullptr ? p.sequences : p.batch) * p.heads;
-  const int chunks = (p.tokens + kChunk - 1) / kChunk, window = int(layout.window);
+  const dim3 state_grid(chains, transition.o != nullptr ? 2 : 1);  // y = 1: the transition slice
+  const TwoPassSchedule schedule =
+      two_pass_schedule(layout, p.tokens, int64_t(state_grid.x) * state_grid.y, multiprocessors);
+  const bool overlapped = schedule.overlapped;
+  OverlapStreams *o = nullptr;
+  if (overlapped && (err = overlap_streams(device, &o)) != cudaSuccess) return err;
+  const cudaStream_t state_stream = overlapped ? o->state : stream;
+  const int chunks = (p.tokens + kChunk - 1) / kChunk, window = int(schedule.window);
   if (p.cu_seqlens != nullptr) {  // the items' plan, from the lengths on the device
     const int64_t pairs = chunks + p.sequences;  // at most
     const int ctas = int((pairs * p.heads + kPlanThreads - 1) / kPlanThreads);
     plan_packed_kernel<<<ctas < 4 * multiprocessors ? ctas : 4 * multiprocessors, kPlanThreads, 0, stream>>>(
         p.cu_seqlens, p.sequences, p.heads, packed);
   }
-  for (int i = 0; i < int(layout.windows); ++i) {
+  if (overlapped) {  // the state pass's stream after what came before on XLA's (inputs, the plan)
+    if ((err = cudaEventRecord(o->start, stream)) != cudaSuccess) return err;
+    if ((err = cudaStreamWaitEvent(o->state, o->start, 0)) != cudaSuccess) return err;
+  }
+  for (int i = 0; i < int(schedule.windows); ++i) {
+    const int b = i % int(schedule.buffers);
+    uint8_t *buffer = factors + b * layout.buffer;
     Window w;
     w.first = i * window;
     w.count = packed.chain_chunk != nullptr || window < chunks - w.first ? window : chunks - w.first;
     w.packed = packed;
     const int items = packed.chain_chunk != nullptr ? window : chains * w.count;  // at most
-    const int factor_ctas = items < multiprocessors * resident ? items : multiprocessors * resident;
-    factor_kernel<<<factor_ctas, kFactorThreads, kF1SmBytes, stream>>>(p, maps, factors, w);
+    // Overlapped: one item a CTA; otherwise every resident slot, each CTA a range of items.
+    const int factor_ctas = overlapped || items < multiprocessors * resident ? items : multiprocessors * resident;
+    if (overlapped && i >= 2 && (err = cudaStreamWaitEvent(stream, o->state_done[b], 0)) != cudaSuccess) return err;
+    factor_kernel<<<factor_ctas, kFactorThreads, kF1SmBytes, stream>>>(p, maps, buffer, w);
+    if (overlapped) {
+      if ((err = cudaEventRecord(o->factors_ready[b], stream)) != cudaSuccess) return err;
+      if ((err = cudaStreamWaitEvent(o->state, o->factors_ready[b], 0)) != cudaSuccess) return err;
+    }
     FusedParams state_params = p;
     if (i > 0) state_params.initial_state = p.final_state;  // where the last window left each state
-    const dim3 state_grid(chains, transition.o != nullptr ? 2 : 1);  // y = 1: the transition slice
-    state_pass_kernel<<<state_grid, kStateCtaThreads, kS2SmBytes, stream>>>(state_params, maps, factors, w,
-                                                                          transition);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
+    state_pass_kernel<<<state_grid, kStateCtaThreads, kS2SmBytes, state_stream>>>(state_params, maps, buffer, w,
+                                                                                transition);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    if (overlapped && (err = cudaEventRecord(o->state_done[b], o->state)) != cudaSuccess) return err;
+  }
+  if (overlapped) {  // XLA's stream after the last state pass
+    if ((err = cudaEventRecord(o->end, o->state)) != cudaSuccess) return err;
+    if ((err = cudaStreamWaitEvent(stream, o->end, 0)) != cudaSuccess) return err;
   }
   return cudaSuccess;
 }

@@ -63,6 +63,8 @@ NB_MODULE(_kda_ext, m) {
           d["window"] = l.window;
           d["windows"] = l.windows;
           d["items"] = l.items;
+          d["buffers"] = l.buffers;
+          d["buffer"] = l.buffer;
           d["carry"] = l.carry;
           d["plan"] = l.plan;
           d["bytes"] = l.bytes;
@@ -70,6 +72,21 @@ NB_MODULE(_kda_ext, m) {
         },
         nb::arg("sequences"), nb::arg("tokens"), nb::arg("value_heads"), nb::arg("packed"), nb::arg("carried_columns"),
         "The two-pass prefill's windows and workspace (kda_contract.h's TwoPassLayout) as a dict.");
+  m.def("two_pass_schedule",
+        [](int64_t sequences, int64_t tokens, int64_t value_heads, bool packed, int64_t state_ctas,
+           int64_t multiprocessors) {
+          const TwoPassSchedule s = two_pass_schedule(two_pass_layout(sequences, tokens, value_heads, packed, 0),
+                                                      tokens, state_ctas, multiprocessors);
+          nb::dict d;
+          d["overlapped"] = s.overlapped;
+          d["buffers"] = s.buffers;
+          d["window"] = s.window;
+          d["windows"] = s.windows;
+          return d;
+        },
+        nb::arg("sequences"), nb::arg("tokens"), nb::arg("value_heads"), nb::arg("packed"), nb::arg("state_ctas"),
+        nb::arg("multiprocessors"),
+        "How the two-pass prefill runs its windows (kda_contract.h's TwoPassSchedule) as a dict.");
   m.def("prefill_v_slice", &prefill_v_slice, nb::arg("sequences"), nb::arg("value_heads"), nb::arg("head_dim_v"),
         nb::arg("multiprocessors"), "Value columns one CTA of the prefill owns (64 or 128).");
 

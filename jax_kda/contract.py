@@ -32,12 +32,15 @@ prefill_v_slice = _kda_ext.prefill_v_slice  # (sequences, value_heads, head_dim_
 # The two-pass chunk-32 prefill: the calls it takes, its windows and its workspace.
 TWO_PASS_CHUNK: int = int(_kda_ext.two_pass_chunk)
 TWO_PASS_FACTOR_BYTES: int = int(_kda_ext.two_pass_factor_bytes)  # one chunk of one chain
-TWO_PASS_WORKSPACE_BUDGET: int = int(_kda_ext.two_pass_workspace_budget)  # for the factors of a window
+TWO_PASS_WORKSPACE_BUDGET: int = int(_kda_ext.two_pass_workspace_budget)  # for the factors
 TWO_PASS_MAX_PACKED_SEQUENCES: int = int(_kda_ext.two_pass_max_packed_sequences)
 two_pass_unsupported = _kda_ext.two_pass_unsupported  # (k, v, packed, sequences, gate, lower_bound,
 #                                                        plain_inputs, fp32_states) -> reason or None
-# (sequences, tokens, value_heads, packed, carried_columns) -> dict(window, windows, items, carry, plan, bytes)
+# (sequences, tokens, value_heads, packed, carried_columns)
+#   -> dict(window, windows, items, buffers, buffer, carry, plan, bytes)
 two_pass_layout = _kda_ext.two_pass_layout
+# (sequences, tokens, value_heads, packed, state_ctas, multiprocessors) -> dict(overlapped, buffers, window, windows)
+two_pass_schedule = _kda_ext.two_pass_schedule
 
 
 def cuda_registrations() -> dict:

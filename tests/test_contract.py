@@ -99,11 +99,15 @@ def test_two_pass_workspace_is_bounded_and_carries_the_state_without_a_final_sta
     chains, tokens = 96, 8192  # case A: 767 MB of factors in one window, more than the budget
     chunks = tokens // contract.TWO_PASS_CHUNK
     a = layout(1, tokens, chains)
-    assert 1 <= a["window"] < chunks and a["windows"] == -(-chunks // a["window"])
-    assert a["carry"] == chains * a["window"] * contract.TWO_PASS_FACTOR_BYTES <= contract.TWO_PASS_WORKSPACE_BUDGET
+    assert 1 <= a["window"] < chunks and a["windows"] == -(-chunks // a["window"]) == 3
+    assert a["buffers"] == 2 and a["buffer"] == chains * a["window"] * contract.TWO_PASS_FACTOR_BYTES
+    assert a["carry"] == 2 * a["buffer"] <= contract.TWO_PASS_WORKSPACE_BUDGET
     assert a["bytes"] == a["carry"]  # the final state carries the state between windows
-    assert layout(1, 96, 4)["window"] == 3 and layout(1, 96, 4)["windows"] == 1  # what fits runs in one window
-    assert layout(1, 160, 10**6)["window"] == 1  # and a window holds one chunk at least
+    f = layout(1, 96, 4)  # what fits runs in one window, one buffer
+    assert f["window"] == 3 and f["windows"] == 1 and f["buffers"] == 1
+    one_chunk = layout(1, 160, 10**6)  # a window holds one chunk at least
+    assert one_chunk["window"] == 1 and one_chunk["buffers"] == 2
+    assert layout(1, 32, 10**6)["buffers"] == 1  # one window: no second buffer
     assert layout(0, 160, 4)["bytes"] == 0 and layout(4, 0, 4)["bytes"] == 0  # nothing to run
     assert layout(1, tokens, chains, 128)["bytes"] - a["bytes"] == chains * 128 * 128 * 4  # fp32 states
     assert layout(1, tokens, chains, 256)["bytes"] - a["bytes"] == chains * 128 * 256 * 4  # + transitions
@@ -112,16 +116,32 @@ def test_two_pass_workspace_is_bounded_and_carries_the_state_without_a_final_sta
 
 
 def test_two_pass_workspace_of_packed_sequences_holds_their_plan():
-    sequences, tokens, heads = 6, 8192, 96  # case C: 24,864 items at most, two windows
+    sequences, tokens, heads = 6, 8192, 96  # case C: 24,864 items at most, three windows in two buffers
     p = contract.two_pass_layout(sequences, tokens, heads, True, 0)
     items = heads * (tokens // contract.TWO_PASS_CHUNK + sequences)  # each sequence may end in a partial chunk
-    assert p["items"] == items and p["window"] * contract.TWO_PASS_FACTOR_BYTES <= contract.TWO_PASS_WORKSPACE_BUDGET
-    assert p["windows"] == -(-items // p["window"]) == 2
-    assert p["plan"] == p["carry"] == p["window"] * contract.TWO_PASS_FACTOR_BYTES
+    assert p["items"] == items and p["buffers"] == 2 and p["buffer"] == p["window"] * contract.TWO_PASS_FACTOR_BYTES
+    assert p["windows"] == -(-items // p["window"]) == 3
+    assert p["plan"] == p["carry"] == 2 * p["buffer"] <= contract.TWO_PASS_WORKSPACE_BUDGET
     assert p["bytes"] - p["plan"] == items * 12 + (sequences * heads + 2) * 4  # (chain, chunk), item of; chains
     small = contract.two_pass_layout(3, 100, 2, True, 128)  # one window of every item
-    assert small["window"] == small["items"] == 2 * (4 + 3) and small["windows"] == 1
+    assert small["window"] == small["items"] == 2 * (4 + 3) and small["windows"] == 1 and small["buffers"] == 1
     assert small["plan"] - small["carry"] == 3 * 2 * 128 * 128 * 4
+
+
+def test_two_pass_windows_overlap_where_the_chains_leave_multiprocessors_idle():
+    schedule = contract.two_pass_schedule
+    e = schedule(1, 32768, 32, False, 32, 132)  # case E: 32 state-pass CTAs on 132 multiprocessors
+    assert e["overlapped"] and e["buffers"] == 2
+    assert e["windows"] == contract.two_pass_layout(1, 32768, 32, False, 0)["windows"] == 4
+    d = schedule(8, 1024, 96, False, 768, 132)  # case D: 768 CTAs, the GPU full: serial, the buffers as one
+    layout = contract.two_pass_layout(8, 1024, 96, False, 0)
+    assert not d["overlapped"] and d["buffers"] == 1 and d["window"] == 2 * layout["window"]
+    assert d["windows"] == -(-32 // d["window"]) == 2 < layout["windows"]
+    c = schedule(6, 8192, 96, True, 576, 132)  # packed: windows of items
+    assert not c["overlapped"] and c["windows"] == 2
+    assert not schedule(1, 32768, 32, False, 132, 132)["overlapped"]  # no multiprocessor left over
+    assert schedule(1, 2048, 32, False, 32, 132) == dict(overlapped=False, buffers=1, window=64, windows=1)
+    assert schedule(0, 2048, 32, False, 0, 132)["windows"] == 0
 
 
 @pytest.mark.parametrize("change,words", [

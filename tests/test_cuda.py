@@ -62,8 +62,8 @@ def test_two_pass_kernel_lowers_with_its_workspace(monkeypatch, output_final_sta
     calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
     assert len(calls) == 1 and "two_pass = true" in calls[0], calls
     layout = contract.two_pass_layout(1, T, H, False, 0)
-    assert layout["windows"] > 1
-    factors = H * layout["window"] * contract.TWO_PASS_FACTOR_BYTES
+    assert layout["windows"] > 1 and layout["buffers"] == 2
+    factors = 2 * H * layout["window"] * contract.TWO_PASS_FACTOR_BYTES
     assert factors <= contract.TWO_PASS_WORKSPACE_BUDGET
     carry = 0 if output_final_state else H * K * K * 4  # the state between windows, when no final state is kept
     assert f"tensor<{factors + carry}xui8>" in calls[0]
@@ -468,17 +468,26 @@ def test_two_pass_sizes(case, two_pass, B, T):
 @gpu
 @needs_kernels
 @pytest.mark.parametrize("output_final_state", [True, False])
-@pytest.mark.parametrize("shape,windowed", [
-    # 96 chains x 188 chunks of factors exceed the workspace budget: two windows of chunks.
-    (dict(B=1, T=6000), (1, 6000, False)),
-    # 96 x (125 + 63 + 1 + 4 + 3) items at most: two windows of the chunk-major order; an empty sequence.
-    (dict(seqlens=[4000, 2000, 0, 100]), (4, 6100, True)),
-], ids=["equal", "packed"])
-def test_two_pass_windows(case, two_pass, shape, windowed, output_final_state):
+@pytest.mark.parametrize("shape,overlapped", [
+    # 32 chains x 563 chunks of factors exceed the workspace budget: three windows in two buffers, each
+    # window's state pass beside the next one's factor pass (the third reuses the first's buffer).
+    (dict(B=1, T=18000, H=16, HV=32), True),
+    # 2 sequences x 32 heads, 32 x (375 + 250 + 2) items at most: three windows of the chunk-major order.
+    (dict(seqlens=[12000, 8000], H=16, HV=32), True),
+    # 96 x (125 + 63 + 1 + 4 + 3) items at most and 384 state CTAs, more than the multiprocessors:
+    # serial, the two buffers as one, two windows; an empty sequence.
+    (dict(seqlens=[4000, 2000, 0, 100], H=48, HV=96), False),
+], ids=["equal-overlapped", "packed-overlapped", "packed-serial"])
+def test_two_pass_windows(case, two_pass, shape, overlapped, output_final_state):
     # The state carried from one window to the next in the final state (or, when none is kept, in the workspace).
-    c = case(**{**TWO_PASS_CALL, **shape, "H": 48, "HV": 96, "output_final_state": output_final_state})
-    sequences, tokens, packed = windowed
-    assert contract.two_pass_layout(sequences, tokens, 96, packed, 0)["windows"] == 2
+    c = case(**{**TWO_PASS_CALL, **shape, "output_final_state": output_final_state})
+    packed = "seqlens" in shape
+    sequences, tokens = (len(shape["seqlens"]), sum(shape["seqlens"])) if packed else (shape["B"], shape["T"])
+    chains = sequences * shape["HV"]
+    if overlapped and chains >= paths.multiprocessors():
+        pytest.skip(f"{chains} state-pass CTAs fill this GPU's {paths.multiprocessors()} multiprocessors")
+    schedule = contract.two_pass_schedule(sequences, tokens, shape["HV"], packed, chains, paths.multiprocessors())
+    assert schedule["overlapped"] == overlapped and schedule["windows"] == (3 if overlapped else 2), schedule
     assert takes_two_pass(c)
     check_against_oracle(c)
 
