@@ -2,7 +2,8 @@
 test_decode_cuda.py (under compute-sanitizer, or with XLA's CUDA graphs switched on through XLA_FLAGS):
 `run` / `check` a packed prefill with the softplus gate (the chunk-16 kernel); with the bounded gate (the
 two-pass kernel) `-two-pass` sequences of equal length, `-two-pass-packed` the packed one, `-two-pass-cut`
-one long sequence cut into segments (its transition columns); `-decode` a decode step.
+one long sequence cut into segments (its transition columns), `-two-pass-windows` one whose factors
+take three windows, overlapped (a second stream, joined back by events); `-decode` a decode step.
 
 `run...`: the call alone. `check...`: several jitted calls, compared with the XLA path; prints "ok".
 """
@@ -49,8 +50,14 @@ def decode(impl):
 decoding = sys.argv[1].endswith("decode")
 if "two-pass" in sys.argv[1]:
     kwargs["lower_bound"] = -5.0
-    if not sys.argv[1].endswith("packed"):  # two sequences of 70 tokens (a partial last chunk of 32), or one of 4096
-        B, T = (1, 4096) if sys.argv[1].endswith("cut") else (2, 70)
+    if not sys.argv[1].endswith("packed"):  # two sequences of 70 tokens (a partial last chunk of 32), one of
+        # 4096 (cut), or one of 18000 tokens with 32 value heads (three windows)
+        B, T = {"cut": (1, 4096), "windows": (1, 18000)}.get(sys.argv[1].split("-")[-1], (2, 70))
+        if sys.argv[1].endswith("windows"):
+            H, HV = 16, 32
+            kwargs["A_log"] = jnp.asarray(rng.random(HV), jnp.float32)
+            kwargs["dt_bias"] = jnp.asarray(rng.random((HV, K)), jnp.float32)
+            kwargs["initial_state"] = jnp.asarray(rng.standard_normal((B, HV, V, K)), jnp.float32)
         args = (bf(B, T, H, K), bf(B, T, H, K), bf(B, T, HV, V), bf(B, T, HV, K), bf(B, T, HV))
         del kwargs["cu_seqlens"]
         kwargs["initial_state"] = kwargs["initial_state"][:B]

@@ -622,7 +622,7 @@ SANITIZED_CALLS = SMALL_CALLS + [("-two-pass-cut", "correct_kernel")]
 
 @gpu
 @needs_kernels
-@pytest.mark.parametrize("call,kernel_name", SMALL_CALLS)
+@pytest.mark.parametrize("call,kernel_name", SMALL_CALLS + [("-two-pass-windows", "pass_kernel")])
 def test_cuda_graphs(call, kernel_name):
     env = dict(os.environ, XLA_FLAGS="--xla_gpu_enable_command_buffer=CUSTOM_CALL --xla_gpu_graph_min_graph_size=1")
     out = subprocess.run([sys.executable, SCRIPT, "check" + call], env=env, capture_output=True, text=True,
