@@ -76,13 +76,19 @@ cudaError_t overlap_streams(int device, OverlapStreams **out) {
   if (device >= int(per_device.size())) per_device.resize(device + 1);
   OverlapStreams &o = per_device[device];
   if (o.state == nullptr) {
+    // In the relaxed capture mode, the thread's mode put back after: the first call may come inside
+    // XLA's CUDA graph capture, which refuses some runtime calls; creating these records nothing in it.
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    cudaError_t err = cudaThreadExchangeStreamCaptureMode(&mode);
+    if (err != cudaSuccess) return err;
     int least = 0, greatest = 0;
-    cudaError_t err = cudaDeviceGetStreamPriorityRange(&least, &greatest);
+    err = cudaDeviceGetStreamPriorityRange(&least, &greatest);
     for (cudaEvent_t *e : {&o.start, &o.factors_ready[0], &o.factors_ready[1], &o.state_done[0], &o.state_done[1],
                            &o.end}) {
       if (err == cudaSuccess) err = cudaEventCreateWithFlags(e, cudaEventDisableTiming);
     }
     if (err == cudaSuccess) err = cudaStreamCreateWithPriority(&o.state, cudaStreamNonBlocking, greatest);
+    cudaThreadExchangeStreamCaptureMode(&mode);
     if (err != cudaSuccess) {
       o.state = nullptr;
       return err;
