@@ -67,6 +67,12 @@ constexpr uint32_t kSwizzleAtomBytes64 = 512;
 constexpr uint32_t kSwizzleAlign = 1024;       // tile bases: absolute address bits 7-9 must be the row
 
 CHUNK32_HD uint32_t swizzle_128b(uint32_t byte) { return byte ^ (((byte >> 7) & 7u) << 4); }
+// swizzle_128b(row * 128 + column_byte) for a column byte below 128, written out: the column's 16-byte
+// chunk XOR row % 8. The same offset, but the compiler sees the XOR fold to a constant for a
+// compile-time row (through swizzle_128b's shifts it cannot bound the column).
+CHUNK32_HD uint32_t swizzle_128b_at(uint32_t row, uint32_t column_byte) {
+  return row * kSwizzleRowBytes128 + (column_byte ^ (row % 8 * 16));
+}
 CHUNK32_HD uint32_t swizzle_64b(uint32_t byte) { return byte ^ (((byte >> 7) & 3u) << 4); }
 
 // ---- the factor stage: one chunk's factors, as the state warpgroups read them --------------------
@@ -98,9 +104,8 @@ static_assert(kStageWq % kSwizzleAlign == 0 && kStageTa % kSwizzleAlign == 0 && 
 
 // Byte offset of element (row, channel) inside tile WQ.
 CHUNK32_HD uint32_t wq_offset(int row, int channel) {
-  const uint32_t linear = uint32_t(row / 8) * kWqGroupBytes + uint32_t(channel / 64) * kSwizzleAtomBytes128 +
-                          uint32_t(row % 8) * kSwizzleRowBytes128 + uint32_t(channel % 64) * kBf16Bytes;
-  return swizzle_128b(linear);
+  const uint32_t r = uint32_t(row), c = uint32_t(channel);
+  return r / 8 * kWqGroupBytes + c / 64 * kSwizzleAtomBytes128 + swizzle_128b_at(r % 8, c % 64 * kBf16Bytes);
 }
 // Byte offset of element (row, col) inside a K-major tile of 32 bf16 per row (TA, KendT).
 CHUNK32_HD uint32_t k32_offset(int row, int col) {
@@ -108,8 +113,8 @@ CHUNK32_HD uint32_t k32_offset(int row, int col) {
 }
 // Byte offset of V[token][value] inside tile V.
 CHUNK32_HD uint32_t v_offset(int token, int value) {
-  return uint32_t(value / kGroupRows) * kVGroupBytes +
-         swizzle_128b(uint32_t(token) * kSwizzleRowBytes128 + uint32_t(value % kGroupRows) * kBf16Bytes);
+  const uint32_t v = uint32_t(value);
+  return v / kGroupRows * kVGroupBytes + swizzle_128b_at(uint32_t(token), v % kGroupRows * kBf16Bytes);
 }
 
 // ---- wgmma shared-memory descriptors ------------------------------------------------------------

@@ -68,8 +68,8 @@ constexpr uint32_t kRawQ = 0, kRawK = kRawTileBytes, kRawG = 2 * kRawTileBytes;
 constexpr uint32_t kRawSlotBytes = 3 * kRawTileBytes;  // 24576 (beta is prefetched into registers instead)
 
 CHUNK32_HD uint32_t raw_offset(int row, int channel) {
-  return uint32_t(channel / kRawBoxChannels) * kRawHalfBytes +
-         swizzle_128b(uint32_t(row) * kSwizzleRowBytes128 + uint32_t(channel % kRawBoxChannels) * kBf16Bytes);
+  const uint32_t c = uint32_t(channel);
+  return c / kRawBoxChannels * kRawHalfBytes + swizzle_128b_at(uint32_t(row), c % kRawBoxChannels * kBf16Bytes);
 }
 
 // ---- a factor group's own area ----------------------------------------------------------------------
