@@ -264,10 +264,11 @@ __global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
   fg.sync();
   auto slot_of = [&](int it) { return smem + kGrRaw + (it % kSlots) * kRawSlotBytes; };
   float beta_logit = 0.f;
+  ItemPlace here{};  // the item's place, worked out once: as the next item's in the iteration before
   if (range.first < range.last) {
-    const ItemPlace first = place_of(p, w, range.first);
-    if (loader) issue_raw_loads(maps, first.chain, first.chunk, slot_of(0), &raw_full[0]);
-    beta_logit = load_beta(p, first.chain, first.chunk, fg.tid);
+    here = place_of(p, w, range.first);
+    if (loader) issue_raw_loads(maps, here.chain, here.chunk, slot_of(0), &raw_full[0]);
+    beta_logit = load_beta(p, here.chain, here.chunk, fg.tid);
   }
   int gate_head = -1;
   for (int item = range.first, it = 0; item < range.last; ++item, ++it) {
@@ -275,13 +276,13 @@ __global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
     clk.begin(item, fg.tid);
     const int next = item + 1;
     float next_beta_logit = 0.f;
+    ItemPlace nx{};
     if (next < range.last) {  // the next item's loads into the other slot (freed at the end of the last one)
-      const ItemPlace nx = place_of(p, w, next);
+      nx = place_of(p, w, next);
       if (kSlots > 1 && loader) issue_raw_loads(maps, nx.chain, nx.chunk, slot_of(it + 1), &raw_full[(it + 1) % kSlots]);
       next_beta_logit = load_beta(p, nx.chain, nx.chunk, fg.tid);
     }
     fg.launder_indices();
-    const ItemPlace here = place_of(p, w, item);
     const Chain &chain = here.chain;
     const int c = here.chunk;
     if (chain.head != gate_head) {
@@ -325,12 +326,12 @@ __global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
     fence_proxy_async();
     fg.sync();
     if (kSlots == 1 && loader && next < range.last) {  // the one slot is free now
-      const ItemPlace nx = place_of(p, w, next);
       issue_raw_loads(maps, nx.chain, nx.chunk, slot_of(it + 1), &raw_full[0]);
     }
     clk.mark(kPhBarE);
     clk.end();
     beta_logit = next_beta_logit;
+    here = nx;
   }
 }
 
