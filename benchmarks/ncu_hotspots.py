@@ -24,7 +24,10 @@ def main():
     p.add_argument("source_csv")
     p.add_argument("--top", type=int, default=30)
     args = p.parse_args()
-    rows = [r for r in csv.DictReader(open(args.source_csv)) if r]
+    lines = open(args.source_csv).read().splitlines()
+    # Nsight Compute may put the kernel's name on a line of its own above the table's header.
+    start = next((i for i, line in enumerate(lines) if line.startswith('"Address"')), 0)
+    rows = [r for r in csv.DictReader(lines[start:]) if r]
     header = list(rows[0]) if rows else []
     samples = next((h for h in header if h.startswith("Warp Stall Sampling (All")), None)
     source = next((h for h in header if h.strip() == "Source"), None)
