@@ -72,8 +72,10 @@ def main():
     runs = [json.load(open(path)) for path in args.results]
     devices = {r["device"] for r in runs}
     rows = {}
-    for run in runs:  # a later file's row of a case replaces an earlier one
-        rows.update({row["case"]: row for row in run["rows"]})
+    for run in runs:  # a later file's figures of a case replace an earlier one's, column by column (a
+        # `--rows ours` run after a run with the peers keeps the peers)
+        for row in run["rows"]:
+            rows.setdefault(row["case"], {}).update(row)
     rows = [rows[c] for c in sorted(rows)]
     print(table(rows, ", ".join(sorted(devices))))
     if args.plot:
