@@ -227,6 +227,7 @@ class CardFigures(NamedTuple):
     join_seconds: float  # the fold of the segments' summaries and the cut's reshapes (XLA's small kernels)
     factor_seconds: float  # two-pass: one 32-token chunk's factors, per multiprocessor, the GPU full
     state_seconds: float  # two-pass: one 32-token step of a chain's state pass
+    overlapped_state_seconds: float  # the same step with the next window's factor pass beside it
     window_seconds: float  # two-pass: what each window after the first adds (a factor-pass tail, launches)
 
 
@@ -238,9 +239,14 @@ class CardFigures(NamedTuple):
 # measured after it, 2026-12-02); the two-pass ones from the prototype's runs of 2026-12-02
 # (factor pass 3.8-3.9 us a chunk a multiprocessor; state step 1.05 us on E, 1.38 on A; windows of
 # 128 MB: +15-23 us a window), which the library's kernel matched (A: factor pass 0.710 ms, state
-# pass 0.328 for 24,576 chunks of 96 chains).
+# pass 0.328 for 24,576 chunks of 96 chains); the factor pass with its lean addresses (2026-12-02,
+# seventh session: A 0.659 ms, C 0.666, D 0.662, CUPTI) 3.55 us a chunk; the state step with the
+# factor pass beside it (overlapped windows) fitted to that session's E and G (1.833 and 6.954 ms):
+# ~1.53 us (why it is slower is not yet separated: the clock with every multiprocessor busy, or the
+# factors' loads beside the factor pass's stores).
 MEASURED_CARDS = {"NVIDIA H200": CardFigures(chunk_seconds=2.28e-6, crowding=0.23, correction_bandwidth=2.3e12,
-                                             join_seconds=1e-4, factor_seconds=3.8e-6, state_seconds=1.25e-6,
+                                             join_seconds=1e-4, factor_seconds=3.55e-6, state_seconds=1.25e-6,
+                                             overlapped_state_seconds=1.53e-6,
                                              window_seconds=2e-5)}
 # Cards not measured: an H100 SXM has the H200's multiprocessors and clocks (its bandwidth, 3.0 TB/s
 # against 4.8, only enters the correction term); the multiprocessor count is always the card's own.
@@ -265,13 +271,13 @@ def _two_pass_seconds(sequences, tokens, value_heads, transition, multiprocessor
     schedule = contract.two_pass_schedule(sequences, tokens, value_heads, False, state_ctas, multiprocessors)
     windows = schedule["windows"]
     factors = chains * chunks * card.factor_seconds  # multiprocessor-seconds
-    state = -(-state_ctas // multiprocessors) * chunks * card.state_seconds
+    steps = -(-state_ctas // multiprocessors) * chunks
     tails = max(windows - 1, 0) * card.window_seconds
     if not schedule["overlapped"]:
-        return factors / multiprocessors + state + tails
+        return factors / multiprocessors + steps * card.state_seconds + tails
+    state = steps * card.overlapped_state_seconds
     # The first window's factors alone, then the state passes beside the other windows' factors on the
-    # multiprocessors the chains leave: the longer of the chain and the work over the whole GPU (the
-    # prototype's E, 1.55 ms, against 1.58 from this).
+    # multiprocessors the chains leave: the longer of the chain and the work over the whole GPU.
     rest = factors * (windows - 1) / windows
     return factors / windows / multiprocessors + max(state, (rest + state * state_ctas) / multiprocessors) + tails
 
