@@ -9,7 +9,8 @@
 # `sharded` (time against the number of GPUs), `notebook` (runs NOTEBOOK in a Jupyter kernel, returned
 # with outputs), `kernel-times` (each kernel's device time, KT_ARGS, e.g. "--cases ACD --calls 10"; with
 # BASELINE, source trees such as `git archive main` unpacked in an ignored and carried folder, each
-# built beside this one, in parallel, and timed after it in the same call: A/Bs on one card).
+# built beside this one, in parallel, and timed after it in the same call: A/Bs on one card; CLOCKS=1
+# adds the SM clock and power while each tree's run kept the GPU busy).
 # PREBUILT_WHEELS=/tmp/jax_kda_wheel, on a machine still warm from a call that built this tree, installs
 # that call's wheel instead of building. Logs, the benchmark tables (JSON) and plot go to $OUT.
 #   BENCH_ARGS="--cases AEF" bash benchmarks/gpu_session.sh test bench
@@ -132,10 +133,19 @@ STALLS
           site=$site${PYTHONPATH:+:$PYTHONPATH}
         fi
         echo "== $entry" >> "$out/kernel_times.log"
+        clocks=$out/clocks_$(basename "$tree").csv  # CLOCKS=1: the SM clock and power every 20 ms meanwhile
+        [[ -n ${CLOCKS:-} ]] && { nvidia-smi --query-gpu=utilization.gpu,clocks.sm,power.draw --format=csv,noheader,nounits \
+          -lms 20 > "$clocks" & sampler=$!; }
         (cd /tmp && PYTHONPATH=$site python3 "$repo/benchmarks/kernel_times.py" ${KT_ARGS:-} $cases \
           >> "$out/kernel_times.log" 2>&1) || status=1
+        if [[ -n ${CLOCKS:-} ]]; then  # while the GPU was busy (utilization >= 90%): SM clock, power
+          kill "$sampler"
+          sort -t, -k2,2n "$clocks" | awk -F', *' '$1 >= 90 {c[n++] = $2; p = $3 > p ? $3 : p}
+            END {if (n) printf "   SM clock busy: median %d MHz, min %d, max %d; power max %.0f W (%d samples)\n",
+                 c[int(n / 2)], c[0], c[n - 1], p, n}' >> "$out/kernel_times.log"
+        fi
       done
-      grep -E "^==|^case|sum per call|ms " "$out/kernel_times.log" | cut -c1-110 ;;
+      grep -E "^==|^case|sum per call|ms |SM clock" "$out/kernel_times.log" | cut -c1-110 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
