@@ -4,8 +4,10 @@ device trace (CUPTI), for bench_prefill.py's cases and inputs.
     python benchmarks/kernel_times.py [--cases IJF] [--gate bounded] [--kernel auto] [--calls 20]
 
 For each case: the path the call takes, the median span of the call's XLA module on the GPU (where the
-trace has it), the kernels' sum per call, and per kernel name its launches and GPU milliseconds per call
-(summed over the call, averaged over `--calls` back-to-back calls after a warm-up). `--kernel chunk-16`
+trace has it), the kernels' sum per call, the GPU's busy time per call (the union of the kernels'
+intervals: kernels that overlap on several streams count once, where their sum overstates the call),
+and per kernel name its launches and GPU milliseconds per call (summed over the call, averaged over
+`--calls` back-to-back calls after a warm-up). `--kernel chunk-16`
 or `two-pass` forces the prefill's kernel where the two-pass kernel takes the call (as the tests'
 fixture does).
 """
@@ -30,8 +32,20 @@ FUSED = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sig
              state_v_first=True, output_final_state=True)
 
 
+def busy_ns(intervals):
+    """Length of the union of (start, end) intervals."""
+    total, reach = 0, None
+    for start, end in sorted(intervals):
+        if reach is None or start > reach:
+            total, reach = total + end - start, end
+        elif end > reach:
+            total, reach = total + end - reach, end
+    return total
+
+
 def device_events(fn, args, calls):
-    """(module spans in ns, {kernel name: [durations in ns]}) of `calls` back-to-back calls on GPU 0."""
+    """(module spans in ns, {kernel name: [durations in ns]}, busy ns) of `calls` back-to-back calls on
+    GPU 0."""
     jax.block_until_ready(fn(*args))
     with tempfile.TemporaryDirectory() as folder:
         with jax.profiler.trace(folder):
@@ -40,7 +54,7 @@ def device_events(fn, args, calls):
                 out = fn(*args)
             jax.block_until_ready(out)
         planes = jax.profiler.ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0]).planes
-    spans, kernels = [], collections.defaultdict(list)
+    spans, kernels, intervals = [], collections.defaultdict(list), []
     for plane in planes:
         if not plane.name.startswith("/device:GPU:0"):
             continue
@@ -50,7 +64,8 @@ def device_events(fn, args, calls):
             elif line.name.startswith("Stream"):
                 for e in line.events:
                     kernels[e.name].append(e.duration_ns)
-    return spans, kernels
+                    intervals.append((e.start_ns, e.end_ns))
+    return spans, kernels, busy_ns(intervals)
 
 
 def main():
@@ -74,10 +89,11 @@ def main():
         qkvgb = [j[n] for n in ("q", "k", "v", "g", "beta")]
         print(f"\ncase {name}: {prefill_path(*qkvgb, **kwargs)}")
         fn = jax.jit(lambda *a: kda_prefill(*a, **kwargs))
-        spans, kernels = device_events(fn, qkvgb, args.calls)
+        spans, kernels, busy = device_events(fn, qkvgb, args.calls)
         if spans:  # the jaxlib of the card (0.11) writes no "XLA Modules" line: then the kernels' sum alone
             print(f"module span (median of {len(spans)}): {np.median(spans) * 1e-6:.3f} ms")
-        print(f"kernels' sum per call: {sum(map(sum, kernels.values())) * 1e-6 / args.calls:.3f} ms")
+        print(f"kernels' sum per call: {sum(map(sum, kernels.values())) * 1e-6 / args.calls:.3f} ms, "
+              f"GPU busy per call: {busy * 1e-6 / args.calls:.3f} ms")
         rows = sorted(kernels.items(), key=lambda item: -sum(item[1]))
         for kernel, durations in rows:
             print(f"  {sum(durations) * 1e-6 / args.calls:8.3f} ms  {len(durations) / args.calls:5.1f} launches  "
