@@ -125,21 +125,34 @@ constexpr TwoPassLayout two_pass_layout(int64_t sequences, int64_t tokens, int64
   return l;
 }
 
-// The windows as the launcher runs them (kda_two_pass_kernel.cu): overlapped where the layout has two
-// buffers and the state pass's CTAs (a multiprocessor each) leave some multiprocessors to the next
-// window's factor pass; otherwise serial, the two buffers taken as one (half as many windows).
+// A call whose factors fit one window is still cut in two overlapped halves from this many chunks of
+// its longest sequence (packed: of all tokens) on, where the state pass's CTAs leave at least half of
+// the multiprocessors idle: the first half's state steps then run beside the second half's factors on
+// them. Below it the second window's launches and events cost about what the overlap saves; with
+// fewer idle multiprocessors the second half's factors barely advance beside the state pass.
+inline constexpr int64_t kTwoPassSplitMinChunks = 64;
+
+// The windows as the launcher runs them (kda_two_pass_kernel.cu): overlapped where the state pass's
+// CTAs (a multiprocessor each) leave some multiprocessors to the next window's factor pass and there
+// are two buffers (or one window long enough to be cut in two halves, which its buffer holds);
+// otherwise serial, the two buffers taken as one (half as many windows).
 struct TwoPassSchedule {
   bool overlapped = false;
   int64_t buffers = 0, window = 0, windows = 0;  // buffers taken in turn; chunks (packed: items) a window
+  int64_t buffer = 0;                            // bytes from one buffer to the next
 };
 constexpr TwoPassSchedule two_pass_schedule(const TwoPassLayout &l, int64_t tokens, int64_t state_ctas,
                                             int64_t multiprocessors) {
   TwoPassSchedule s{};
   if (l.windows == 0) return s;
-  s.overlapped = l.buffers > 1 && state_ctas < multiprocessors;
-  s.buffers = s.overlapped ? l.buffers : 1;
-  s.window = l.window * (l.buffers / s.buffers);
-  s.windows = ceil_div(l.items > 0 ? l.items : ceil_div(tokens, kTwoPassChunk), s.window);  // items: packed
+  const int64_t chunks = ceil_div(tokens, kTwoPassChunk), units = l.items > 0 ? l.items : chunks;  // items: packed
+  const bool idle = state_ctas < multiprocessors;
+  const bool split = 2 * state_ctas <= multiprocessors && l.windows == 1 && chunks >= kTwoPassSplitMinChunks;
+  s.overlapped = idle && (l.buffers > 1 || split);
+  s.buffers = s.overlapped ? 2 : 1;
+  s.window = split ? ceil_div(l.window, 2) : l.window * (l.buffers / s.buffers);
+  s.windows = ceil_div(units, s.window);
+  s.buffer = l.buffer / l.window * s.window;  // the split's second half is the shorter: one buffer holds both
   return s;
 }
 

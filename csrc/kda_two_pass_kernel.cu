@@ -5,7 +5,8 @@
 // chunk-major order a first small kernel plans from cu_seqlens on the device): the factor pass builds
 // every item's factors into a buffer of the workspace across the whole GPU, then the state pass runs
 // each chain's chunks of the window in order from them. With several windows the workspace holds two
-// buffers, and where the chains are fewer than the multiprocessors the passes overlap: the factor pass
+// buffers (a long enough call of one window runs as two halves of its one buffer: kda_contract.h's
+// TwoPassSchedule), and where the chains are fewer than the multiprocessors the passes overlap: the factor pass
 // of window i + 1 (XLA's stream, one item a CTA so that its CTAs retire) runs beside the state pass of
 // window i (a stream of the highest priority, which takes the multiprocessors they free), so the
 // multiprocessors the chains leave idle build factors. Events order them: a state pass after its
@@ -139,7 +140,7 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
   }
   for (int i = 0; i < int(schedule.windows); ++i) {
     const int b = i % int(schedule.buffers);
-    uint8_t *buffer = factors + b * layout.buffer;
+    uint8_t *buffer = factors + b * schedule.buffer;
     Window w;
     w.first = i * window;
     w.count = packed.chain_chunk != nullptr || window < chunks - w.first ? window : chunks - w.first;

@@ -48,6 +48,7 @@ NB_MODULE(_kda_ext, m) {
   m.attr("two_pass_factor_bytes") = kTwoPassFactorBytes;
   m.attr("two_pass_workspace_budget") = kTwoPassWorkspaceBudget;
   m.attr("two_pass_max_packed_sequences") = kTwoPassMaxPackedSequences;
+  m.attr("two_pass_split_min_chunks") = kTwoPassSplitMinChunks;
   m.def("two_pass_unsupported",
         [reason](int k, int v, bool packed, int64_t sequences, int gate, float lower_bound, bool plain_inputs,
                  bool fp32_states) {
@@ -82,6 +83,7 @@ NB_MODULE(_kda_ext, m) {
           d["buffers"] = s.buffers;
           d["window"] = s.window;
           d["windows"] = s.windows;
+          d["buffer"] = s.buffer;
           return d;
         },
         nb::arg("sequences"), nb::arg("tokens"), nb::arg("value_heads"), nb::arg("packed"), nb::arg("state_ctas"),

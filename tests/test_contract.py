@@ -140,8 +140,26 @@ def test_two_pass_windows_overlap_where_the_chains_leave_multiprocessors_idle():
     c = schedule(6, 8192, 96, True, 576, 132)  # packed: windows of items
     assert not c["overlapped"] and c["windows"] == 2
     assert not schedule(1, 32768, 32, False, 132, 132)["overlapped"]  # no multiprocessor left over
-    assert schedule(1, 2048, 32, False, 32, 132) == dict(overlapped=False, buffers=1, window=64, windows=1)
     assert schedule(0, 2048, 32, False, 0, 132)["windows"] == 0
+
+
+@pytest.mark.parametrize("sequences,tokens,heads,packed", [
+    (1, 2048, 32, False),  # case F: 64 chunks, halves of 32
+    (1, 2080, 8, False),  # 65 chunks: halves of 33 and 32
+    (3, 2200, 4, True),  # packed: halves of the items
+])
+def test_one_window_is_cut_in_two_overlapped_halves_that_its_buffer_holds(sequences, tokens, heads, packed):
+    layout = contract.two_pass_layout(sequences, tokens, heads, packed, 0)
+    s = contract.two_pass_schedule(sequences, tokens, heads, packed, sequences * heads, 132)
+    assert layout["windows"] == 1 and s["overlapped"] and s["buffers"] == 2 and s["windows"] == 2
+    units = layout["items"] if packed else -(-tokens // contract.TWO_PASS_CHUNK)
+    per_unit = layout["buffer"] // layout["window"]
+    assert s["window"] == -(-units // 2) and s["buffer"] == per_unit * s["window"]
+    assert s["buffer"] + per_unit * (units - s["window"]) == layout["buffer"]  # the second half, the shorter
+    short = (contract.TWO_PASS_SPLIT_MIN_CHUNKS - 1) * contract.TWO_PASS_CHUNK  # one chunk fewer
+    assert contract.two_pass_schedule(1, short, heads, False, heads, 132)["windows"] == 1  # too short to cut
+    assert not contract.two_pass_schedule(sequences, tokens, heads, packed, 132, 132)["overlapped"]  # GPU full
+    assert contract.two_pass_schedule(sequences, tokens, heads, packed, 67, 132)["windows"] == 1  # half of it
 
 
 @pytest.mark.parametrize("change,words", [

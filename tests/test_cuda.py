@@ -468,17 +468,21 @@ def test_two_pass_sizes(case, two_pass, B, T):
 @gpu
 @needs_kernels
 @pytest.mark.parametrize("output_final_state", [True, False])
-@pytest.mark.parametrize("shape,overlapped", [
+@pytest.mark.parametrize("shape,overlapped,windows", [
     # 32 chains x 563 chunks of factors exceed the workspace budget: three windows in two buffers, each
     # window's state pass beside the next one's factor pass (the third reuses the first's buffer).
-    (dict(B=1, T=18000, H=16, HV=32), True),
+    (dict(B=1, T=18000, H=16, HV=32), True, 3),
     # 2 sequences x 32 heads, 32 x (375 + 250 + 2) items at most: three windows of the chunk-major order.
-    (dict(seqlens=[12000, 8000], H=16, HV=32), True),
+    (dict(seqlens=[12000, 8000], H=16, HV=32), True, 3),
     # 96 x (125 + 63 + 1 + 4 + 3) items at most and 384 state CTAs, more than the multiprocessors:
     # serial, the two buffers as one, two windows; an empty sequence.
-    (dict(seqlens=[4000, 2000, 0, 100], H=48, HV=96), False),
-], ids=["equal-overlapped", "packed-overlapped", "packed-serial"])
-def test_two_pass_windows(case, two_pass, shape, overlapped, output_final_state):
+    (dict(seqlens=[4000, 2000, 0, 100], H=48, HV=96), False, 2),
+    # One window's factors cut in two overlapped halves (65 chunks: 33 and 32) in the one buffer.
+    (dict(B=1, T=2080, H=4, HV=8), True, 2),
+    # The same, packed: 8 x (69 + 3) items at most, halves of 288; a 1-token sequence.
+    (dict(seqlens=[1500, 700, 1], H=4, HV=8), True, 2),
+], ids=["equal-overlapped", "packed-overlapped", "packed-serial", "equal-split", "packed-split"])
+def test_two_pass_windows(case, two_pass, shape, overlapped, windows, output_final_state):
     # The state carried from one window to the next in the final state (or, when none is kept, in the workspace).
     c = case(**{**TWO_PASS_CALL, **shape, "output_final_state": output_final_state})
     packed = "seqlens" in shape
@@ -487,7 +491,7 @@ def test_two_pass_windows(case, two_pass, shape, overlapped, output_final_state)
     if overlapped and chains >= paths.multiprocessors():
         pytest.skip(f"{chains} state-pass CTAs fill this GPU's {paths.multiprocessors()} multiprocessors")
     schedule = contract.two_pass_schedule(sequences, tokens, shape["HV"], packed, chains, paths.multiprocessors())
-    assert schedule["overlapped"] == overlapped and schedule["windows"] == (3 if overlapped else 2), schedule
+    assert schedule["overlapped"] == overlapped and schedule["windows"] == windows, schedule
     assert takes_two_pass(c)
     check_against_oracle(c)
 
@@ -503,7 +507,7 @@ def test_two_pass_writes_every_output_element(case, two_pass):
 @gpu
 @needs_kernels
 def test_two_pass_bitwise_deterministic(case, two_pass):
-    c = case(**{**TWO_PASS_CALL, "B": 1, "T": 2000, "H": 4})
+    c = case(**{**TWO_PASS_CALL, "B": 1, "T": 2100, "H": 4})  # two overlapped halves (66 chunks)
     assert takes_two_pass(c)
     check_bitwise_deterministic(c)
 
