@@ -660,7 +660,8 @@ def test_error_not_larger_than_fla(case, chunk16, gate, seqlens):
     float64 (the two-pass kernel's: test_two_pass_error_not_larger_than_fla)."""
     shape = dict(seqlens=seqlens) if seqlens else dict(B=1, T=4000)  # one sequence the kernels' path cuts
     c = case(**shape, H=4, K=128, V=128, dtype="bfloat16", gate=gate, state_v_first=True)
-    assert lowered_with_segments(c)  # each case's longest sequence takes the cut
+    # The packed calls run whole (the cut's join costs more than it saves at 1,000 tokens), the last cut.
+    assert lowered_with_segments(c) == (seqlens is None)
     check_error_not_larger_than_fla(c)
 
 
