@@ -128,9 +128,11 @@ constexpr TwoPassLayout two_pass_layout(int64_t sequences, int64_t tokens, int64
 // A call whose factors fit one window is still cut in two overlapped halves from this many chunks of
 // its longest sequence (packed: of all tokens) on, where the state pass's CTAs leave at least half of
 // the multiprocessors idle: the first half's state steps then run beside the second half's factors on
-// them. Below it the second window's launches and events cost about what the overlap saves; with
-// fewer idle multiprocessors the second half's factors barely advance beside the state pass.
-inline constexpr int64_t kTwoPassSplitMinChunks = 64;
+// them. Below it the second window's launches and events cost what the overlap saves (on an H200:
+// case B, 256 chunks, 0.773 -> 0.727 ms a call; case F, 64 chunks, its kernels 4% shorter but its call
+// 0.156 -> 0.161 ms); with fewer idle multiprocessors the second half's factors barely advance beside
+// the state pass.
+inline constexpr int64_t kTwoPassSplitMinChunks = 128;
 
 // The windows as the launcher runs them (kda_two_pass_kernel.cu): overlapped where the state pass's
 // CTAs (a multiprocessor each) leave some multiprocessors to the next window's factor pass and there

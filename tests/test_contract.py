@@ -140,13 +140,15 @@ def test_two_pass_windows_overlap_where_the_chains_leave_multiprocessors_idle():
     c = schedule(6, 8192, 96, True, 576, 132)  # packed: windows of items
     assert not c["overlapped"] and c["windows"] == 2
     assert not schedule(1, 32768, 32, False, 132, 132)["overlapped"]  # no multiprocessor left over
+    f = schedule(1, 2048, 32, False, 32, 132)  # case F: one window of 64 chunks, too short to cut
+    assert not f["overlapped"] and f["windows"] == 1
     assert schedule(0, 2048, 32, False, 0, 132)["windows"] == 0
 
 
 @pytest.mark.parametrize("sequences,tokens,heads,packed", [
-    (1, 2048, 32, False),  # case F: 64 chunks, halves of 32
-    (1, 2080, 8, False),  # 65 chunks: halves of 33 and 32
-    (3, 2200, 4, True),  # packed: halves of the items
+    (1, 8192, 64, False),  # case B: 256 chunks, halves of 128
+    (1, 4128, 8, False),  # 129 chunks: halves of 65 and 64
+    (3, 4400, 4, True),  # packed: halves of the items
 ])
 def test_one_window_is_cut_in_two_overlapped_halves_that_its_buffer_holds(sequences, tokens, heads, packed):
     layout = contract.two_pass_layout(sequences, tokens, heads, packed, 0)

@@ -477,10 +477,10 @@ def test_two_pass_sizes(case, two_pass, B, T):
     # 96 x (125 + 63 + 1 + 4 + 3) items at most and 384 state CTAs, more than the multiprocessors:
     # serial, the two buffers as one, two windows; an empty sequence.
     (dict(seqlens=[4000, 2000, 0, 100], H=48, HV=96), False, 2),
-    # One window's factors cut in two overlapped halves (65 chunks: 33 and 32) in the one buffer.
-    (dict(B=1, T=2080, H=4, HV=8), True, 2),
-    # The same, packed: 8 x (69 + 3) items at most, halves of 288; a 1-token sequence.
-    (dict(seqlens=[1500, 700, 1], H=4, HV=8), True, 2),
+    # One window's factors cut in two overlapped halves (129 chunks: 65 and 64) in the one buffer.
+    (dict(B=1, T=4128, H=4, HV=8), True, 2),
+    # The same, packed: 8 x (132 + 3) items at most, halves of 540; a 1-token sequence.
+    (dict(seqlens=[3000, 1200, 1], H=4, HV=8), True, 2),
 ], ids=["equal-overlapped", "packed-overlapped", "packed-serial", "equal-split", "packed-split"])
 def test_two_pass_windows(case, two_pass, shape, overlapped, windows, output_final_state):
     # The state carried from one window to the next in the final state (or, when none is kept, in the workspace).
@@ -507,7 +507,7 @@ def test_two_pass_writes_every_output_element(case, two_pass):
 @gpu
 @needs_kernels
 def test_two_pass_bitwise_deterministic(case, two_pass):
-    c = case(**{**TWO_PASS_CALL, "B": 1, "T": 2100, "H": 4})  # two overlapped halves (66 chunks)
+    c = case(**{**TWO_PASS_CALL, "B": 1, "T": 4200, "H": 4})  # two overlapped halves (132 chunks)
     assert takes_two_pass(c)
     check_bitwise_deterministic(c)
 
