@@ -44,9 +44,11 @@ def early_uses(lines, window):
         count += 1
         operands = instruction.split("*/", 1)[-1]
         load = LOAD.search(operands)
-        sources = operands.split(",", 1)[1] if "," in operands else ""
+        # What the instruction reads: its operands after the first, and the first when it is an address.
+        first, _, rest = operands.partition(",")
+        sources = rest + (first if "[" in first else "")
         for register, (at, text) in list(pending.items()):
-            reads = re.search(rf"\b{register}\b", sources) or (not load and re.search(rf"\b{register}\b", operands))
+            reads = re.search(rf"\b{register}\b", sources)
             if reads:
                 if count - at <= window:
                     found.append((function, text.strip(), line.strip(), register))
