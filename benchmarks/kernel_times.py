@@ -6,7 +6,8 @@ device trace (CUPTI), for bench_prefill.py's cases and inputs.
 For each case: the path the call takes, the median span of the call's XLA module on the GPU (where the
 trace has it), the kernels' sum per call, the GPU's busy time per call (the union of the kernels'
 intervals: kernels that overlap on several streams count once, where their sum overstates the call),
-and per kernel name its launches and GPU milliseconds per call (summed over the call, averaged over
+the span per call (first kernel's start to last kernel's end, over the calls: busy time plus the gaps
+between kernels and between calls, which launch order and dependencies cost), and per kernel name its launches and GPU milliseconds per call (summed over the call, averaged over
 `--calls` back-to-back calls after a warm-up). `--kernel chunk-16`
 or `two-pass` forces the prefill's kernel where the two-pass kernel takes the call (as the tests'
 fixture does).
@@ -44,8 +45,8 @@ def busy_ns(intervals):
 
 
 def device_events(fn, args, calls):
-    """(module spans in ns, {kernel name: [durations in ns]}, busy ns) of `calls` back-to-back calls on
-    GPU 0."""
+    """(module spans in ns, {kernel name: [durations in ns]}, busy ns, span ns) of `calls` back-to-back
+    calls on GPU 0."""
     jax.block_until_ready(fn(*args))
     with tempfile.TemporaryDirectory() as folder:
         with jax.profiler.trace(folder):
@@ -65,7 +66,8 @@ def device_events(fn, args, calls):
                 for e in line.events:
                     kernels[e.name].append(e.duration_ns)
                     intervals.append((e.start_ns, e.end_ns))
-    return spans, kernels, busy_ns(intervals)
+    span = max(end for _, end in intervals) - min(start for start, _ in intervals) if intervals else 0
+    return spans, kernels, busy_ns(intervals), span
 
 
 def main():
@@ -89,11 +91,11 @@ def main():
         qkvgb = [j[n] for n in ("q", "k", "v", "g", "beta")]
         print(f"\ncase {name}: {prefill_path(*qkvgb, **kwargs)}")
         fn = jax.jit(lambda *a: kda_prefill(*a, **kwargs))
-        spans, kernels, busy = device_events(fn, qkvgb, args.calls)
+        spans, kernels, busy, span = device_events(fn, qkvgb, args.calls)
         if spans:  # the jaxlib of the card (0.11) writes no "XLA Modules" line: then the kernels' sum alone
             print(f"module span (median of {len(spans)}): {np.median(spans) * 1e-6:.3f} ms")
         print(f"kernels' sum per call: {sum(map(sum, kernels.values())) * 1e-6 / args.calls:.3f} ms, "
-              f"GPU busy per call: {busy * 1e-6 / args.calls:.3f} ms")
+              f"GPU busy per call: {busy * 1e-6 / args.calls:.3f} ms, span per call: {span * 1e-6 / args.calls:.3f} ms")
         rows = sorted(kernels.items(), key=lambda item: -sum(item[1]))
         for kernel, durations in rows:
             print(f"  {sum(durations) * 1e-6 / args.calls:8.3f} ms  {len(durations) / args.calls:5.1f} launches  "
