@@ -241,12 +241,13 @@ class CardFigures(NamedTuple):
 # 128 MB: +15-23 us a window), which the library's kernel matched (A: factor pass 0.710 ms, state
 # pass 0.328 for 24,576 chunks of 96 chains); the factor pass with its lean addresses (2026-12-02,
 # seventh session: A 0.659 ms, C 0.666, D 0.662, CUPTI) 3.55 us a chunk; the state step with the
-# factor pass beside it (overlapped windows) fitted to that session's E and G (1.833 and 6.954 ms):
-# ~1.53 us (why it is slower is not yet separated: the clock with every multiprocessor busy, or the
-# factors' loads beside the factor pass's stores).
+# factor pass beside it (overlapped windows; slower for the memory they share, the clock staying at its
+# maximum) 1.63 us, the overlapped schedule played out window by window fitted to the eighth session's
+# GPU busy time per call (2026-12-03: A 1.009, B 0.722 split in halves, E 1.844, G 6.913 ms; the model
+# gives 1.009, 0.722, 1.771, 6.664).
 MEASURED_CARDS = {"NVIDIA H200": CardFigures(chunk_seconds=2.28e-6, crowding=0.23, correction_bandwidth=2.3e12,
                                              join_seconds=1e-4, factor_seconds=3.55e-6, state_seconds=1.25e-6,
-                                             overlapped_state_seconds=1.53e-6,
+                                             overlapped_state_seconds=1.63e-6,
                                              window_seconds=2e-5)}
 # Cards not measured: an H100 SXM has the H200's multiprocessors and clocks (its bandwidth, 3.0 TB/s
 # against 4.8, only enters the correction term); the multiprocessor count is always the card's own.
@@ -275,11 +276,44 @@ def _two_pass_seconds(sequences, tokens, value_heads, transition, multiprocessor
     tails = max(windows - 1, 0) * card.window_seconds
     if not schedule["overlapped"]:
         return factors / multiprocessors + steps * card.state_seconds + tails
-    state = steps * card.overlapped_state_seconds
-    # The first window's factors alone, then the state passes beside the other windows' factors on the
-    # multiprocessors the chains leave: the longer of the chain and the work over the whole GPU.
-    rest = factors * (windows - 1) / windows
-    return factors / windows / multiprocessors + max(state, (rest + state * state_ctas) / multiprocessors) + tails
+    window = schedule["window"]
+    chunks_of = [min(window, chunks - i * window) for i in range(windows)]
+    return _overlapped_windows_seconds([chains * c * card.factor_seconds for c in chunks_of], chunks_of,
+                                       multiprocessors - state_ctas, multiprocessors, card) + tails
+
+
+def _overlapped_windows_seconds(factor_work, state_steps, free, multiprocessors, card: CardFigures) -> float:
+    """The overlapped schedule played out (kda_two_pass_kernel.cu's events): window i's factor pass
+    (`factor_work[i]` multiprocessor-seconds) after window i - 1's and after the state pass of window
+    i - 2, which read its buffer, on the `free` multiprocessors a running state pass leaves, else on
+    all; window i's state pass (`state_steps[i]` steps of one wave of chains) after its factors and
+    window i - 1's state pass, its steps at the overlapped figure while a factor pass runs beside it."""
+    windows, t = len(factor_work), 0.0
+    factors_done, states_done = [], []
+    factor_left = state_left = None  # the running passes' work left (multiprocessor-seconds, steps)
+    while len(states_done) < windows:
+        f, s = len(factors_done), len(states_done)
+        if factor_left is None and f < windows and (f < 2 or s >= f - 1):
+            factor_left = factor_work[f]
+        if state_left is None and s < f:
+            state_left = state_steps[s]
+        rate = (free if state_left is not None else multiprocessors) if factor_left is not None else 0.0
+        step = card.overlapped_state_seconds if factor_left is not None else card.state_seconds
+        to_factors = factor_left / rate if factor_left is not None and rate > 0 else float("inf")
+        to_state = state_left * step if state_left is not None else float("inf")
+        dt = min(to_factors, to_state)
+        t += dt
+        if factor_left is not None:
+            factor_left -= rate * dt
+        if state_left is not None:
+            state_left -= dt / step
+        if to_factors <= dt:
+            factors_done.append(t)
+            factor_left = None
+        if to_state <= dt:
+            states_done.append(t)
+            state_left = None
+    return t
 
 
 def two_pass_is_faster(sequences, tokens, value_heads, head_dim_k, head_dim_v, transition) -> bool:

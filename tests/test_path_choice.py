@@ -83,6 +83,18 @@ def test_gpu_takes_the_two_pass_kernel_where_the_cost_model_finds_it_faster(on_a
     assert described.startswith("cuda (jax_kda CUTLASS kernels, sm_90a), the two-pass chunk-32 kernel: ")
 
 
+def test_the_cost_model_plays_the_overlapped_windows_out_as_the_launcher_orders_them():
+    # A factor pass after the one before it and after the state pass that read its buffer (two windows
+    # before), on the multiprocessors a running state pass leaves, else on all; a state pass after its
+    # factors and the state pass before it, its steps slower while a factor pass runs beside it.
+    card = paths.MEASURED_CARDS["NVIDIA H200"]._replace(state_seconds=1.0, overlapped_state_seconds=2.0)
+    play = lambda work, steps: paths._overlapped_windows_seconds(work, steps, 50, 100, card)
+    # F0 [0, 1] on all 100; S0 from 1: one step beside F1 (on 50, [1, 3]), nine alone (to 12); S1 alone.
+    assert play([100.0, 100.0], [10, 10]) == pytest.approx(22.0)
+    # F2 waits for S0 (its buffer's reader): S0 ends at 12, F2 [12, 14] beside S1 (one step), S1 to 23.
+    assert play([100.0] * 3, [10] * 3) == pytest.approx(33.0)
+
+
 def segments_of(described):
     return int(re.search(r"cut into up to (\d+) segments", described).group(1))
 
