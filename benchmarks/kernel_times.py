@@ -7,10 +7,10 @@ For each case: the path the call takes, the median span of the call's XLA module
 trace has it), the kernels' sum per call, the GPU's busy time per call (the union of the kernels'
 intervals: kernels that overlap on several streams count once, where their sum overstates the call),
 the span per call (first kernel's start to last kernel's end, over the calls: busy time plus the gaps
-between kernels and between calls, which launch order and dependencies cost), and per kernel name its launches and GPU milliseconds per call (summed over the call, averaged over
-`--calls` back-to-back calls after a warm-up). `--kernel chunk-16`
-or `two-pass` forces the prefill's kernel where the two-pass kernel takes the call (as the tests'
-fixture does).
+between kernels and between calls, which launch order and dependencies cost), and per kernel name its
+launches and GPU milliseconds per call (summed over the call, averaged over `--calls` back-to-back calls
+after a warm-up). `--kernel chunk-16` or `two-pass` forces the prefill's kernel where the two-pass
+kernel takes the call (as the tests' fixture does).
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ def main():
         if spans:  # the jaxlib of the card (0.11) writes no "XLA Modules" line: then the kernels' sum alone
             print(f"module span (median of {len(spans)}): {np.median(spans) * 1e-6:.3f} ms")
         print(f"kernels' sum per call: {sum(map(sum, kernels.values())) * 1e-6 / args.calls:.3f} ms, "
-              f"GPU busy per call: {busy * 1e-6 / args.calls:.3f} ms, span per call: {span * 1e-6 / args.calls:.3f} ms")
+              f"GPU busy per call: {busy * 1e-6 / args.calls:.3f} ms, "
+              f"span per call: {span * 1e-6 / args.calls:.3f} ms")
         rows = sorted(kernels.items(), key=lambda item: -sum(item[1]))
         for kernel, durations in rows:
             print(f"  {sum(durations) * 1e-6 / args.calls:8.3f} ms  {len(durations) / args.calls:5.1f} launches  "

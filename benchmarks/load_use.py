@@ -48,12 +48,11 @@ def early_uses(lines, window):
         first, _, rest = operands.partition(",")
         sources = rest + (first if "[" in first else "")
         for register, (at, text) in list(pending.items()):
-            reads = re.search(rf"\b{register}\b", sources)
-            if reads:
+            if re.search(rf"\b{register}\b", sources):
                 if count - at <= window:
                     found.append((function, text.strip(), line.strip(), register))
                 del pending[register]
-        if load and "LDGSTS" not in operands:
+        if load:  # LOAD's pattern leaves out LDGSTS (global to shared: no register) and LDGDEPBAR
             pending[load.group(1)] = (count, line)
     return found
 
