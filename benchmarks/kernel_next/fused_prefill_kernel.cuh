@@ -55,18 +55,18 @@ __device__ void run_factor_group(const FusedParams &p, const TensorMaps &maps, u
   auto slot_of = [&](int it) { return fg.base + kGrRaw + (it % kRawSlots) * kRawSlotBytes; };
   fg.clear_marks();
   fg.sync();
-  float beta_logit = 0.f;
+  uint32_t beta_bits = 0u;
   if (group < chain.chunks) {
     if (loader) issue_raw_loads(maps, chain, group, slot_of(0), &raw_full[0]);
-    beta_logit = load_beta(p, chain, group, fg.tid);
+    beta_bits = load_beta_bits(p, chain, group, fg.tid);
   }
   for (int c = group, it = 0; c < chain.chunks; c += kFactorGroups, ++it) {
     // Loads of this group's next chunk into the other slot (freed at the end of the previous iteration).
     const int next = c + kFactorGroups;
-    float next_beta_logit = 0.f;
+    uint32_t next_beta_bits = 0u;
     if (next < chain.chunks) {
       if (loader) issue_raw_loads(maps, chain, next, slot_of(it + 1), &raw_full[(it + 1) % kRawSlots]);
-      next_beta_logit = load_beta(p, chain, next, fg.tid);
+      next_beta_bits = load_beta_bits(p, chain, next, fg.tid);
     }
     // Per-thread indices made opaque each chunk: otherwise the compiler hoists dozens of swizzled
     // addresses out of the loop and, at 96 registers, spills them.
@@ -77,7 +77,7 @@ __device__ void run_factor_group(const FusedParams &p, const TensorMaps &maps, u
     float x[kSubBlock][2];
     fg.gate_and_offsets(raw, valid, x);
     fg.row_norms(raw);
-    fg.write_betas(beta_logit, valid);
+    fg.write_betas(beta_bits, valid);
     fg.sync();
     // The stage: free once the state warpgroups are done with chunk c - kStages; its V comes by copy.
     const int s = stage_of(c);
@@ -96,7 +96,7 @@ __device__ void run_factor_group(const FusedParams &p, const TensorMaps &maps, u
     fence_proxy_async();
     fg.sync();
     if (loader) mbarrier_arrive(&bars.full[s]);
-    beta_logit = next_beta_logit;
+    beta_bits = next_beta_bits;
   }
 }
 

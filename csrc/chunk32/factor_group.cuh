@@ -90,12 +90,13 @@ __device__ __forceinline__ void issue_v_loads(const TensorMaps &maps, const Chai
     tensor_copy_4d_to_shared(stage + kStV + grp * kVGroupBytes, &maps.v, grp * kGroupRows, chain.head,
                              chain.token0 + chunk * kChunk, chain.row, full);
 }
-// Beta logit of token `lane` of `chunk` (threads 0-31; a chunk ahead, into a register).
-__device__ __forceinline__ float load_beta(const FusedParams &p, const Chain &chain, int chunk, int lane) {
+// The bf16 bits of the beta logit of token `lane` of `chunk` (threads 0-31), a chunk ahead. Kept as
+// loaded: their first use is then the next item's write_betas, not a conversion right after the load,
+// which made warp 0 wait the load's whole latency at every item's head (the others at its first barrier).
+__device__ __forceinline__ uint32_t load_beta_bits(const FusedParams &p, const Chain &chain, int chunk, int lane) {
   const int t = chunk * kChunk + lane;
-  if (lane >= kChunk || t >= chain.tokens) return 0.f;
-  const uint16_t bits = __ldg(p.beta + (size_t(chain.row) * p.tokens + chain.token0 + t) * p.heads + chain.head);
-  return __uint_as_float(uint32_t(bits) << 16);
+  if (lane >= kChunk || t >= chain.tokens) return 0u;
+  return __ldg(p.beta + (size_t(chain.row) * p.tokens + chain.token0 + t) * p.heads + chain.head);
 }
 
 // ---- factor build ------------------------------------------------------------------------------
@@ -288,8 +289,9 @@ struct FactorGroup {
     }
   }
 
-  __device__ void write_betas(float logit, int valid) const {
+  __device__ void write_betas(uint32_t logit_bits, int valid) const {
     if (tid < kChunk) {
+      const float logit = __uint_as_float(logit_bits << 16);  // bf16 -> f32
       float b = kBetaSigmoid ? beta_max * reciprocal_approx(1.f + exp2_approx(-logit * kLog2e)) : logit;
       if (tid < valid && !(fabsf(b) < INFINITY)) {  // runs as padding
         atomicOr(marks(), 1u << tid);

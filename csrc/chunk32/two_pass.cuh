@@ -263,24 +263,24 @@ __global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
   fg.clear_marks();
   fg.sync();
   auto slot_of = [&](int it) { return smem + kGrRaw + (it % kSlots) * kRawSlotBytes; };
-  float beta_logit = 0.f;
+  uint32_t beta_bits = 0u;
   ItemPlace here{};  // the item's place, worked out once: as the next item's in the iteration before
   if (range.first < range.last) {
     here = place_of(p, w, range.first);
     if (loader) issue_raw_loads(maps, here.chain, here.chunk, slot_of(0), &raw_full[0]);
-    beta_logit = load_beta(p, here.chain, here.chunk, fg.tid);
+    beta_bits = load_beta_bits(p, here.chain, here.chunk, fg.tid);
   }
   int gate_head = -1;
   for (int item = range.first, it = 0; item < range.last; ++item, ++it) {
     PhaseClock clk;
     clk.begin(item, fg.tid);
     const int next = item + 1;
-    float next_beta_logit = 0.f;
+    uint32_t next_beta_bits = 0u;
     ItemPlace nx{};
     if (next < range.last) {  // the next item's loads into the other slot (freed at the end of the last one)
       nx = place_of(p, w, next);
       if (kSlots > 1 && loader) issue_raw_loads(maps, nx.chain, nx.chunk, slot_of(it + 1), &raw_full[(it + 1) % kSlots]);
-      next_beta_logit = load_beta(p, nx.chain, nx.chunk, fg.tid);
+      next_beta_bits = load_beta_bits(p, nx.chain, nx.chunk, fg.tid);
     }
     fg.launder_indices();
     const Chain &chain = here.chain;
@@ -298,7 +298,7 @@ __global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
     fg.gate_and_offsets(raw, valid, x);
     clk.mark(kPhGate);
     fg.row_norms(raw);
-    fg.write_betas(beta_logit, valid);
+    fg.write_betas(beta_bits, valid);
     clk.mark(kPhNorms);
     fg.sync();
     clk.mark(kPhBarA);
@@ -330,7 +330,7 @@ __global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
     }
     clk.mark(kPhBarE);
     clk.end();
-    beta_logit = next_beta_logit;
+    beta_bits = next_beta_bits;
     here = nx;
   }
 }
