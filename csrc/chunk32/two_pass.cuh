@@ -77,15 +77,18 @@ struct Window {
   CHUNK32_HD bool is_packed() const { return packed.chain_chunk != nullptr; }
 };
 
-// Item `item` of window `w`: its chain and chunk.
+// Item `item` of window `w`: its chain and chunk (place_of); packed, from its entry of the plan, which
+// the factor pass loads an item ahead (plan_entry) so that no warp waits for it at an item's head.
 struct ItemPlace {
   Chain chain;
   int chunk;
 };
-__device__ __forceinline__ ItemPlace place_of(const FusedParams &p, const Window &w, int item) {
+__device__ __forceinline__ int2 plan_entry(const Window &w, int item) {
+  return w.is_packed() ? w.packed.chain_chunk[w.first + item] : make_int2(0, 0);
+}
+__device__ __forceinline__ ItemPlace place_of(const FusedParams &p, const Window &w, int item, int2 entry) {
   if (!w.is_packed()) return {chain_of(item / w.count, p.heads, p.tokens, p.group), w.first + item % w.count};
-  const int2 at = w.packed.chain_chunk[w.first + item];
-  return {packed_chain_of(at.x, p.heads, p.cu_seqlens, p.group), at.y};
+  return {packed_chain_of(entry.x, p.heads, p.cu_seqlens, p.group), entry.y};
 }
 // The items of window `w` (packed: read from the plan).
 __device__ __forceinline__ int items_in(const FusedParams &p, const Window &w) {
@@ -265,8 +268,10 @@ __global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
   auto slot_of = [&](int it) { return smem + kGrRaw + (it % kSlots) * kRawSlotBytes; };
   uint32_t beta_bits = 0u;
   ItemPlace here{};  // the item's place, worked out once: as the next item's in the iteration before
+  int2 next_entry{};  // the next item's plan entry (packed), loaded in the iteration before
   if (range.first < range.last) {
-    here = place_of(p, w, range.first);
+    here = place_of(p, w, range.first, plan_entry(w, range.first));
+    if (range.first + 1 < range.last) next_entry = plan_entry(w, range.first + 1);
     if (loader) issue_raw_loads(maps, here.chain, here.chunk, slot_of(0), &raw_full[0]);
     beta_bits = load_beta_bits(p, here.chain, here.chunk, fg.tid);
   }
@@ -277,8 +282,9 @@ __global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
     const int next = item + 1;
     uint32_t next_beta_bits = 0u;
     ItemPlace nx{};
+    const int2 after_entry = next + 1 < range.last ? plan_entry(w, next + 1) : int2{};  // used an item later
     if (next < range.last) {  // the next item's loads into the other slot (freed at the end of the last one)
-      nx = place_of(p, w, next);
+      nx = place_of(p, w, next, next_entry);
       if (kSlots > 1 && loader) issue_raw_loads(maps, nx.chain, nx.chunk, slot_of(it + 1), &raw_full[(it + 1) % kSlots]);
       next_beta_bits = load_beta_bits(p, nx.chain, nx.chunk, fg.tid);
     }
@@ -332,6 +338,7 @@ __global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
     clk.end();
     beta_bits = next_beta_bits;
     here = nx;
+    next_entry = after_entry;
   }
 }
 
