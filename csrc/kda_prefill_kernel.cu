@@ -55,6 +55,8 @@ using device::bf16;
 using device::ldsm_x4;
 using device::ldsm_x4_trans;
 using device::load_scalar;
+using device::load_scalar_bits;
+using device::scalar_of_bits;
 using device::mma;
 using device::pack_bf16;
 using device::store_scalar;
@@ -192,11 +194,11 @@ __device__ __forceinline__ float log_ftz(float x) {
 // ---- producer --------------------------------------------------------------------------------
 
 // What a producer thread fetches into registers a chunk ahead: its gate inputs (two key channels,
-// half of the tokens; bf16 pairs in .x, or fp32 pairs) and its beta (threads 0-15).
+// half of the tokens; bf16 pairs in .x, or fp32 pairs) and its beta (threads 0-15), all as loaded.
 template <int K>
 struct Prefetch {
   uint2 g[kChunk / 2];
-  float beta;
+  uint32_t beta_bits;
 };
 
 template <int K>
@@ -268,7 +270,7 @@ struct Producer {
         }
       }
     }
-    f.beta = tid < valid ? load_scalar(p.beta, (t0 + tid) * hv + vhead, p.beta_is_f32) : 0.f;
+    f.beta_bits = tid < valid ? load_scalar_bits(p.beta, (t0 + tid) * hv + vhead, p.beta_is_f32) : 0u;
     return f;
   }
 
@@ -399,7 +401,7 @@ struct Producer {
         if (r >= kChunk && !isfinite(ss)) atomicOr(marks, 1u << (r - kChunk));
       }
       if (tid < kChunk) {
-        float b = in.beta;
+        float b = scalar_of_bits(in.beta_bits, p.beta_is_f32);
         if (p.beta_sigmoid) b = __fdividef(p.allow_neg_eigval ? 2.f : 1.f, 1.f + exp_ftz(-b));
         if (!isfinite(b)) atomicOr(marks, 1u << tid);
         beta[tid] = tid < valid ? b : 0.f;
@@ -594,20 +596,44 @@ struct Consumer {
     return p.state_v_first ? (head * p.head_dim_v + v) * K + d : (head * K + d) * p.head_dim_v + v;
   }
 
+  // Every element's load issued before any is used, each into its own register (unconditional loads:
+  // one behind a branch was moved into place right after it, and a bf16 state converted right after
+  // each load waited each load's latency in turn).
   __device__ void load_state(int n) {
+    const int gid = lane >> 2, tq = lane & 3;
+    uint32_t bits[K / 8][4] = {};
+    if (p.initial_state != nullptr) {
+      if (p.initial_is_f32) {
+        load_state_bits<uint32_t>(n, bits);
+      } else {
+        load_state_bits<uint16_t>(n, bits);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < K / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int v = v_row0 + gid + (e >> 1) * 8, d = nt * 8 + tq * 2 + (e & 1);
+        if (v >= p.v_columns) {
+          state[nt][e] = v - p.v_columns == d ? 1.f : 0.f;  // transition columns start as the identity
+        } else {
+          state[nt][e] = scalar_of_bits(bits[nt][e], p.initial_is_f32);  // 0 bits: 0.f either way
+        }
+      }
+    }
+  }
+  // The initial state's elements of this thread as stored (fp32 or bf16); a transition column's reads
+  // element 0 instead (the identity replaces it).
+  template <typename Element>
+  __device__ void load_state_bits(int n, uint32_t (&bits)[K / 8][4]) const {
+    const Element *initial = static_cast<const Element *>(p.initial_state);
     const int gid = lane >> 2, tq = lane & 3;
 #pragma unroll
     for (int nt = 0; nt < K / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        int v = v_row0 + gid + (e >> 1) * 8, d = nt * 8 + tq * 2 + (e & 1);
-        if (v >= p.v_columns) {
-          state[nt][e] = v - p.v_columns == d ? 1.f : 0.f;  // transition columns start as the identity
-        } else {
-          state[nt][e] = p.initial_state != nullptr
-                             ? load_scalar(p.initial_state, state_index(n, v, d), p.initial_is_f32)
-                             : 0.f;
-        }
+        const int v = v_row0 + gid + (e >> 1) * 8, d = nt * 8 + tq * 2 + (e & 1);
+        bits[nt][e] = initial[v < p.v_columns ? state_index(n, v, d) : 0];
       }
     }
   }
