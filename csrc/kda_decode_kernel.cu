@@ -36,6 +36,8 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 using device::bf16;
 using device::load_scalar;
+using device::load_scalar_bits;
+using device::scalar_of_bits;
 using device::pack_bf16;
 using device::store_scalar;
 
@@ -130,29 +132,41 @@ __device__ void channel_table(const DecodeParams &p, int seq, int vhead, Shared<
   const int head = vhead / (p.value_heads / p.heads);  // grouped value heads share q and k
   const int64_t qk_row = (int64_t(seq) * p.heads + head) * K + lane * kPerLane;
   const int64_t g_row = (int64_t(seq) * p.value_heads + vhead) * K + lane * kPerLane;
-  float q[kPerLane], k[kPerLane], g[kPerLane];
+  // Every input's load issued before any value is used (kept as loaded bits until then): converted or
+  // used right after it, each load waited its latency in turn, and this is the kernel's prologue.
+  uint32_t q_bits[kPerLane], k_bits[kPerLane], g_bits[kPerLane];
+  float bias[kPerLane];
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    q_bits[j] = load_scalar_bits(p.q, qk_row + j, p.qkv_is_f32);
+    k_bits[j] = load_scalar_bits(p.k, qk_row + j, p.qkv_is_f32);
+    g_bits[j] = load_scalar_bits(p.g, g_row + j, p.g_is_f32);
+    bias[j] = p.gate != GateMode::kGiven && p.dt_bias != nullptr ? p.dt_bias[vhead * K + lane * kPerLane + j] : 0.f;
+  }
+  const uint32_t beta_bits = load_scalar_bits(p.beta, int64_t(seq) * p.value_heads + vhead, p.beta_is_f32);
+  const float a_log = p.A_log != nullptr ? p.A_log[vhead] : 0.f;
+  float q[kPerLane], k[kPerLane];
   float q_squares = 0.f, k_squares = 0.f;
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
-    q[j] = load_scalar(p.q, qk_row + j, p.qkv_is_f32);
-    k[j] = load_scalar(p.k, qk_row + j, p.qkv_is_f32);
-    g[j] = load_scalar(p.g, g_row + j, p.g_is_f32);
+    q[j] = scalar_of_bits(q_bits[j], p.qkv_is_f32);
+    k[j] = scalar_of_bits(k_bits[j], p.qkv_is_f32);
     q_squares += q[j] * q[j];
     k_squares += k[j] * k[j];
   }
   const float q_norm = p.l2norm ? rsqrtf(warp_sum(q_squares) + kL2NormEps) : 1.f;
   const float k_norm = p.l2norm ? rsqrtf(warp_sum(k_squares) + kL2NormEps) : 1.f;
-  float beta = load_scalar(p.beta, int64_t(seq) * p.value_heads + vhead, p.beta_is_f32);
+  float beta = scalar_of_bits(beta_bits, p.beta_is_f32);
   if (p.beta_sigmoid) beta = (p.allow_neg_eigval ? 2.f : 1.f) / (1.f + expf(-beta));
-  const float a_scale = p.A_log != nullptr ? expf(p.A_log[vhead]) : 1.f;
+  const float a_scale = p.A_log != nullptr ? expf(a_log) : 1.f;
 
   float beta_kq = 0.f;
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
     const int c = lane * kPerLane + j;
-    float a = g[j];
+    float a = scalar_of_bits(g_bits[j], p.g_is_f32);
     if (p.gate != GateMode::kGiven) {
-      const float x = a + (p.dt_bias != nullptr ? p.dt_bias[vhead * K + c] : 0.f);
+      const float x = a + bias[j];
       if (p.gate == GateMode::kSoftplus) {
         a = -a_scale * (x > kSoftplusThreshold ? x : log1pf(expf(x)));
       } else {
@@ -194,9 +208,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) decode_kernel(const
   for (int i = 0; i < G::kPieces; ++i) {
     raw[i] = valid(i) ? *reinterpret_cast<const uint4 *>(state + offset(i)) : make_uint4(0u, 0u, 0u, 0u);
   }
-  if (threadIdx.x < kSliceColumns) {
-    const int column = column0 + threadIdx.x;
-    smem.value[threadIdx.x] = column < V ? load_scalar(p.v, int64_t(head_state) * V + column, p.qkv_is_f32) : 0.f;
+  // The values by the last warps, so that warp 0 starts the channel table's loads without waiting for them.
+  static_assert(kSliceColumns <= kThreads - kWarpSize, "the values are not warp 0's");
+  if (const int column = int(threadIdx.x) - (kThreads - kSliceColumns); column >= 0) {
+    smem.value[column] = column0 + column < V
+                             ? load_scalar(p.v, int64_t(head_state) * V + column0 + column, p.qkv_is_f32)
+                             : 0.f;
   }
   // 2. The channel table.
   if (warp == 0) channel_table<K>(p, seq, vhead, smem);
