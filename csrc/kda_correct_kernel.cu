@@ -82,7 +82,9 @@ __device__ void load_tile(const CorrectParams &p, int head, int c0, int t0, int 
   copy_rows(std::integral_constant<int, kColumns / 8>(), c0, tile.out, S::kOutRow);
 }
 
-// Copies the CTA's 64 columns of the state entering segment `seg` into shared memory (all threads).
+// Starts the copies of the CTA's 64 columns of the state entering segment `seg` into shared memory (all
+// threads; asynchronous, so that a thread's pieces are all in flight at once: loaded into registers
+// and stored, each store waited for its load in turn).
 template <int K>
 __device__ void load_state(const CorrectParams &p, int seg, int head, int c0, Smem<K> &smem) {
   using S = Smem<K>;
@@ -91,10 +93,12 @@ __device__ void load_state(const CorrectParams &p, int seg, int head, int c0, Sm
   for (int i = threadIdx.x; i < kColumns * kPieces; i += kWarps * 32) {
     const int row = i / kPieces, piece = i % kPieces;
     const int64_t at = state + int64_t(row) * K + piece * 8;
-    *reinterpret_cast<uint128_t *>(smem.state_hi + row * S::kStateRow + piece * 8) =
-        *reinterpret_cast<const uint128_t *>(static_cast<const bf16 *>(p.entry_hi) + at);
-    *reinterpret_cast<uint128_t *>(smem.state_lo + row * S::kStateRow + piece * 8) =
-        *reinterpret_cast<const uint128_t *>(static_cast<const bf16 *>(p.entry_lo) + at);
+    cute::SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>::copy(
+        *reinterpret_cast<const uint128_t *>(static_cast<const bf16 *>(p.entry_hi) + at),
+        *reinterpret_cast<uint128_t *>(smem.state_hi + row * S::kStateRow + piece * 8));
+    cute::SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>::copy(
+        *reinterpret_cast<const uint128_t *>(static_cast<const bf16 *>(p.entry_lo) + at),
+        *reinterpret_cast<uint128_t *>(smem.state_lo + row * S::kStateRow + piece * 8));
   }
 }
 
@@ -167,8 +171,9 @@ __global__ void __launch_bounds__(kWarps * 32) correct_kernel(const __grid_const
     auto tile_start = [&](int it) { return begin + (it * kWarps + warp) * kTile; };
     __syncthreads();  // the previous segment's state and tiles are no longer read
     if (it_first < it_end) load_tile<K>(p, head, c0, tile_start(it_first), hi, lane, smem.warp[warp][0]);
-    cute::cp_async_fence();
     load_state<K>(p, seg, head, c0, smem);
+    cute::cp_async_fence();
+    cute::cp_async_wait<0>();  // this thread's pieces of the state (and of its first tile) have landed
     __syncthreads();
     for (int it = it_first; it < it_end; ++it) {
       const int stage = (it - it_first) % kStages;
