@@ -361,25 +361,30 @@ struct ChainWindow {
   }
 };
 
-// The first of `count` increasing values at or past `value` (its index; count if none).
-__device__ __forceinline__ int lower_bound(const int *values, int count, int value) {
-  int lo = 0, hi = count;
+// The first of `count` increasing values at or past `value` (its index; count if none), by a whole warp
+// (every lane calls it): each round the lanes sample 32 evenly spaced values at once, so the search
+// takes log32(count) rounds of loads in flight together, not log2(count) loads each waiting for the last.
+__device__ __forceinline__ int warp_lower_bound(const int *values, int count, int value) {
+  const int lane = threadIdx.x % 32;
+  int lo = 0, hi = count;  // the answer lies in [lo, hi]
   while (lo < hi) {
-    const int mid = (lo + hi) / 2;
-    if (values[mid] < value) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
-    }
+    const int step = (hi - lo + 31) / 32;
+    const int at = lo + lane * step;
+    const bool below = at < hi && values[at] < value;
+    const int k = __popc(__ballot_sync(0xFFFFFFFFu, below));  // the samples below `value`: lanes 0 .. k - 1
+    const int next_lo = k > 0 ? lo + (k - 1) * step + 1 : lo;
+    hi = min(hi, lo + k * step);
+    lo = next_lo;
   }
   return lo;
 }
 
+// Every thread of the CTA calls it (the packed search is a warp's).
 __device__ __forceinline__ ChainWindow chain_window(const Window &w, const Chain &chain, int index) {
   if (!w.is_packed()) return {w.first, max(0, min(w.count, chain.chunks - w.first)), size_t(index) * w.count};
   const int *items = w.packed.item_of + w.packed.chain_first[index];
-  const int first = lower_bound(items, chain.chunks, w.first);
-  return {first, lower_bound(items, chain.chunks, w.first + w.count) - first, 0, items + first, w.first};
+  const int first = warp_lower_bound(items, chain.chunks, w.first);
+  return {first, warp_lower_bound(items, chain.chunks, w.first + w.count) - first, 0, items + first, w.first};
 }
 
 // A non-finite V row would reach the earlier tokens of its chunk through R^T = V^T (T beta)^T (0 x NaN).
