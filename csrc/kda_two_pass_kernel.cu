@@ -146,8 +146,12 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
     w.count = packed.chain_chunk != nullptr || window < chunks - w.first ? window : chunks - w.first;
     w.packed = packed;
     const int items = packed.chain_chunk != nullptr ? window : chains * w.count;  // at most
-    // Overlapped: one item a CTA; otherwise every resident slot, each CTA a range of items.
-    const int factor_ctas = overlapped || items < multiprocessors * resident ? items : multiprocessors * resident;
+    // Beside a state pass (overlapped, after the first window): one item a CTA, so that its CTAs retire
+    // and the state pass takes their multiprocessors; otherwise every resident slot, each CTA a range of
+    // items (its next item's loads beside this one's build).
+    const bool beside_state_pass = overlapped && i > 0;
+    const int factor_ctas =
+        beside_state_pass || items < multiprocessors * resident ? items : multiprocessors * resident;
     if (overlapped && i >= 2 && (err = cudaStreamWaitEvent(stream, o->state_done[b], 0)) != cudaSuccess) return err;
     factor_kernel<<<factor_ctas, kFactorThreads, kF1SmBytes, stream>>>(p, maps, buffer, w);
     if (overlapped) {
