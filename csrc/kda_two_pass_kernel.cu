@@ -138,6 +138,9 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
     if ((err = cudaEventRecord(o->start, stream)) != cudaSuccess) return err;
     if ((err = cudaStreamWaitEvent(o->state, o->start, 0)) != cudaSuccess) return err;
   }
+  cudaLaunchAttribute programmatic{};  // programmatic dependent launch: griddepcontrol in the kernels
+  programmatic.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  programmatic.val.programmaticStreamSerializationAllowed = 1;
   for (int i = 0; i < int(schedule.windows); ++i) {
     const int b = i % int(schedule.buffers);
     uint8_t *buffer = factors + b * schedule.buffer;
@@ -153,15 +156,36 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
     const int factor_ctas =
         beside_state_pass || items < multiprocessors * resident ? items : multiprocessors * resident;
     if (overlapped && i >= 2 && (err = cudaStreamWaitEvent(stream, o->state_done[b], 0)) != cudaSuccess) return err;
-    factor_kernel<<<factor_ctas, kFactorThreads, kF1SmBytes, stream>>>(p, maps, buffer, w);
+    // The first window's factor pass starts while the work before it on XLA's stream ends (it waits for
+    // that work before touching memory); a later one runs after its buffer's readers, as ordered above.
+    cudaLaunchConfig_t factor_config{};
+    factor_config.gridDim = dim3(factor_ctas);
+    factor_config.blockDim = dim3(kFactorThreads);
+    factor_config.dynamicSmemBytes = kF1SmBytes;
+    factor_config.stream = stream;
+    factor_config.attrs = i == 0 ? &programmatic : nullptr;
+    factor_config.numAttrs = i == 0 ? 1 : 0;
+    if ((err = cudaLaunchKernelEx(&factor_config, factor_kernel, p, maps, buffer, w)) != cudaSuccess) return err;
     if (overlapped) {
       if ((err = cudaEventRecord(o->factors_ready[b], stream)) != cudaSuccess) return err;
       if ((err = cudaStreamWaitEvent(o->state, o->factors_ready[b], 0)) != cudaSuccess) return err;
     }
     FusedParams state_params = p;
     if (i > 0) state_params.initial_state = p.final_state;  // where the last window left each state
-    state_pass_kernel<<<state_grid, kStateCtaThreads, kS2SmBytes, state_stream>>>(state_params, maps, buffer, w,
-                                                                                transition);
+    // Serial: launched programmatically after its factor pass on the same stream, so that its CTAs start
+    // (barriers, initial states, V) on the multiprocessors the factor pass's tail frees; its loader waits
+    // for the factors. Everything else it reads was complete before that factor pass's CTAs went on.
+    cudaLaunchConfig_t config{};
+    config.gridDim = state_grid;
+    config.blockDim = dim3(kStateCtaThreads);
+    config.dynamicSmemBytes = kS2SmBytes;
+    config.stream = state_stream;
+    config.attrs = overlapped ? nullptr : &programmatic;
+    config.numAttrs = overlapped ? 0 : 1;
+    if ((err = cudaLaunchKernelEx(&config, state_pass_kernel, state_params, maps,
+                                  static_cast<const uint8_t *>(buffer), w, transition)) != cudaSuccess) {
+      return err;
+    }
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
     if (overlapped && (err = cudaEventRecord(o->state_done[b], o->state)) != cudaSuccess) return err;
   }

@@ -512,6 +512,29 @@ def test_two_pass_bitwise_deterministic(case, two_pass):
     check_bitwise_deterministic(c)
 
 
+@gpu
+@needs_kernels
+@pytest.mark.parametrize("shape", [dict(B=1, T=2048, H=32), dict(seqlens=[1500, 700, 1], H=4)],
+                         ids=["serial", "packed"])
+def test_two_pass_reads_what_the_kernels_before_it_wrote(case, two_pass, shape):
+    # The passes start before the work ahead of them on the stream has ended (programmatic dependent
+    # launches) and wait for it before they read: inputs and an initial state that XLA's kernels write
+    # just before the call (halves doubled inside the jit: exact) must arrive whole.
+    c = case(**{**TWO_PASS_CALL, **shape})
+    assert takes_two_pass(c)
+    kwargs = dict(c.kwargs)
+    initial_half = kwargs.pop("initial_state") / 2
+
+    @jax.jit
+    def doubled(halves, initial_half):
+        return kda_prefill(*(2 * a for a in halves), impl="cuda", initial_state=2 * initial_half, **kwargs)
+
+    o, final = doubled([a / 2 for a in c.args], initial_half)
+    ref_o, ref_final = c.expected()
+    assert rel_err(o, ref_o) < BF16_TOL, rel_err(o, ref_o)
+    assert rel_err(final, ref_final) < BF16_TOL, rel_err(final, ref_final)
+
+
 # ---------------------------------------------------------------------------------------------
 # Few long sequences: cut into segments joined through their transition columns (jax_kda.segments)
 

@@ -103,6 +103,15 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
+// ---- programmatic dependent launch (sm_90) ----------------------------------------------------------
+// A grid launched after this one on its stream with programmatic stream serialization may start once
+// every CTA of this one has called this (or exited): its CTAs then take the multiprocessors this grid's
+// tail leaves and run their prologue beside it.
+__device__ __forceinline__ void launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+// Waits until the grid this one was launched after has completed and its writes are visible to this
+// thread (returns at once in a grid launched without the attribute).
+__device__ __forceinline__ void wait_for_prior_grid() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
 // ---- wgmma ordering -------------------------------------------------------------------------------
 // Orders this warpgroup's earlier register writes (A fragments, accumulators) before the next wgmma.
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }

@@ -244,6 +244,11 @@ template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, int kInverseWarps = 1
 __global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
     factor_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
                        uint8_t *factors, Window w) {
+  // Launched programmatically after the call's earlier work (the first window): nothing of it is read or
+  // written before that work is complete. Then every CTA of the pass is resident and past that point:
+  // the state pass may start on the multiprocessors the pass's tail frees (its prologue reads inputs).
+  wait_for_prior_grid();
+  launch_dependents();
   extern __shared__ uint8_t smem_raw[];
   uint8_t *smem = aligned_smem(smem_raw);
   uint64_t *raw_full = reinterpret_cast<uint64_t *>(smem + f1_barriers(kSlots));
@@ -429,9 +434,11 @@ __device__ void zero_v_rows(uint8_t *stage, int group, uint32_t rows, int thread
 }
 
 // Lane 0 of the loader warp: the chain's chunks of the window, each one's factors (one bulk copy) and V
-// (two boxes) into stage i % kPassStages.
+// (two boxes) into stage i % kPassStages. The factors are the factor pass's, which may still run when
+// this grid starts (programmatic dependent launch): the only thread to read them waits for it first.
 __device__ void run_loader(const TensorMaps &maps, const uint8_t *factors, uint8_t *smem,
                            const RingBarriers &bars, const Chain &chain, const ChainWindow &cw, bool load_v) {
+  wait_for_prior_grid();
   for (int i = 0; i < cw.count; ++i) {  // the window's i-th chunk of the chain, cw.first + i
     const int s = ring_stage(i);
     uint8_t *stage = smem + s * kStBytes;
