@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One session on a lent Hopper GPU (see ../.library/device): install the carried wheels (.whl/), build
 # jax_kda with its kernels, then run what is asked, in any order: `test` (the GPU test suite; TESTS,
-# PYTEST_ARGS, TEST_TIMEOUT), `bench` (the prefill benchmark; BENCH_ARGS are passed to it), `profile`
-# (Nsight Compute on one kernel of one case, and its stall reasons; PROFILE_KERNEL, PROFILE_CASE),
+# PYTEST_ARGS, TEST_TIMEOUT, TEST_WORKERS), `bench` (the prefill benchmark; BENCH_ARGS are passed to
+# it), `profile` (Nsight Compute on one kernel of one case, and its stall reasons; PROFILE_KERNEL, PROFILE_CASE),
 # `decode` (generation with the notebook's model, and the decode step, XLA and the kernel, against its
 # bytes; DECODE_ARGS), `segments` (time and error against the number of segments; SWEEP_ARGS),
 # `profile-decode` (Nsight Compute on the decode kernel; PROFILE_DECODE_ARGS e.g. "k-first bfloat16"),
@@ -65,8 +65,12 @@ for step in "$@"; do
       read -r -a targets <<< "${TESTS:-tests}"  # one or more test files or folders, from the repository root
       eval "selection=(${PYTEST_ARGS:-})"  # shell words, quotes kept: PYTEST_ARGS="-k 'non_finite or cut'"
       # -v: a run cut off by TEST_TIMEOUT (seconds; 0: none) or the call's limit still names what passed.
+      # TEST_WORKERS processes (pytest-xdist, default 8; 0: one process) share the GPU: the float64
+      # references on the host's cores, one test at a time, took most of a test call (ninth session).
+      workers=()
+      python3 -c "import xdist" 2> /dev/null && workers=(-n "${TEST_WORKERS:-8}")
       (cd /tmp && timeout "${TEST_TIMEOUT:-0}" python3 -m pytest -v -m gpu -p no:cacheprovider --durations=8 \
-        "${selection[@]}" "${targets[@]/#/$repo/}" 2>&1 \
+        "${workers[@]}" "${selection[@]}" "${targets[@]/#/$repo/}" 2>&1 \
         | tee "$out/gpu_tests.log" \
         | tail -25) || status=1 ;;
     bench)
