@@ -5,7 +5,7 @@
 # Steps: build with nvcc for sm_90a (ptxas resource report kept: registers, spills, C75xx warnings),
 # SASS counts (HGMMA, wgmma waits, local-memory accesses), the CPU-only checks, compute-sanitizer
 # memcheck on a tiny launch, then the full run (checks of o and the final state against float64 and
-# the CPU emulation, every output written; timings of case A and the shapes of E and F), and a short
+# the CPU emulation, every output written; timings of case A and the shapes of E, F and D), and a short
 # table at the end. Logs go to $OUT (default /tmp/fused_out). Every step has a time limit, so a hang
 # (a barrier bug) still leaves its logs. Environment: OUT, NVCC (default nvcc), BUILD_DIR, REPS,
 # SKIP_SANITIZER=1.
