@@ -54,7 +54,6 @@ constexpr uint32_t kSomeDecayMarked = 1u << kChunk;  // a half's running log-dec
 using device::bf16;
 using device::ldsm_x4;
 using device::ldsm_x4_trans;
-using device::load_scalar;
 using device::load_scalar_bits;
 using device::scalar_of_bits;
 using device::mma;
