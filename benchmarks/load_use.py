@@ -52,6 +52,8 @@ def early_uses(lines, window):
                 if count - at <= window:
                     found.append((function, text.strip(), line.strip(), register))
                 del pending[register]
+            elif "[" not in first and "@" not in first and re.search(rf"\b{register}\b", first):
+                del pending[register]  # written again (unpredicated) before any read: never waited for
         if load:  # LOAD's pattern leaves out LDGSTS (global to shared: no register) and LDGDEPBAR
             pending[load.group(1)] = (count, line)
     return found
