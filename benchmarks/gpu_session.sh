@@ -2,7 +2,8 @@
 # One session on a lent Hopper GPU (see ../.library/device): install the carried wheels (.whl/), build
 # jax_kda with its kernels, then run what is asked, in any order: `test` (the GPU test suite; TESTS,
 # PYTEST_ARGS, TEST_TIMEOUT, TEST_WORKERS), `bench` (the prefill benchmark; BENCH_ARGS are passed to
-# it), `profile` (Nsight Compute on one kernel of one case, and its stall reasons; PROFILE_KERNEL, PROFILE_CASE),
+# it), `profile` (Nsight Compute on one kernel of one case, and its stall reasons; PROFILE_KERNEL,
+# PROFILE_CASE),
 # `decode` (generation with the notebook's model, and the decode step, XLA and the kernel, against its
 # bytes; DECODE_ARGS), `segments` (time and error against the number of segments; SWEEP_ARGS),
 # `profile-decode` (Nsight Compute on the decode kernel; PROFILE_DECODE_ARGS e.g. "k-first bfloat16"),
