@@ -18,18 +18,18 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t *>(&v);
 }
 
-// One element of an fp32 or bf16 array (which one known only at run time), as a float.
-__device__ __forceinline__ float load_scalar(const void *p, int64_t i, bool is_f32) {
-  return is_f32 ? static_cast<const float *>(p)[i] : __bfloat162float(static_cast<const bf16 *>(p)[i]);
-}
-// The same element's bits as loaded (fp32, or bf16 in the low half), and their value: a value loaded
-// ahead of its use stays bits until then, since a conversion right after the load makes the thread
-// wait the load's whole latency there.
+// One element of an fp32 or bf16 array (which one known only at run time): its bits as loaded (fp32,
+// or bf16 in the low half), and their value. A value loaded ahead of its use stays bits until then,
+// since a conversion right after the load makes the thread wait the load's whole latency there.
 __device__ __forceinline__ uint32_t load_scalar_bits(const void *p, int64_t i, bool is_f32) {
   return is_f32 ? __float_as_uint(static_cast<const float *>(p)[i]) : uint32_t(static_cast<const uint16_t *>(p)[i]);
 }
 __device__ __forceinline__ float scalar_of_bits(uint32_t bits, bool is_f32) {
   return __uint_as_float(is_f32 ? bits : bits << 16);
+}
+// The element as a float, converted as soon as it is loaded.
+__device__ __forceinline__ float load_scalar(const void *p, int64_t i, bool is_f32) {
+  return scalar_of_bits(load_scalar_bits(p, i, is_f32), is_f32);
 }
 __device__ __forceinline__ void store_scalar(void *p, int64_t i, bool is_f32, float x) {
   if (is_f32) {
