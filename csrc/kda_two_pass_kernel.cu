@@ -99,6 +99,20 @@ cudaError_t overlap_streams(int device, OverlapStreams **out) {
   return cudaSuccess;
 }
 
+// A launch of `grid` CTAs of `threads` threads with `smem_bytes` of dynamic shared memory on `stream`, with
+// `attribute` as its one attribute, or none where null (the attribute must outlive the launch call).
+cudaLaunchConfig_t launch_config(dim3 grid, int threads, uint32_t smem_bytes, cudaStream_t stream,
+                                 cudaLaunchAttribute *attribute) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  config.attrs = attribute;
+  config.numAttrs = attribute != nullptr ? 1 : 0;
+  return config;
+}
+
 // The two passes window by window (layout: kda_contract.h's TwoPassLayout of the call), serial or
 // overlapped as its TwoPassSchedule says.
 template <bool kL2Norm, bool kBetaSigmoid>
@@ -158,13 +172,8 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
     if (overlapped && i >= 2 && (err = cudaStreamWaitEvent(stream, o->state_done[b], 0)) != cudaSuccess) return err;
     // The first window's factor pass starts while the work before it on XLA's stream ends (it waits for
     // that work before touching memory); a later one runs after its buffer's readers, as ordered above.
-    cudaLaunchConfig_t factor_config{};
-    factor_config.gridDim = dim3(factor_ctas);
-    factor_config.blockDim = dim3(kFactorThreads);
-    factor_config.dynamicSmemBytes = kF1SmBytes;
-    factor_config.stream = stream;
-    factor_config.attrs = i == 0 ? &programmatic : nullptr;
-    factor_config.numAttrs = i == 0 ? 1 : 0;
+    const cudaLaunchConfig_t factor_config =
+        launch_config(dim3(factor_ctas), kFactorThreads, kF1SmBytes, stream, i == 0 ? &programmatic : nullptr);
     if ((err = cudaLaunchKernelEx(&factor_config, factor_kernel, p, maps, buffer, w)) != cudaSuccess) return err;
     if (overlapped) {
       if ((err = cudaEventRecord(o->factors_ready[b], stream)) != cudaSuccess) return err;
@@ -175,13 +184,8 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
     // Serial: launched programmatically after its factor pass on the same stream, so that its CTAs start
     // (barriers, initial states, V) on the multiprocessors the factor pass's tail frees; its loader waits
     // for the factors. Everything else it reads was complete before that factor pass's CTAs went on.
-    cudaLaunchConfig_t config{};
-    config.gridDim = state_grid;
-    config.blockDim = dim3(kStateCtaThreads);
-    config.dynamicSmemBytes = kS2SmBytes;
-    config.stream = state_stream;
-    config.attrs = overlapped ? nullptr : &programmatic;
-    config.numAttrs = overlapped ? 0 : 1;
+    const cudaLaunchConfig_t config =
+        launch_config(state_grid, kStateCtaThreads, kS2SmBytes, state_stream, overlapped ? nullptr : &programmatic);
     if ((err = cudaLaunchKernelEx(&config, state_pass_kernel, state_params, maps,
                                   static_cast<const uint8_t *>(buffer), w, transition)) != cudaSuccess) {
       return err;
