@@ -144,7 +144,7 @@ __device__ void channel_table(const DecodeParams &p, int seq, int vhead, Shared<
     bias[j] = p.gate != GateMode::kGiven && p.dt_bias != nullptr ? p.dt_bias[vhead * K + lane * kPerLane + j] : 0.f;
   }
   const uint32_t beta_bits = load_scalar_bits(p.beta, int64_t(seq) * p.value_heads + vhead, p.beta_is_f32);
-  const float a_log = p.A_log != nullptr ? p.A_log[vhead] : 0.f;
+  const float a_log = p.A_log != nullptr ? p.A_log[vhead] : 0.f;  // 0 without A_log: a scale of expf(0) = 1
   float q[kPerLane], k[kPerLane];
   float q_squares = 0.f, k_squares = 0.f;
 #pragma unroll
@@ -158,7 +158,7 @@ __device__ void channel_table(const DecodeParams &p, int seq, int vhead, Shared<
   const float k_norm = p.l2norm ? rsqrtf(warp_sum(k_squares) + kL2NormEps) : 1.f;
   float beta = scalar_of_bits(beta_bits, p.beta_is_f32);
   if (p.beta_sigmoid) beta = (p.allow_neg_eigval ? 2.f : 1.f) / (1.f + expf(-beta));
-  const float a_scale = p.A_log != nullptr ? expf(a_log) : 1.f;
+  const float a_scale = expf(a_log);
 
   float beta_kq = 0.f;
 #pragma unroll
