@@ -29,6 +29,8 @@ struct Variant {
   GateMode gate = GateMode::kBounded;  // the gate of the problems it is checked on
   uint32_t smem_bytes = kF1SmBytes;
   int ctas_per_sm = kFactorCtasPerSm;  // planned; the grid uses the occupancy found at start-up
+  int groups = 1;                      // factor groups a CTA
+  int threads() const { return kFactorThreads * groups; }
 };
 // The bounded-gate variants are timed; the softplus and log-decay ones (with the 4-warp inverse) are
 // checked on the short shapes.
@@ -38,6 +40,14 @@ const Variant kVariants[] = {
     {"ex2+rcp inv4w", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4>, 0},  // the inverse on 4 warps
     {"inv4w lean", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kLeanSlots, kLeanCtasPerSm>, 0,
      GateMode::kBounded, f1_smem_bytes(kLeanSlots), kLeanCtasPerSm},  // one raw slot, four CTAs a SM
+    // Three groups a CTA, one CTA a SM: free (the control), and in lockstep at each item's start (1) and
+    // also after the elementwise phase (2).
+    {"inv4w 3 groups", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, 0>, 2,
+     GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
+    {"inv4w lockstep", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, 1>, 2,
+     GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
+    {"inv4w lockstep2", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, 2>, 2,
+     GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
     {"softplus gate", factor_pass_kernel<GateMath::kSoftplus, true, true, 4>, -1, GateMode::kSoftplus},
     {"log-decay gate", factor_pass_kernel<GateMath::kLogDecay, true, true, 4>, -1, GateMode::kLogDecay},
 };
@@ -142,15 +152,16 @@ struct Launcher {
   }
   int factor_grid(const Variant &v, const DeviceProblem &d, const Window &w) const {
     const int per_sm = resident[&v - kVariants] > 0 ? resident[&v - kVariants] : v.ctas_per_sm;
-    if (pass1_per_item) return int(items_in(d, w));
-    return int(std::min<size_t>(items_in(d, w), size_t(sms) * per_sm));
+    const size_t ctas = (items_in(d, w) + v.groups - 1) / v.groups;  // a group an item at least
+    if (pass1_per_item) return int(ctas);
+    return int(std::min<size_t>(ctas, size_t(sms) * per_sm));
   }
   void pass1(const Variant &v, const DeviceProblem &d) { pass1(v, d, windows(d)[0], factors, nullptr); }
   void pass2(const DeviceProblem &d) { pass2(d, windows(d)[0], factors, nullptr); }
   void pass1(const Variant &v, const DeviceProblem &d, Window w, uint8_t *buffer, cudaStream_t stream) const {
     const int grid = factor_grid(v, d, w);
     if (grid == 0) return;
-    v.kernel<<<grid, kFactorThreads, v.smem_bytes, stream>>>(make_params(d), d.maps, buffer, w);
+    v.kernel<<<grid, v.threads(), v.smem_bytes, stream>>>(make_params(d), d.maps, buffer, w);
     KN_CHECK(cudaGetLastError());
   }
   // After the first window the state enters from the final-state buffer, where the last one left it.
@@ -439,22 +450,26 @@ void print_check(const char *label, const Shape &s, const Variant &v, const TwoP
 
 // ---- CPU-only checks ------------------------------------------------------------------------------
 // The pass-1 schedule covers every item exactly once, for the timed shapes and several grid sizes.
+// Every item exactly once, in contiguous ranges, for one group a CTA and for kGroupsPerCta (units = CTAs x
+// groups, as the kernel numbers them); in lockstep a CTA runs its first group's range length, which must
+// be the longest of its groups.
 long long host_check_schedule() {
   long long bad = 0;
-  for (int items : {1, 7, 16, 2048, 24576, 32768, 24577})
-    for (int ctas : {1, 3, 132 * 3, 114 * 3, 100000}) {
-      const int grid = std::min(items, ctas);
-      std::vector<int> seen(items, 0);
-      int prev_last = 0;
-      for (int b = 0; b < grid; ++b) {
-        const ItemRange r = items_of(b, grid, items);
-        bad += r.first != prev_last || r.last < r.first;
-        prev_last = r.last;
-        for (int i = r.first; i < r.last; ++i) ++seen[i];
+  for (int groups : {1, kGroupsPerCta})
+    for (int items : {1, 7, 16, 2048, 24576, 32768, 24577})
+      for (int ctas : {1, 3, 132 * 3, 114 * 3, 100000}) {
+        const int grid = std::min((items + groups - 1) / groups, ctas), units = grid * groups;
+        std::vector<int> seen(items, 0);
+        int prev_last = 0;
+        for (int u = 0; u < units; ++u) {
+          const ItemRange r = items_of(u, units, items), lead = items_of(u - u % groups, units, items);
+          bad += r.first != prev_last || r.last < r.first || r.last - r.first > lead.last - lead.first;
+          prev_last = r.last;
+          for (int i = r.first; i < r.last; ++i) ++seen[i];
+        }
+        for (int x : seen) bad += x != 1;
+        bad += prev_last != items;
       }
-      for (int x : seen) bad += x != 1;
-      bad += prev_last != items;
-    }
   return bad;
 }
 
@@ -526,7 +541,7 @@ int host_check(int tokens) {
   const long long schedule_bad = host_check_schedule();
   const long long copied_bad = host_check_copied_part();
   printf("layouts: %lld mismatches (raw tiles, stage tiles through the descriptors)\n", layout_bad);
-  printf("pass-1 schedule: %lld items missed or repeated (7 item counts x 5 grid sizes)\n", schedule_bad);
+  printf("pass-1 schedule: %lld items missed or repeated (1 and 3 groups a CTA x 7 item counts x 5 grid sizes)\n", schedule_bad);
   printf("state layouts: %lld values misplaced or not covered once (V-first and K-first)\n", state_bad);
   printf("pass-2 copies: %lld stage bytes read or written outside the copied %u B (factors) / V\n", copied_bad,
          kPassFactorBytes);
@@ -744,10 +759,10 @@ int main(int argc, char **argv) {
     KN_CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(v.smem_bytes)));
     KN_CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
     int resident = 0;
-    KN_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, v.kernel, kFactorThreads, v.smem_bytes));
+    KN_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, v.kernel, v.threads(), v.smem_bytes));
     l.resident[i] = std::max(1, resident);
     printf("pass 1, %-15s %d threads, %u B shared memory a CTA, %d CTAs resident per SM (planned %d)\n", v.name,
-           kFactorThreads, v.smem_bytes, resident, v.ctas_per_sm);
+           v.threads(), v.smem_bytes, resident, v.ctas_per_sm);
   }
   KN_CHECK(cudaFuncSetAttribute(state_pass_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kS2SmBytes)));
   printf("pass 2: %d threads, %u B, %d stages\n", kStateCtaThreads, kS2SmBytes, kPassStages);

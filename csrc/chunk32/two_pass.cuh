@@ -32,17 +32,26 @@ namespace two_pass {
 // as in the fused kernel, then the two raw-slot barriers.
 constexpr int kFactorThreads = kWarpgroupThreads;
 constexpr int kFactorCtasPerSm = 3;
-// A factor CTA's shared memory with `slots` raw slots (the group's scratch follows them), its barriers
-// after the scratch, + slack to align the base.
+// A factor group's area with `slots` raw slots (the group's scratch follows them), its barriers after
+// the scratch; a CTA of `groups` groups holds their areas one after the other (each aligned), + slack
+// to align the base.
 CHUNK32_HD constexpr uint32_t f1_barriers(int slots) { return kGrBytes - (kRawSlots - slots) * kRawSlotBytes; }
-CHUNK32_HD constexpr uint32_t f1_smem_bytes(int slots) { return f1_barriers(slots) + slots * 8 + kSwizzleAlign; }
+CHUNK32_HD constexpr uint32_t f1_group_stride(int slots) { return align_up(f1_barriers(slots) + slots * 8, kSwizzleAlign); }
+CHUNK32_HD constexpr uint32_t f1_smem_bytes(int slots, int groups = 1) {
+  return (groups - 1) * f1_group_stride(slots) + f1_barriers(slots) + slots * 8 + kSwizzleAlign;
+}
 constexpr uint32_t kF1SmBytes = f1_smem_bytes(kRawSlots);
+// Three groups a CTA, one CTA a multiprocessor: warp w of each group runs on sub-partition w, so with
+// the groups in lockstep the three warps of a sub-partition run the same code at once (the pass is
+// bound by instruction supply: PERFLOG, tenth session).
+constexpr int kGroupsPerCta = 3;
 // One raw slot (the next item's loads wait for this item's last read) leaves room for four CTAs a SM:
 // more warps to hide latency with, at 128 registers.
 constexpr int kLeanSlots = 1, kLeanCtasPerSm = 4;
 constexpr uint32_t kSmPerSm = 228 * 1024, kSmReservedPerCta = 1024;         // sm_90
 static_assert(kFactorCtasPerSm * (kF1SmBytes + kSmReservedPerCta) <= kSmPerSm, "three factor CTAs per SM");
 static_assert(kLeanCtasPerSm * (f1_smem_bytes(kLeanSlots) + kSmReservedPerCta) <= kSmPerSm, "four lean CTAs per SM");
+static_assert(f1_smem_bytes(kRawSlots, kGroupsPerCta) <= kSmLimit, "three factor groups a CTA");
 
 // Items (chain, chunk) -> CTAs: CTA b takes the contiguous range [first, last).
 struct ItemRange {
@@ -239,30 +248,39 @@ struct PhaseClock {
 // one more group barrier; bit-identical factors).
 // kSlots: raw slots (2: the next item loads while this one builds; 1: it loads after, and the other
 // CTAs of the SM cover the wait); kCtasPerSm: the launch bound (registers).
+// kGroups: factor groups a CTA (warps 4g .. 4g + 3 the g-th, with its own area, raw-slot barriers, named
+// barrier and items, as if it were a CTA of its own); kLockstep: 0 the groups run free, 1 a CTA barrier
+// at each item's start, 2 also after the elementwise phase (in place of the group's barrier there), so
+// that the groups' warps on a sub-partition run the same code at the same time. In lockstep every group
+// runs as many iterations as the CTA's longest range (one without an item only meets the CTA barriers).
 template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, int kInverseWarps = 1, int kSlots = kRawSlots,
-          int kCtasPerSm = kFactorCtasPerSm>
-__global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
+          int kCtasPerSm = kFactorCtasPerSm, int kGroups = 1, int kLockstep = 0>
+__global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     factor_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
                        uint8_t *factors, Window w) {
+  static_assert(kLockstep == 0 || kGroups > 1, "lockstep is between the groups of a CTA");
   // Launched programmatically after the call's earlier work (the first window): nothing of it is read or
   // written before that work is complete. Then every CTA of the pass is resident and past that point:
   // the state pass may start on the multiprocessors the pass's tail frees (its prologue reads inputs).
   wait_for_prior_grid();
   launch_dependents();
   extern __shared__ uint8_t smem_raw[];
-  uint8_t *smem = aligned_smem(smem_raw);
+  const int group = kGroups > 1 ? int(threadIdx.x / kFactorThreads) : 0;
+  uint8_t *smem = aligned_smem(smem_raw) + group * f1_group_stride(kSlots);  // the group's area
   uint64_t *raw_full = reinterpret_cast<uint64_t *>(smem + f1_barriers(kSlots));
-  if (threadIdx.x == 0) {
+  const int tid = kGroups > 1 ? int(threadIdx.x % kFactorThreads) : int(threadIdx.x);
+  if (tid == 0) {
     for (int i = 0; i < kSlots; ++i) mbarrier_init(&raw_full[i], 1);
     fence_barrier_init();
   }
   __syncthreads();
   // Items: (chain, chunk) of the window (place_of); the factors at the item's index.
-  const ItemRange range = items_of(blockIdx.x, gridDim.x, items_in(p, w));
+  const int items = items_in(p, w);
+  const ItemRange range = items_of(blockIdx.x * kGroups + group, gridDim.x * kGroups, items);
   FactorGroup<kGate, kL2Norm, kBetaSigmoid> fg;
   fg.base = smem - (kRawSlots - kSlots) * kRawSlotBytes;  // the group's scratch right after the slots in use
-  fg.group = 0;
-  fg.tid = threadIdx.x;
+  fg.group = group;
+  fg.tid = tid;
   fg.warp = fg.tid / 32;
   fg.lane = fg.tid % 32;
   fg.half = fg.warp >> 1;
@@ -280,43 +298,60 @@ __global__ void __launch_bounds__(kFactorThreads, kCtasPerSm)
     if (loader) issue_raw_loads(maps, here.chain, here.chunk, slot_of(0), &raw_full[0]);
     beta_bits = load_beta_bits(p, here.chain, here.chunk, fg.tid);
   }
+  // In lockstep every group runs the iterations of its CTA's longest range (its first group's).
+  int end = range.last;
+  if (kLockstep > 0) {
+    const ItemRange lead = items_of(blockIdx.x * kGroups, gridDim.x * kGroups, items);
+    end = range.first + (lead.last - lead.first);
+  }
   int gate_head = -1;
-  for (int item = range.first, it = 0; item < range.last; ++item, ++it) {
+  for (int item = range.first, it = 0; item < end; ++item, ++it) {
+    if (kLockstep > 0) __syncthreads();
+    const bool has_item = kLockstep == 0 || item < range.last;  // group-uniform; false only in lockstep
     PhaseClock clk;
-    clk.begin(item, fg.tid);
     const int next = item + 1;
     uint32_t next_beta_bits = 0u;
     ItemPlace nx{};
-    const int2 after_entry = next + 1 < range.last ? plan_entry(w, next + 1) : int2{};  // used an item later
-    if (next < range.last) {  // the next item's loads into the other slot (freed at the end of the last one)
-      nx = place_of(p, w, next, next_entry);
-      if (kSlots > 1 && loader) issue_raw_loads(maps, nx.chain, nx.chunk, slot_of(it + 1), &raw_full[(it + 1) % kSlots]);
-      next_beta_bits = load_beta_bits(p, nx.chain, nx.chunk, fg.tid);
-    }
-    fg.launder_indices();
-    const Chain &chain = here.chain;
-    const int c = here.chunk;
-    if (chain.head != gate_head) {
-      fg.load_gate(p, chain.head);
-      gate_head = chain.head;
-    }
-    uint8_t *raw = slot_of(it);
-    const int valid = valid_tokens(c, chain.tokens);
-    clk.mark(kPhIssue);
-    mbarrier_wait(&raw_full[it % kSlots], uint32_t(it / kSlots) & 1u);
-    clk.mark(kPhWaitRaw);
     float x[kSubBlock][2];
-    fg.gate_and_offsets(raw, valid, x);
-    clk.mark(kPhGate);
-    fg.row_norms(raw);
-    fg.write_betas(beta_bits, valid);
-    clk.mark(kPhNorms);
-    fg.sync();
-    clk.mark(kPhBarA);
+    uint8_t *raw = slot_of(it);
     uint8_t *stage = factors + size_t(item) * kFactorPitch;  // global: factors[chain][chunk]
-    fg.elementwise_factors(raw, stage, x, valid);
-    clk.mark(kPhElementwise);
-    fg.sync();
+    int valid = 0;
+    int2 after_entry{};
+    if (has_item) {
+      clk.begin(item, fg.tid);
+      after_entry = next + 1 < range.last ? plan_entry(w, next + 1) : int2{};  // used an item later
+      if (next < range.last) {  // the next item's loads into the other slot (freed at the end of the last one)
+        nx = place_of(p, w, next, next_entry);
+        if (kSlots > 1 && loader) issue_raw_loads(maps, nx.chain, nx.chunk, slot_of(it + 1), &raw_full[(it + 1) % kSlots]);
+        next_beta_bits = load_beta_bits(p, nx.chain, nx.chunk, fg.tid);
+      }
+      fg.launder_indices();
+      const Chain &chain = here.chain;
+      const int c = here.chunk;
+      if (chain.head != gate_head) {
+        fg.load_gate(p, chain.head);
+        gate_head = chain.head;
+      }
+      valid = valid_tokens(c, chain.tokens);
+      clk.mark(kPhIssue);
+      mbarrier_wait(&raw_full[it % kSlots], uint32_t(it / kSlots) & 1u);
+      clk.mark(kPhWaitRaw);
+      fg.gate_and_offsets(raw, valid, x);
+      clk.mark(kPhGate);
+      fg.row_norms(raw);
+      fg.write_betas(beta_bits, valid);
+      clk.mark(kPhNorms);
+      fg.sync();
+      clk.mark(kPhBarA);
+      fg.elementwise_factors(raw, stage, x, valid);
+      clk.mark(kPhElementwise);
+    }
+    if (kLockstep >= 2) {
+      __syncthreads();
+    } else if (has_item) {
+      fg.sync();
+    }
+    if (!has_item) continue;
     fg.clear_marks();  // read by every thread before the barrier; set again from the next chunk's phase A
     clk.mark(kPhBarB);
     fg.scores(raw, stage);
