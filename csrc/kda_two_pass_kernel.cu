@@ -33,6 +33,11 @@ using namespace jax_kda::chunk32;
 using namespace jax_kda::chunk32::two_pass;
 
 constexpr int kInverseWarps = 4;  // the inverse's merge spread over the group (measured fastest, PERFLOG)
+// The factor pass's CTA: three factor groups in lockstep (CTA barriers at an item's start and after its
+// elementwise phase), one CTA a multiprocessor, so that a sub-partition's three warps share their fetch.
+constexpr int kFactorGroups = kGroupsPerCta, kFactorLockstep = 2;
+constexpr int kFactorCtaThreads = kFactorThreads * kFactorGroups;
+constexpr uint32_t kFactorSmBytes = f1_smem_bytes(kRawSlots, kFactorGroups);
 
 // The driver's tensor-map encoder, through the runtime (no link to libcuda).
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
@@ -119,9 +124,9 @@ template <bool kL2Norm, bool kBetaSigmoid>
 cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const TransitionOutputs &transition,
                            uint8_t *factors, const TwoPassLayout &layout, const PackedItems &packed,
                            cudaStream_t stream) {
-  auto factor_kernel =
-      factor_pass_kernel<GateMath::kExp2Reciprocal, kL2Norm, kBetaSigmoid, kInverseWarps, kRawSlots, kFactorCtasPerSm>;
-  cudaError_t err = cudaFuncSetAttribute(factor_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kF1SmBytes);
+  auto factor_kernel = factor_pass_kernel<GateMath::kExp2Reciprocal, kL2Norm, kBetaSigmoid, kInverseWarps, kRawSlots,
+                                          1, kFactorGroups, kFactorLockstep>;
+  cudaError_t err = cudaFuncSetAttribute(factor_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFactorSmBytes);
   if (err == cudaSuccess) {
     err = cudaFuncSetAttribute(state_pass_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kS2SmBytes);
   }
@@ -129,7 +134,7 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
   if (err == cudaSuccess) err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
   if (err == cudaSuccess) {
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, factor_kernel, kFactorThreads, kF1SmBytes);
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, factor_kernel, kFactorCtaThreads, kFactorSmBytes);
   }
   if (err != cudaSuccess) return err;
   if (resident < 1) return cudaErrorInvalidConfiguration;
@@ -163,17 +168,18 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
     w.count = packed.chain_chunk != nullptr || window < chunks - w.first ? window : chunks - w.first;
     w.packed = packed;
     const int items = packed.chain_chunk != nullptr ? window : chains * w.count;  // at most
-    // Beside a state pass (overlapped, after the first window): one item a CTA, so that its CTAs retire
-    // and the state pass takes their multiprocessors; otherwise every resident slot, each CTA a range of
+    // Beside a state pass (overlapped, after the first window): one item a group, so that its CTAs retire
+    // and the state pass takes their multiprocessors; otherwise every resident CTA, each group a range of
     // items (its next item's loads beside this one's build).
     const bool beside_state_pass = overlapped && i > 0;
+    const int item_ctas = (items + kFactorGroups - 1) / kFactorGroups;
     const int factor_ctas =
-        beside_state_pass || items < multiprocessors * resident ? items : multiprocessors * resident;
+        beside_state_pass || item_ctas < multiprocessors * resident ? item_ctas : multiprocessors * resident;
     if (overlapped && i >= 2 && (err = cudaStreamWaitEvent(stream, o->state_done[b], 0)) != cudaSuccess) return err;
     // The first window's factor pass starts while the work before it on XLA's stream ends (it waits for
     // that work before touching memory); a later one runs after its buffer's readers, as ordered above.
     const cudaLaunchConfig_t factor_config =
-        launch_config(dim3(factor_ctas), kFactorThreads, kF1SmBytes, stream, i == 0 ? &programmatic : nullptr);
+        launch_config(dim3(factor_ctas), kFactorCtaThreads, kFactorSmBytes, stream, i == 0 ? &programmatic : nullptr);
     if ((err = cudaLaunchKernelEx(&factor_config, factor_kernel, p, maps, buffer, w)) != cudaSuccess) return err;
     if (overlapped) {
       if ((err = cudaEventRecord(o->factors_ready[b], stream)) != cudaSuccess) return err;
