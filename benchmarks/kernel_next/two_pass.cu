@@ -30,6 +30,7 @@ struct Variant {
   uint32_t smem_bytes = kF1SmBytes;
   int ctas_per_sm = kFactorCtasPerSm;  // planned; the grid uses the occupancy found at start-up
   int groups = 1;                      // factor groups a CTA
+  FactorKernel streamed = nullptr;     // its streamed instance (Window::ready), where the harness runs one
   int threads() const { return kFactorThreads * groups; }
 };
 // The bounded-gate variants are timed; the softplus and log-decay ones (with the 4-warp inverse) are
@@ -37,7 +38,9 @@ struct Variant {
 const Variant kVariants[] = {
     {"ex2+rcp gate", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true>, -1},
     {"tanh gate", factor_pass_kernel<GateMath::kTanh, true, true>, -1},
-    {"ex2+rcp inv4w", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4>, 0},  // the inverse on 4 warps
+    {"ex2+rcp inv4w", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4>, 0,  // the inverse on 4 warps
+     GateMode::kBounded, kF1SmBytes, kFactorCtasPerSm, 1,
+     factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, kFactorCtasPerSm, 1, 0, true>},
     {"inv4w lean", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kLeanSlots, kLeanCtasPerSm>, 0,
      GateMode::kBounded, f1_smem_bytes(kLeanSlots), kLeanCtasPerSm},  // one raw slot, four CTAs a SM
     // Three groups a CTA, one CTA a SM: free (the control), and in lockstep at each item's start (1) and
@@ -47,7 +50,8 @@ const Variant kVariants[] = {
     {"inv4w lockstep", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, 1>, 2,
      GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
     {"inv4w lockstep2", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, 2>, 2,
-     GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
+     GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta,
+     factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, 2, true>},
     {"softplus gate", factor_pass_kernel<GateMath::kSoftplus, true, true, 4>, -1, GateMode::kSoftplus},
     {"log-decay gate", factor_pass_kernel<GateMath::kLogDecay, true, true, 4>, -1, GateMode::kLogDecay},
 };
@@ -180,6 +184,42 @@ struct Launcher {
       pass1(v, d, w, factors, nullptr);
       pass2(d, w, factors, nullptr);
     }
+  }
+
+  // Streamed (one window): the flags and the claim counter zeroed, the streamed factor pass on the
+  // multiprocessors the state pass leaves, the state pass launched as its programmatic dependent (it
+  // starts once every factor CTA is running and waits for each item's flag).
+  int *flags = nullptr;
+  size_t flag_capacity = 0;  // ints
+  void streamed(const Variant &v, const DeviceProblem &d) {
+    Window w = windows(d)[0];
+    const size_t items = items_in(d, w);
+    if (items + 1 > flag_capacity) {
+      if (flags != nullptr) KN_CHECK(cudaFree(flags));
+      KN_CHECK(cudaMalloc(&flags, (items + 1) * sizeof(int)));
+      flag_capacity = items + 1;
+    }
+    KN_CHECK(cudaMemsetAsync(flags, 0, (items + 1) * sizeof(int)));
+    w.ready = flags;
+    w.claims = flags + items;
+    const int state_ctas = int(chains_of(d)) * (transition.o != nullptr ? 2 : 1);
+    if (state_ctas == 0 || d.shape.tokens == 0) return;
+    const int per_sm = resident[&v - kVariants] > 0 ? resident[&v - kVariants] : v.ctas_per_sm;
+    const int grid = int(std::min<size_t>((items + v.groups - 1) / v.groups, size_t(std::max(1, sms - state_ctas)) * per_sm));
+    const FusedParams p = make_params(d);
+    v.streamed<<<grid, v.threads(), v.smem_bytes>>>(p, d.maps, factors, w);
+    KN_CHECK(cudaGetLastError());
+    cudaLaunchAttribute programmatic{};
+    programmatic.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    programmatic.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(state_ctas / (transition.o != nullptr ? 2 : 1), transition.o != nullptr ? 2 : 1);
+    config.blockDim = dim3(kStateCtaThreads);
+    config.dynamicSmemBytes = kS2SmBytes;
+    config.attrs = &programmatic;
+    config.numAttrs = 1;
+    KN_CHECK(cudaLaunchKernelEx(&config, state_pass_kernel, p, d.maps, static_cast<const uint8_t *>(factors), w,
+                                transition));
   }
 
   // Overlapped windows: pass 1 of window n + 1 runs on a side stream while pass 2 of window n runs on
@@ -399,6 +439,62 @@ long long windows_differing(const Variant &v, Launcher &l, const DeviceProblem &
   long long differ = 0;
   for (size_t i = 0; i < compared; ++i) differ += out[0][i] != out[1][i];
   return differ;
+}
+
+// The streamed schedule against one pass (pass 1, then pass 2), byte for byte: o and the final state,
+// and with `transition` the transition slice's outputs too (outputs poisoned before each run).
+long long streamed_differing(const Variant &v, Launcher &l, const DeviceProblem &d, bool transition,
+                             size_t &compared) {
+  const size_t o_bytes = d.token_elems() * kBf16Bytes, s_bytes = d.state_elems() * 4;
+  uint16_t *o_t = nullptr;
+  float *state_t = nullptr;
+  if (transition) {
+    KN_CHECK(cudaMalloc(&o_t, o_bytes));
+    KN_CHECK(cudaMalloc(&state_t, s_bytes));
+    l.transition = TransitionOutputs{o_t, state_t};
+  }
+  const size_t bytes = (transition ? 2 : 1) * (o_bytes + s_bytes);
+  std::vector<uint8_t> out[2];
+  for (int r = 0; r < 2; ++r) {
+    l.reserve(d);
+    poison_outputs(d);
+    KN_CHECK(cudaMemset(l.factors, 0xFF, Launcher::items_of(d) * kFactorPitch));
+    if (transition) {
+      KN_CHECK(cudaMemset(o_t, 0xFF, o_bytes));
+      KN_CHECK(cudaMemset(state_t, 0xFF, s_bytes));
+    }
+    if (r == 0) {
+      l.pass1(v, d);
+      l.pass2(d);
+    } else {
+      l.streamed(v, d);
+    }
+    KN_CHECK(cudaDeviceSynchronize());
+    out[r].resize(bytes);
+    KN_CHECK(cudaMemcpy(out[r].data(), d.o, o_bytes, cudaMemcpyDeviceToHost));
+    KN_CHECK(cudaMemcpy(out[r].data() + o_bytes, d.final_state, s_bytes, cudaMemcpyDeviceToHost));
+    if (transition) {
+      KN_CHECK(cudaMemcpy(out[r].data() + o_bytes + s_bytes, o_t, o_bytes, cudaMemcpyDeviceToHost));
+      KN_CHECK(cudaMemcpy(out[r].data() + 2 * o_bytes + s_bytes, state_t, s_bytes, cudaMemcpyDeviceToHost));
+    }
+  }
+  if (transition) {
+    l.transition = TransitionOutputs{};
+    KN_CHECK(cudaFree(o_t));
+    KN_CHECK(cudaFree(state_t));
+  }
+  compared = bytes;
+  long long differ = 0;
+  for (size_t i = 0; i < compared; ++i) differ += out[0][i] != out[1][i];
+  return differ;
+}
+bool check_streamed(const char *label, const Variant &v, Launcher &l, const DeviceProblem &d, bool transition) {
+  if (v.streamed == nullptr) return true;
+  size_t compared = 0;
+  const long long differ = streamed_differing(v, l, d, transition, compared);
+  printf("check %-6s streamed (%s%s) vs one pass, bit for bit: %lld of %zu bytes differ  %s\n", label, v.name,
+         transition ? ", with the transition slice" : "", differ, compared, differ == 0 ? "PASS" : "FAIL");
+  return differ == 0;
 }
 
 // Pass 1 of `v` against pass 1 of `ref` on `d`, byte for byte (the buffer poisoned alike before each): the
@@ -818,6 +914,7 @@ int main(int argc, char **argv) {
       print_check(s.name, s, v, r);
       all_pass = all_pass && r.pass;
       all_pass = check_same_factors(s.name, v, l, d) && all_pass;
+      for (const bool transition : {false, true}) all_pass = check_streamed(s.name, v, l, d, transition) && all_pass;
       if (&v != &kVariants[0]) continue;
       for (const int window : {0, 5}) {  // the transition slice in one pass, then in overlapped windows of 5
         if (window >= Launcher::chunks_of(d)) continue;
@@ -901,6 +998,11 @@ int main(int argc, char **argv) {
     Timing p2, p2_transition;
   };
   std::vector<TransitionRow> transition_rows;  // pass 2 with the transition slice (the segment cut's cost)
+  struct StreamedRow {
+    const char *name, *variant;
+    Timing both;
+  };
+  std::vector<StreamedRow> streamed_rows;  // both passes at once (flags' reset included)
   const Variant &windowed_variant = kVariants[2];
   for (int si = 0; si < 3; ++si) {
     const Shape &s = timed[si];
@@ -919,8 +1021,11 @@ int main(int argc, char **argv) {
           all_pass = all_pass && r.pass;
         }
         all_pass = check_same_factors(s.name, v, l, d) && all_pass;
+        all_pass = check_streamed(s.name, v, l, d, false) && all_pass;
       }
       if (skip_timing) continue;
+      if (v.streamed != nullptr)
+        streamed_rows.push_back({s.name, v.name, timing_of(time_launches([&] { l.streamed(v, d); }, warmup, reps))});
       Row row{s.name, v.name, {}, {}, {}, pass_bytes(d), Launcher::chunks_of(d), s.batch * s.heads, si};
       row.p1 = timing_of(time_launches([&] { l.pass1(v, d); }, warmup, reps));
       row.p2 = timing_of(time_launches([&] { l.pass2(d); }, warmup, reps));
@@ -981,6 +1086,12 @@ int main(int argc, char **argv) {
     printf("fused = the fused chunk-32 prototype measured on an H200 (fused_prefill.cu); target = 1.5x the best "
            "peer / FlashKDA on A\n");
   }
+  if (!streamed_rows.empty()) {
+    printf("\nstreamed: both passes at once (the flags' memset, pass 1 on the multiprocessors pass 2 leaves, pass 2 "
+           "its programmatic dependent): medians of %d (ms)\n", reps);
+    for (const StreamedRow &r : streamed_rows)
+      printf("streamed: %-4s %-15s %8.4f  spread %6.4f\n", r.name, r.variant, r.both.ms, r.both.spread);
+  }
   if (!transition_rows.empty()) {
     printf("\npass 2 alone and with each chain's transition slice (2 CTAs a chain): medians of %d (ms)\n", reps);
     for (const TransitionRow &r : transition_rows)
@@ -999,6 +1110,7 @@ int main(int argc, char **argv) {
              r.overlapped_per_item.spread);
   }
   if (l.factors != nullptr) KN_CHECK(cudaFree(l.factors));
+  if (l.flags != nullptr) KN_CHECK(cudaFree(l.flags));
   printf("two_pass: %s\n", all_pass ? "ALL CHECKS PASS" : "SOME CHECKS FAIL");
   return all_pass ? 0 : 1;
 }

@@ -103,6 +103,21 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
+// ---- flags between grids running at once (the streamed passes) ------------------------------------
+// Publishes `value` at `flag` after every write this thread has seen (its CTA's, through a barrier before).
+__device__ __forceinline__ void release_flag(int *flag, int value) {
+  __threadfence();
+  asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(flag), "r"(value) : "memory");
+}
+__device__ __forceinline__ int acquire_load(const int *flag) {
+  int value;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(value) : "l"(flag) : "memory");
+  return value;
+}
+// Orders this thread's earlier generic-proxy view of global memory (an acquire) before its later
+// async-proxy reads of it (bulk copies).
+__device__ __forceinline__ void fence_proxy_async_global() { asm volatile("fence.proxy.async.global;" ::: "memory"); }
+
 // ---- programmatic dependent launch (sm_90) ----------------------------------------------------------
 // A grid launched after this one on its stream with programmatic stream serialization may start once
 // every CTA of this one has called this (or exited): its CTAs then take the multiprocessors this grid's

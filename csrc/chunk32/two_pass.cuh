@@ -80,10 +80,18 @@ struct PackedItems {
 // buffer holds one window (bounded workspace, and small enough to be read back from the L2); the state
 // crosses windows through the final-state buffer (fp32), which the next window's state pass reads as
 // its initial state. A window's factors sit at the item's index in the window (chain-major when not packed).
+//
+// Streamed (one window, few chains): both passes at once. The factor groups claim positions from a
+// counter (`claims`) in chunk-major order, so that chunk c of every chain is built before chunk c + 1,
+// and set `ready[item]` once an item's factors are written; the state pass, launched beside them, waits
+// for each item's flag before it copies its factors. Both are zero before the factor pass.
 struct Window {
   int first = 0, count = 0;
   PackedItems packed;
+  int *ready = nullptr;   // streamed: [items] flags; nullptr: the state pass runs after the factor pass
+  int *claims = nullptr;  // streamed: the positions claimed so far
   CHUNK32_HD bool is_packed() const { return packed.chain_chunk != nullptr; }
+  CHUNK32_HD bool is_streamed() const { return ready != nullptr; }
 };
 
 // Item `item` of window `w`: its chain and chunk (place_of); packed, from its entry of the plan, which
@@ -98,6 +106,12 @@ __device__ __forceinline__ int2 plan_entry(const Window &w, int item) {
 __device__ __forceinline__ ItemPlace place_of(const FusedParams &p, const Window &w, int item, int2 entry) {
   if (!w.is_packed()) return {chain_of(item / w.count, p.heads, p.tokens, p.group), w.first + item % w.count};
   return {packed_chain_of(entry.x, p.heads, p.cu_seqlens, p.group), entry.y};
+}
+// Streamed: the item at claim position `position`, chunk-major (packed, the plan's order is already).
+__device__ __forceinline__ int streamed_item(const FusedParams &p, const Window &w, int position) {
+  if (w.is_packed()) return position;
+  const int chains = p.batch * p.heads;
+  return position % chains * w.count + position / chains;
 }
 // The items of window `w` (packed: read from the plan).
 __device__ __forceinline__ int items_in(const FusedParams &p, const Window &w) {
@@ -251,17 +265,20 @@ struct PhaseClock {
 // kGroups: factor groups a CTA (warps 4g .. 4g + 3 the g-th, with its own area, raw-slot barriers, named
 // barrier and items, as if it were a CTA of its own); kLockstep: 0 the groups run free, 1 a CTA barrier
 // at each item's start, 2 also after the elementwise phase (in place of the group's barrier there), so
-// that the groups' warps on a sub-partition run the same code at the same time. In lockstep every group
-// runs as many iterations as the CTA's longest range (one without an item only meets the CTA barriers).
+// that the groups' warps on a sub-partition run the same code at the same time. In lockstep a group
+// without an item goes on meeting the CTA barriers until every group of the CTA is done.
+// kStreamed: the window is streamed (Window::ready): items claimed one ahead, each one's flag set after
+// its last barrier; otherwise each group takes a contiguous range of the window's items.
 template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, int kInverseWarps = 1, int kSlots = kRawSlots,
-          int kCtasPerSm = kFactorCtasPerSm, int kGroups = 1, int kLockstep = 0>
+          int kCtasPerSm = kFactorCtasPerSm, int kGroups = 1, int kLockstep = 0, bool kStreamed = false>
 __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     factor_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
                        uint8_t *factors, Window w) {
   static_assert(kLockstep == 0 || kGroups > 1, "lockstep is between the groups of a CTA");
   // Launched programmatically after the call's earlier work (the first window): nothing of it is read or
   // written before that work is complete. Then every CTA of the pass is resident and past that point:
-  // the state pass may start on the multiprocessors the pass's tail frees (its prologue reads inputs).
+  // the state pass may start on the multiprocessors the pass's tail frees (its prologue reads inputs),
+  // or, streamed, on those the pass leaves.
   wait_for_prior_grid();
   launch_dependents();
   extern __shared__ uint8_t smem_raw[];
@@ -274,7 +291,7 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     fence_barrier_init();
   }
   __syncthreads();
-  // Items: (chain, chunk) of the window (place_of); the factors at the item's index.
+  // Items: (chain, chunk) of the window (place_of); the factors at the item's index; -1: none.
   const int items = items_in(p, w);
   const ItemRange range = items_of(blockIdx.x * kGroups + group, gridDim.x * kGroups, items);
   FactorGroup<kGate, kL2Norm, kBetaSigmoid> fg;
@@ -286,30 +303,30 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
   fg.half = fg.warp >> 1;
   fg.d0 = 2 * (((fg.warp & 1) << 5) | fg.lane);
   const bool loader = fg.tid == kLoaderThread;
+  int *claimed = reinterpret_cast<int *>(fg.base + kGrClaim);  // streamed: the loader's claim, for the group
+  auto claim = [&] {
+    const int position = atomicAdd(w.claims, 1);
+    return position < items ? streamed_item(p, w, position) : -1;
+  };
   fg.clear_marks();
+  if (kStreamed && loader) *claimed = claim();
   fg.sync();
   auto slot_of = [&](int it) { return smem + kGrRaw + (it % kSlots) * kRawSlotBytes; };
+  int item = kStreamed ? *claimed : range.first < range.last ? range.first : -1;
   uint32_t beta_bits = 0u;
   ItemPlace here{};  // the item's place, worked out once: as the next item's in the iteration before
-  int2 next_entry{};  // the next item's plan entry (packed), loaded in the iteration before
-  if (range.first < range.last) {
-    here = place_of(p, w, range.first, plan_entry(w, range.first));
-    if (range.first + 1 < range.last) next_entry = plan_entry(w, range.first + 1);
+  int2 next_entry{};  // not streamed: the next item's plan entry (packed), loaded in the iteration before
+  if (item >= 0) {
+    here = place_of(p, w, item, plan_entry(w, item));
+    if (!kStreamed && item + 1 < range.last) next_entry = plan_entry(w, item + 1);
     if (loader) issue_raw_loads(maps, here.chain, here.chunk, slot_of(0), &raw_full[0]);
     beta_bits = load_beta_bits(p, here.chain, here.chunk, fg.tid);
   }
-  // In lockstep every group runs the iterations of its CTA's longest range (its first group's).
-  int end = range.last;
-  if (kLockstep > 0) {
-    const ItemRange lead = items_of(blockIdx.x * kGroups, gridDim.x * kGroups, items);
-    end = range.first + (lead.last - lead.first);
-  }
   int gate_head = -1;
-  for (int item = range.first, it = 0; item < end; ++item, ++it) {
-    if (kLockstep > 0) __syncthreads();
-    const bool has_item = kLockstep == 0 || item < range.last;  // group-uniform; false only in lockstep
+  for (int it = 0; kLockstep > 0 ? __syncthreads_or(item >= 0) : item >= 0; ++it) {
+    const bool has_item = kLockstep == 0 || item >= 0;  // group-uniform; false only in lockstep
     PhaseClock clk;
-    const int next = item + 1;
+    int next = -1;  // streamed: known to the loader now, to the group after the first barrier
     uint32_t next_beta_bits = 0u;
     ItemPlace nx{};
     float x[kSubBlock][2];
@@ -319,11 +336,19 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     int2 after_entry{};
     if (has_item) {
       clk.begin(item, fg.tid);
-      after_entry = next + 1 < range.last ? plan_entry(w, next + 1) : int2{};  // used an item later
-      if (next < range.last) {  // the next item's loads into the other slot (freed at the end of the last one)
-        nx = place_of(p, w, next, next_entry);
+      if (kStreamed) {
+        if (loader) {
+          next = claim();
+          *claimed = next;
+        }
+      } else {
+        next = item + 1 < range.last ? item + 1 : -1;
+        after_entry = next >= 0 && next + 1 < range.last ? plan_entry(w, next + 1) : int2{};  // used an item later
+      }
+      if (next >= 0) {  // the next item's loads into the other slot (freed at the end of the last one)
+        nx = place_of(p, w, next, kStreamed ? plan_entry(w, next) : next_entry);
         if (kSlots > 1 && loader) issue_raw_loads(maps, nx.chain, nx.chunk, slot_of(it + 1), &raw_full[(it + 1) % kSlots]);
-        next_beta_bits = load_beta_bits(p, nx.chain, nx.chunk, fg.tid);
+        if (!kStreamed) next_beta_bits = load_beta_bits(p, nx.chain, nx.chunk, fg.tid);
       }
       fg.launder_indices();
       const Chain &chain = here.chain;
@@ -343,6 +368,13 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
       clk.mark(kPhNorms);
       fg.sync();
       clk.mark(kPhBarA);
+      if (kStreamed) {  // the loader's claim, rewritten only after this item's last barrier
+        next = *claimed;
+        if (next >= 0) {
+          nx = place_of(p, w, next, plan_entry(w, next));
+          next_beta_bits = load_beta_bits(p, nx.chain, nx.chunk, fg.tid);
+        }
+      }
       fg.elementwise_factors(raw, stage, x, valid);
       clk.mark(kPhElementwise);
     }
@@ -371,7 +403,8 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     // The raw slot is refilled by the copy engine (async proxy) after these generic accesses.
     fence_proxy_async();
     fg.sync();
-    if (kSlots == 1 && loader && next < range.last) {  // the one slot is free now
+    if (kStreamed && loader) release_flag(&w.ready[item], 1);  // every thread's factor stores are before the barrier
+    if (kSlots == 1 && loader && next >= 0) {  // the one slot is free now
       issue_raw_loads(maps, nx.chain, nx.chunk, slot_of(it + 1), &raw_full[0]);
     }
     clk.mark(kPhBarE);
@@ -379,6 +412,7 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     beta_bits = next_beta_bits;
     here = nx;
     next_entry = after_entry;
+    item = next;
   }
 }
 
@@ -468,17 +502,29 @@ __device__ void zero_v_rows(uint8_t *stage, int group, uint32_t rows, int thread
   named_barrier(1 + group, kWarpgroupThreads);
 }
 
+// Streamed: waits for an item's flag (then its factors are in global memory, and the bulk copy after
+// reads them). A flag never set (a bug) traps after about ten seconds instead of hanging the GPU.
+constexpr long long kReadyPollLimit = 10000000;
+__device__ __noinline__ void wait_until_ready(const int *flag) {
+  for (long long polls = 0; acquire_load(flag) == 0; ++polls)
+    if (polls == kReadyPollLimit) __trap();
+  fence_proxy_async_global();
+}
+
 // Lane 0 of the loader warp: the chain's chunks of the window, each one's factors (one bulk copy) and V
 // (two boxes) into stage i % kPassStages. The factors are the factor pass's, which may still run when
-// this grid starts (programmatic dependent launch): the only thread to read them waits for it first.
-__device__ void run_loader(const TensorMaps &maps, const uint8_t *factors, uint8_t *smem,
-                           const RingBarriers &bars, const Chain &chain, const ChainWindow &cw, bool load_v) {
-  wait_for_prior_grid();
+// this grid starts (programmatic dependent launch): the only thread to read them waits for it first,
+// or, streamed, for each item's flag.
+
+__device__ void run_loader(const TensorMaps &maps, const uint8_t *factors, uint8_t *smem, const RingBarriers &bars,
+                           const Chain &chain, const ChainWindow &cw, bool load_v, const int *ready) {
+  if (ready == nullptr) wait_for_prior_grid();  // streamed: item by item instead
   for (int i = 0; i < cw.count; ++i) {  // the window's i-th chunk of the chain, cw.first + i
     const int s = ring_stage(i);
     uint8_t *stage = smem + s * kStBytes;
     if (i >= kPassStages) mbarrier_wait(&bars.empty[s], ring_parity(i - kPassStages));
     if (load_v) issue_v_loads(maps, chain, cw.first + i, stage, &bars.full[s]);  // expects its bytes; arrival next
+    if (ready != nullptr) wait_until_ready(&ready[cw.factor_of(i)]);
     mbarrier_arrive_expect_bytes(&bars.full[s], kPassFactorBytes);
     bulk_copy_to_shared(stage, factors + cw.factor_of(i) * kFactorPitch, kPassFactorBytes, &bars.full[s]);
   }
@@ -573,7 +619,7 @@ __global__ void __launch_bounds__(kStateCtaThreads, 1)
   } else if (warp == kScannerWarp) {
     run_scanner(smem, bars, cw, !transition, int(threadIdx.x % 32));
   } else if (threadIdx.x % 32 == 0) {
-    run_loader(maps, factors, smem, bars, chain, cw, !transition);
+    run_loader(maps, factors, smem, bars, chain, cw, !transition, w.ready);
   }
 }
 
