@@ -92,13 +92,15 @@ constexpr const char *two_pass_unsupported(int head_dim_k, int head_dim_v, bool 
 // state pass of this one reads the other (one chunk of every chain a window at least). After the
 // factors: when the call writes no final state, an fp32 state per chain (`carried_columns` wide: V, or
 // V + K with transition columns; 0 when the final state carries it); when packed, the plan (an int2 and
-// an int per item, an int per chain and two more).
+// an int per item, an int per chain and two more); with one window, a flag per item and a counter for
+// the streamed schedule (TwoPassSchedule).
 struct TwoPassLayout {
   int64_t window = 0;   // chunks of every chain a window (packed: items)
   int64_t windows = 0;  // windows to run (packed: some may hold no items)
   int64_t items = 0;    // packed: items at most
   int64_t buffers = 0, buffer = 0;  // factor buffers (1, or 2 alternating) and the bytes of one
-  int64_t carry = 0, plan = 0, bytes = 0;  // offsets of the state carry and of the plan; the size
+  int64_t carry = 0, plan = 0, flags = 0, bytes = 0;  // offsets of the state carry, the plan, the flags; the size
+  int64_t flag_count = 0;  // ints at `flags`: items of the one window + the counter (0: several windows)
 };
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr TwoPassLayout two_pass_layout(int64_t sequences, int64_t tokens, int64_t value_heads, bool packed,
@@ -121,7 +123,9 @@ constexpr TwoPassLayout two_pass_layout(int64_t sequences, int64_t tokens, int64
   if (l.windows == 1) l.buffers = 1;  // one chunk of more chains than the budget holds
   l.carry = l.buffers * l.buffer;
   l.plan = l.carry + chains * kTwoPassHeadDim * carried_columns * int64_t(sizeof(float));
-  l.bytes = l.plan + (packed ? l.items * int64_t(sizeof(int32_t) * 3) + (chains + 2) * int64_t(sizeof(int32_t)) : 0);
+  l.flags = l.plan + (packed ? l.items * int64_t(sizeof(int32_t) * 3) + (chains + 2) * int64_t(sizeof(int32_t)) : 0);
+  l.flag_count = l.windows == 1 ? (packed ? l.items : chains * chunks) + 1 : 0;
+  l.bytes = l.flags + l.flag_count * int64_t(sizeof(int32_t));
   return l;
 }
 
@@ -134,12 +138,18 @@ constexpr TwoPassLayout two_pass_layout(int64_t sequences, int64_t tokens, int64
 // the state pass.
 inline constexpr int64_t kTwoPassSplitMinChunks = 128;
 
-// The windows as the launcher runs them (kda_two_pass_kernel.cu): overlapped where the state pass's
-// CTAs (a multiprocessor each) leave some multiprocessors to the next window's factor pass and there
-// are two buffers (or one window long enough to be cut in two halves, which its buffer holds);
-// otherwise serial, the two buffers taken as one (half as many windows).
+// A call of one window whose state pass takes at most this share of the multiprocessors (a CTA a
+// chain) runs streamed: both passes at once, the factor pass on the other multiprocessors building the
+// items chunk by chunk of every chain, the state pass waiting for each item's flag. With more chains the
+// factor pass's share is too small to keep ahead of the chains (on an H200: F, 32 chains of 132).
+inline constexpr int64_t kTwoPassStreamedSharePercent = 30;
+
+// The windows as the launcher runs them (kda_two_pass_kernel.cu): streamed (above); overlapped where
+// the state pass's CTAs (a multiprocessor each) leave some multiprocessors to the next window's factor
+// pass and there are two buffers (or one window long enough to be cut in two halves, which its buffer
+// holds); otherwise serial, the two buffers taken as one (half as many windows).
 struct TwoPassSchedule {
-  bool overlapped = false;
+  bool streamed = false, overlapped = false;
   int64_t buffers = 0, window = 0, windows = 0;  // buffers taken in turn; chunks (packed: items) a window
   int64_t buffer = 0;                            // bytes from one buffer to the next
 };
@@ -149,7 +159,8 @@ constexpr TwoPassSchedule two_pass_schedule(const TwoPassLayout &l, int64_t toke
   if (l.windows == 0) return s;
   const int64_t chunks = ceil_div(tokens, kTwoPassChunk), units = l.items > 0 ? l.items : chunks;  // items: packed
   const bool idle = state_ctas < multiprocessors;
-  const bool split = 2 * state_ctas <= multiprocessors && l.windows == 1 && chunks >= kTwoPassSplitMinChunks;
+  s.streamed = l.windows == 1 && 100 * state_ctas <= kTwoPassStreamedSharePercent * multiprocessors;
+  const bool split = !s.streamed && 2 * state_ctas <= multiprocessors && l.windows == 1 && chunks >= kTwoPassSplitMinChunks;
   s.overlapped = idle && (l.buffers > 1 || split);
   s.buffers = s.overlapped ? 2 : 1;
   s.window = split ? ceil_div(l.window, 2) : l.window * (l.buffers / s.buffers);

@@ -7,11 +7,14 @@
 // each chain's chunks of the window in order from them. With several windows the workspace holds two
 // buffers (a long enough call of one window runs as two halves of its one buffer: kda_contract.h's
 // TwoPassSchedule), and where the chains are fewer than the multiprocessors the passes overlap: the factor pass
-// of window i + 1 (XLA's stream, one item a CTA so that its CTAs retire) runs beside the state pass of
+// of window i + 1 (XLA's stream, one item a group so that its CTAs retire) runs beside the state pass of
 // window i (a stream of the highest priority, which takes the multiprocessors they free), so the
 // multiprocessors the chains leave idle build factors. Events order them: a state pass after its
 // window's factors, a factor pass into a buffer after the state pass that read it, and XLA's stream
-// after the last state pass (CUDA graph capture records them as edges). The state crosses windows in
+// after the last state pass (CUDA graph capture records them as edges). A call of one window with few
+// chains runs streamed instead: the factor pass on the multiprocessors the chains leave builds the items
+// chunk by chunk of every chain and flags each one, and the state pass runs beside it from the start,
+// waiting for each item's flag (kda_contract.h's TwoPassSchedule). The state crosses windows in
 // fp32 through the final-state buffer (or the workspace's carry when the call writes no final state),
 // so the outputs are bit for bit those of one window. Both kernels read q, k, g and v by bulk tensor
 // copies, whose tensor maps are built here on the host per call (the kernels take them by value:
@@ -118,15 +121,64 @@ cudaLaunchConfig_t launch_config(dim3 grid, int threads, uint32_t smem_bytes, cu
   return config;
 }
 
-// The two passes window by window (layout: kda_contract.h's TwoPassLayout of the call), serial or
-// overlapped as its TwoPassSchedule says.
+// The items' plan of packed sequences, from their lengths on the device.
+void launch_plan(const FusedParams &p, const PackedItems &packed, int multiprocessors, cudaStream_t stream) {
+  const int64_t pairs = (p.tokens + kChunk - 1) / kChunk + p.sequences;  // at most
+  const int ctas = int((pairs * p.heads + kPlanThreads - 1) / kPlanThreads);
+  plan_packed_kernel<<<ctas < 4 * multiprocessors ? ctas : 4 * multiprocessors, kPlanThreads, 0, stream>>>(
+      p.cu_seqlens, p.sequences, p.heads, packed);
+}
+
+// The one window streamed: the flags and the claim counter zeroed, the factor pass on the
+// multiprocessors the state pass leaves (one CTA each), then the state pass as its programmatic
+// dependent: it starts once every factor CTA runs, on the multiprocessors left, and its loader waits for
+// each item's flag instead of the whole factor pass. Should it start only after the factor pass (no
+// early launch, a tool serializing grids), every flag is set: the same outputs, later.
+template <typename FactorKernel>
+cudaError_t launch_streamed(FactorKernel factor_kernel, const FusedParams &p, const TensorMaps &maps,
+                            const TransitionOutputs &transition, uint8_t *factors, const TwoPassLayout &layout,
+                            const PackedItems &packed, dim3 state_grid, int multiprocessors, int resident,
+                            cudaStream_t stream) {
+  if (p.cu_seqlens != nullptr) launch_plan(p, packed, multiprocessors, stream);
+  int *flags = reinterpret_cast<int *>(factors + layout.flags);
+  cudaError_t err = cudaMemsetAsync(flags, 0, layout.flag_count * sizeof(int), stream);
+  if (err != cudaSuccess) return err;
+  Window w;
+  w.count = int(layout.window);
+  w.packed = packed;
+  w.ready = flags;
+  w.claims = flags + (layout.flag_count - 1);
+  const int64_t items = layout.flag_count - 1, state_ctas = int64_t(state_grid.x) * state_grid.y;
+  const int64_t item_ctas = (items + kFactorGroups - 1) / kFactorGroups;
+  const int64_t free_ctas = (multiprocessors > state_ctas ? multiprocessors - state_ctas : 1) * resident;
+  const cudaLaunchConfig_t factor_config = launch_config(dim3(unsigned(item_ctas < free_ctas ? item_ctas : free_ctas)),
+                                                         kFactorCtaThreads, kFactorSmBytes, stream, nullptr);
+  if ((err = cudaLaunchKernelEx(&factor_config, factor_kernel, p, maps, factors, w)) != cudaSuccess) return err;
+  cudaLaunchAttribute programmatic{};
+  programmatic.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  programmatic.val.programmaticStreamSerializationAllowed = 1;
+  const cudaLaunchConfig_t config = launch_config(state_grid, kStateCtaThreads, kS2SmBytes, stream, &programmatic);
+  if ((err = cudaLaunchKernelEx(&config, state_pass_kernel, p, maps, static_cast<const uint8_t *>(factors), w,
+                                transition)) != cudaSuccess) {
+    return err;
+  }
+  return cudaGetLastError();
+}
+
+// The two passes window by window (layout: kda_contract.h's TwoPassLayout of the call), streamed,
+// serial or overlapped as its TwoPassSchedule says.
 template <bool kL2Norm, bool kBetaSigmoid>
 cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const TransitionOutputs &transition,
                            uint8_t *factors, const TwoPassLayout &layout, const PackedItems &packed,
                            cudaStream_t stream) {
-  auto factor_kernel = factor_pass_kernel<GateMath::kExp2Reciprocal, kL2Norm, kBetaSigmoid, kInverseWarps, kRawSlots,
-                                          1, kFactorGroups, kFactorLockstep>;
-  cudaError_t err = cudaFuncSetAttribute(factor_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFactorSmBytes);
+  auto windowed_kernel = factor_pass_kernel<GateMath::kExp2Reciprocal, kL2Norm, kBetaSigmoid, kInverseWarps,
+                                            kRawSlots, 1, kFactorGroups, kFactorLockstep>;
+  auto streamed_kernel = factor_pass_kernel<GateMath::kExp2Reciprocal, kL2Norm, kBetaSigmoid, kInverseWarps,
+                                            kRawSlots, 1, kFactorGroups, kFactorLockstep, true>;
+  cudaError_t err = cudaSuccess;
+  for (auto kernel : {windowed_kernel, streamed_kernel}) {
+    if (err == cudaSuccess) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFactorSmBytes);
+  }
   if (err == cudaSuccess) {
     err = cudaFuncSetAttribute(state_pass_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kS2SmBytes);
   }
@@ -134,7 +186,7 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
   if (err == cudaSuccess) err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
   if (err == cudaSuccess) {
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, factor_kernel, kFactorCtaThreads, kFactorSmBytes);
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, windowed_kernel, kFactorCtaThreads, kFactorSmBytes);
   }
   if (err != cudaSuccess) return err;
   if (resident < 1) return cudaErrorInvalidConfiguration;
@@ -142,17 +194,14 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
   const dim3 state_grid(chains, transition.o != nullptr ? 2 : 1);  // y = 1: the transition slice
   const TwoPassSchedule schedule =
       two_pass_schedule(layout, p.tokens, int64_t(state_grid.x) * state_grid.y, multiprocessors);
+  if (schedule.streamed) return launch_streamed(streamed_kernel, p, maps, transition, factors, layout, packed,
+                                                state_grid, multiprocessors, resident, stream);
   const bool overlapped = schedule.overlapped;
   OverlapStreams *o = nullptr;
   if (overlapped && (err = overlap_streams(device, &o)) != cudaSuccess) return err;
   const cudaStream_t state_stream = overlapped ? o->state : stream;
   const int chunks = (p.tokens + kChunk - 1) / kChunk, window = int(schedule.window);
-  if (p.cu_seqlens != nullptr) {  // the items' plan, from the lengths on the device
-    const int64_t pairs = chunks + p.sequences;  // at most
-    const int ctas = int((pairs * p.heads + kPlanThreads - 1) / kPlanThreads);
-    plan_packed_kernel<<<ctas < 4 * multiprocessors ? ctas : 4 * multiprocessors, kPlanThreads, 0, stream>>>(
-        p.cu_seqlens, p.sequences, p.heads, packed);
-  }
+  if (p.cu_seqlens != nullptr) launch_plan(p, packed, multiprocessors, stream);
   if (overlapped) {  // the state pass's stream after what came before on XLA's (inputs, the plan)
     if ((err = cudaEventRecord(o->start, stream)) != cudaSuccess) return err;
     if ((err = cudaStreamWaitEvent(o->state, o->start, 0)) != cudaSuccess) return err;
@@ -180,7 +229,7 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
     // that work before touching memory); a later one runs after its buffer's readers, as ordered above.
     const cudaLaunchConfig_t factor_config =
         launch_config(dim3(factor_ctas), kFactorCtaThreads, kFactorSmBytes, stream, i == 0 ? &programmatic : nullptr);
-    if ((err = cudaLaunchKernelEx(&factor_config, factor_kernel, p, maps, buffer, w)) != cudaSuccess) return err;
+    if ((err = cudaLaunchKernelEx(&factor_config, windowed_kernel, p, maps, buffer, w)) != cudaSuccess) return err;
     if (overlapped) {
       if ((err = cudaEventRecord(o->factors_ready[b], stream)) != cudaSuccess) return err;
       if ((err = cudaStreamWaitEvent(o->state, o->factors_ready[b], 0)) != cudaSuccess) return err;

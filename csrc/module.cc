@@ -49,6 +49,7 @@ NB_MODULE(_kda_ext, m) {
   m.attr("two_pass_workspace_budget") = kTwoPassWorkspaceBudget;
   m.attr("two_pass_max_packed_sequences") = kTwoPassMaxPackedSequences;
   m.attr("two_pass_split_min_chunks") = kTwoPassSplitMinChunks;
+  m.attr("two_pass_streamed_share_percent") = kTwoPassStreamedSharePercent;
   m.def("two_pass_unsupported",
         [reason](int k, int v, bool packed, int64_t sequences, int gate, float lower_bound, bool plain_inputs,
                  bool fp32_states) {
@@ -68,6 +69,8 @@ NB_MODULE(_kda_ext, m) {
           d["buffer"] = l.buffer;
           d["carry"] = l.carry;
           d["plan"] = l.plan;
+          d["flags"] = l.flags;
+          d["flag_count"] = l.flag_count;
           d["bytes"] = l.bytes;
           return d;
         },
@@ -79,6 +82,7 @@ NB_MODULE(_kda_ext, m) {
           const TwoPassSchedule s = two_pass_schedule(two_pass_layout(sequences, tokens, value_heads, packed, 0),
                                                       tokens, state_ctas, multiprocessors);
           nb::dict d;
+          d["streamed"] = s.streamed;
           d["overlapped"] = s.overlapped;
           d["buffers"] = s.buffers;
           d["window"] = s.window;

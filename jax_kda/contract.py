@@ -35,13 +35,15 @@ TWO_PASS_FACTOR_BYTES: int = int(_kda_ext.two_pass_factor_bytes)  # one chunk of
 TWO_PASS_WORKSPACE_BUDGET: int = int(_kda_ext.two_pass_workspace_budget)  # for the factors
 TWO_PASS_MAX_PACKED_SEQUENCES: int = int(_kda_ext.two_pass_max_packed_sequences)
 TWO_PASS_SPLIT_MIN_CHUNKS: int = int(_kda_ext.two_pass_split_min_chunks)  # one window cut in two from here
+# One window streams (both passes at once) while the state pass takes at most this share of the GPU.
+TWO_PASS_STREAMED_SHARE_PERCENT: int = int(_kda_ext.two_pass_streamed_share_percent)
 two_pass_unsupported = _kda_ext.two_pass_unsupported  # (k, v, packed, sequences, gate, lower_bound,
 #                                                        plain_inputs, fp32_states) -> reason or None
 # (sequences, tokens, value_heads, packed, carried_columns)
-#   -> dict(window, windows, items, buffers, buffer, carry, plan, bytes)
+#   -> dict(window, windows, items, buffers, buffer, carry, plan, flags, flag_count, bytes)
 two_pass_layout = _kda_ext.two_pass_layout
 # (sequences, tokens, value_heads, packed, state_ctas, multiprocessors)
-#   -> dict(overlapped, buffers, window, windows, buffer)
+#   -> dict(streamed, overlapped, buffers, window, windows, buffer)
 two_pass_schedule = _kda_ext.two_pass_schedule
 
 

@@ -274,6 +274,9 @@ def _two_pass_seconds(sequences, tokens, value_heads, transition, multiprocessor
     factors = chains * chunks * card.factor_seconds  # multiprocessor-seconds
     steps = -(-state_ctas // multiprocessors) * chunks
     tails = max(windows - 1, 0) * card.window_seconds
+    if schedule["streamed"]:  # the factors on the multiprocessors the chains leave, beside their steps
+        free = max(multiprocessors - state_ctas, 1)
+        return max(factors / free, steps * card.overlapped_state_seconds) + card.factor_seconds
     if not schedule["overlapped"]:
         return factors / multiprocessors + steps * card.state_seconds + tails
     window = schedule["window"]

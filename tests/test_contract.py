@@ -103,8 +103,12 @@ def test_two_pass_workspace_is_bounded_and_carries_the_state_without_a_final_sta
     assert a["buffers"] == 2 and a["buffer"] == chains * a["window"] * contract.TWO_PASS_FACTOR_BYTES
     assert a["carry"] == 2 * a["buffer"] <= contract.TWO_PASS_WORKSPACE_BUDGET
     assert a["bytes"] == a["carry"]  # the final state carries the state between windows
+    assert a["flag_count"] == 0 and a["flags"] == a["bytes"]  # several windows never stream
     f = layout(1, 96, 4)  # what fits runs in one window, one buffer
     assert f["window"] == 3 and f["windows"] == 1 and f["buffers"] == 1
+    # ... and may stream: a flag per item (4 chains x 3 chunks) and the claim counter, last
+    assert f["flag_count"] == 4 * 3 + 1 and f["bytes"] - f["flags"] == 4 * f["flag_count"]
+    assert f["flags"] == f["carry"] == 4 * 3 * contract.TWO_PASS_FACTOR_BYTES
     one_chunk = layout(1, 160, 10**6)  # a window holds one chunk at least
     assert one_chunk["window"] == 1 and one_chunk["buffers"] == 2
     assert layout(1, 32, 10**6)["buffers"] == 1  # one window: no second buffer
@@ -126,6 +130,8 @@ def test_two_pass_workspace_of_packed_sequences_holds_their_plan():
     small = contract.two_pass_layout(3, 100, 2, True, 128)  # one window of every item
     assert small["window"] == small["items"] == 2 * (4 + 3) and small["windows"] == 1 and small["buffers"] == 1
     assert small["plan"] - small["carry"] == 3 * 2 * 128 * 128 * 4
+    assert small["flags"] - small["plan"] == small["items"] * 12 + (3 * 2 + 2) * 4  # the flags after the plan
+    assert small["flag_count"] == small["items"] + 1 and small["bytes"] == small["flags"] + 4 * small["flag_count"]
 
 
 def test_two_pass_windows_overlap_where_the_chains_leave_multiprocessors_idle():
@@ -140,9 +146,22 @@ def test_two_pass_windows_overlap_where_the_chains_leave_multiprocessors_idle():
     c = schedule(6, 8192, 96, True, 576, 132)  # packed: windows of items
     assert not c["overlapped"] and c["windows"] == 2
     assert not schedule(1, 32768, 32, False, 132, 132)["overlapped"]  # no multiprocessor left over
-    f = schedule(1, 2048, 32, False, 32, 132)  # case F: one window of 64 chunks, too short to cut
-    assert not f["overlapped"] and f["windows"] == 1
+    f = schedule(1, 2048, 32, False, 32, 132)  # case F: one window of 64 chunks, too short to cut: streamed
+    assert f["streamed"] and not f["overlapped"] and f["windows"] == 1
     assert schedule(0, 2048, 32, False, 0, 132)["windows"] == 0
+
+
+def test_one_window_streams_where_the_chains_take_a_small_share_of_the_gpu():
+    schedule = contract.two_pass_schedule
+    share = contract.TWO_PASS_STREAMED_SHARE_PERCENT
+    most = 132 * share // 100  # state-pass CTAs that still stream on 132 multiprocessors
+    assert schedule(1, 2048, most, False, most, 132)["streamed"]
+    assert not schedule(1, 2048, most + 1, False, most + 1, 132)["streamed"]
+    packed = schedule(3, 4201, 4, True, 12, 132)  # packed: the one window of items
+    assert packed["streamed"] and packed["windows"] == 1 and not packed["overlapped"]
+    assert not schedule(1, 2048, 32, False, 64, 132)["streamed"]  # 32 chains with their transition slices
+    assert not schedule(1, 32768, 32, False, 32, 132)["streamed"]  # case E: four windows, overlapped
+    assert not schedule(1, 8192, 64, False, 64, 132)["streamed"]  # case B: cut in two overlapped halves
 
 
 @pytest.mark.parametrize("sequences,tokens,heads,packed", [
@@ -152,14 +171,15 @@ def test_two_pass_windows_overlap_where_the_chains_leave_multiprocessors_idle():
 ])
 def test_one_window_is_cut_in_two_overlapped_halves_that_its_buffer_holds(sequences, tokens, heads, packed):
     layout = contract.two_pass_layout(sequences, tokens, heads, packed, 0)
-    s = contract.two_pass_schedule(sequences, tokens, heads, packed, sequences * heads, 132)
+    chains = 64  # state-pass CTAs that leave half of the GPU, too many to stream
+    s = contract.two_pass_schedule(sequences, tokens, heads, packed, chains, 132)
     assert layout["windows"] == 1 and s["overlapped"] and s["buffers"] == 2 and s["windows"] == 2
     units = layout["items"] if packed else -(-tokens // contract.TWO_PASS_CHUNK)
     per_unit = layout["buffer"] // layout["window"]
     assert s["window"] == -(-units // 2) and s["buffer"] == per_unit * s["window"]
     assert s["buffer"] + per_unit * (units - s["window"]) == layout["buffer"]  # the second half, the shorter
     short = (contract.TWO_PASS_SPLIT_MIN_CHUNKS - 1) * contract.TWO_PASS_CHUNK  # one chunk fewer
-    assert contract.two_pass_schedule(1, short, heads, False, heads, 132)["windows"] == 1  # too short to cut
+    assert contract.two_pass_schedule(1, short, heads, False, chains, 132)["windows"] == 1  # too short to cut
     assert not contract.two_pass_schedule(sequences, tokens, heads, packed, 132, 132)["overlapped"]  # GPU full
     assert contract.two_pass_schedule(sequences, tokens, heads, packed, 67, 132)["windows"] == 1  # half of it
 

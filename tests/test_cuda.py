@@ -40,8 +40,9 @@ def test_lowers_to_the_custom_call_without_a_gpu():
                  "l2norm = true", "beta_sigmoid = true", "state_v_first = true", "has_initial_state = true",
                  "has_cu_seqlens = false", "write_final_state = true", "two_pass = true"):
         assert attr in calls[0], attr
-    # The two-pass kernel's workspace: the factors of its 2 chunks of the 4 chains, one window.
-    assert f"tensor<{4 * 2 * contract.TWO_PASS_FACTOR_BYTES}xui8>" in calls[0]
+    # The two-pass kernel's workspace: the factors of its 2 chunks of the 4 chains, one window, then a flag
+    # per item and the claim counter (the streamed schedule).
+    assert f"tensor<{4 * 2 * contract.TWO_PASS_FACTOR_BYTES + (4 * 2 + 1) * 4}xui8>" in calls[0]
     # Unsupported sizes lower to the XLA path instead.
     args = tuple(jax.ShapeDtypeStruct(a.shape[:-1] + (60,) if a.ndim == 4 and a.shape[-1] == K else a.shape, a.dtype)
                  for a in args[:5]) + (spec(B, HV, 60, 60, dtype=jnp.float32),)
@@ -99,7 +100,8 @@ def test_few_long_sequences_cut_for_the_two_pass_kernel_lower_with_its_workspace
     assert f"tensor<8x{T // 8}x{H}x{2 * K}xbf16>" in calls[0]
     chunks = T // 8 // contract.TWO_PASS_CHUNK
     assert contract.two_pass_layout(8, T // 8, H, False, 0)["windows"] == 1  # the final state carries nothing
-    assert f"tensor<{8 * H * chunks * contract.TWO_PASS_FACTOR_BYTES}xui8>" in calls[0]
+    items = 8 * H * chunks
+    assert f"tensor<{items * contract.TWO_PASS_FACTOR_BYTES + (items + 1) * 4}xui8>" in calls[0]  # + flags
     assert f"@{contract.SEGMENT_CORRECT_TARGET}(" in calls[1]
 
 
@@ -468,30 +470,36 @@ def test_two_pass_sizes(case, two_pass, B, T):
 @gpu
 @needs_kernels
 @pytest.mark.parametrize("output_final_state", [True, False])
-@pytest.mark.parametrize("shape,overlapped,windows", [
+@pytest.mark.parametrize("shape,kind,windows", [
     # 32 chains x 563 chunks of factors exceed the workspace budget: three windows in two buffers, each
     # window's state pass beside the next one's factor pass (the third reuses the first's buffer).
-    (dict(B=1, T=18000, H=16, HV=32), True, 3),
+    (dict(B=1, T=18000, H=16, HV=32), "overlapped", 3),
     # 2 sequences x 32 heads, 32 x (375 + 250 + 2) items at most: three windows of the chunk-major order.
-    (dict(seqlens=[12000, 8000], H=16, HV=32), True, 3),
+    (dict(seqlens=[12000, 8000], H=16, HV=32), "overlapped", 3),
     # 96 x (125 + 63 + 1 + 4 + 3) items at most and 384 state CTAs, more than the multiprocessors:
     # serial, the two buffers as one, two windows; an empty sequence.
-    (dict(seqlens=[4000, 2000, 0, 100], H=48, HV=96), False, 2),
-    # One window's factors cut in two overlapped halves (129 chunks: 65 and 64) in the one buffer.
-    (dict(B=1, T=4128, H=4, HV=8), True, 2),
-    # The same, packed: 8 x (132 + 3) items at most, halves of 540; a 1-token sequence.
-    (dict(seqlens=[3000, 1200, 1], H=4, HV=8), True, 2),
-], ids=["equal-overlapped", "packed-overlapped", "packed-serial", "equal-split", "packed-split"])
-def test_two_pass_windows(case, two_pass, shape, overlapped, windows, output_final_state):
+    (dict(seqlens=[4000, 2000, 0, 100], H=48, HV=96), "serial", 2),
+    # One window's factors cut in two overlapped halves (129 chunks: 65 and 64) in the one buffer: 48
+    # chains, too many to stream.
+    (dict(B=1, T=4128, H=24, HV=48), "overlapped", 2),
+    # The same, packed: 16 x (132 + 3) items at most, halves of 1,080; a 1-token sequence.
+    (dict(seqlens=[3000, 1200, 1], H=8, HV=16), "overlapped", 2),
+    # Few chains, one window: streamed, both passes at once.
+    (dict(B=1, T=4128, H=4, HV=8), "streamed", 1),
+    (dict(seqlens=[3000, 1200, 1], H=4, HV=8), "streamed", 1),
+], ids=["equal-overlapped", "packed-overlapped", "packed-serial", "equal-split", "packed-split", "equal-streamed",
+        "packed-streamed"])
+def test_two_pass_windows(case, two_pass, shape, kind, windows, output_final_state):
     # The state carried from one window to the next in the final state (or, when none is kept, in the workspace).
     c = case(**{**TWO_PASS_CALL, **shape, "output_final_state": output_final_state})
     packed = "seqlens" in shape
     sequences, tokens = (len(shape["seqlens"]), sum(shape["seqlens"])) if packed else (shape["B"], shape["T"])
     chains = sequences * shape["HV"]
-    if overlapped and chains >= paths.multiprocessors():
+    if kind != "serial" and chains >= paths.multiprocessors():
         pytest.skip(f"{chains} state-pass CTAs fill this GPU's {paths.multiprocessors()} multiprocessors")
     schedule = contract.two_pass_schedule(sequences, tokens, shape["HV"], packed, chains, paths.multiprocessors())
-    assert schedule["overlapped"] == overlapped and schedule["windows"] == windows, schedule
+    assert schedule["streamed"] == (kind == "streamed") and schedule["overlapped"] == (kind == "overlapped"), schedule
+    assert schedule["windows"] == windows, schedule
     assert takes_two_pass(c)
     check_against_oracle(c)
 
@@ -506,16 +514,20 @@ def test_two_pass_writes_every_output_element(case, two_pass):
 
 @gpu
 @needs_kernels
-def test_two_pass_bitwise_deterministic(case, two_pass):
-    c = case(**{**TWO_PASS_CALL, "B": 1, "T": 4200, "H": 4})  # two overlapped halves (132 chunks)
+@pytest.mark.parametrize("heads", [4, 48], ids=["streamed", "halves"])
+def test_two_pass_bitwise_deterministic(case, two_pass, heads):
+    # 4 chains stream (the factor groups claim their items in whatever order they reach the counter);
+    # 48 run two overlapped halves (132 chunks).
+    c = case(**{**TWO_PASS_CALL, "B": 1, "T": 4200, "H": heads, "HV": heads})
     assert takes_two_pass(c)
     check_bitwise_deterministic(c)
 
 
 @gpu
 @needs_kernels
-@pytest.mark.parametrize("shape", [dict(B=1, T=2048, H=32), dict(seqlens=[1500, 700, 1], H=4)],
-                         ids=["serial", "packed"])
+@pytest.mark.parametrize("shape", [dict(B=1, T=2048, H=48, HV=48), dict(B=1, T=2048, H=32),
+                                   dict(seqlens=[1500, 700, 1], H=4)],
+                         ids=["serial", "streamed", "packed-streamed"])
 def test_two_pass_reads_what_the_kernels_before_it_wrote(case, two_pass, shape):
     # The passes start before the work ahead of them on the stream has ended (programmatic dependent
     # launches) and wait for it before they read: inputs and an initial state that XLA's kernels write

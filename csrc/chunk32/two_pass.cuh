@@ -3,10 +3,11 @@
 // (benchmarks/kernel_next/two_pass.cu: checks against float64, timings, variants) both include it.
 //
 //   pass 1  factor_pass_kernel: every (chain, chunk) item of a window in parallel over the whole GPU. A
-//           CTA is one factor group (128 threads, factor_group.cuh) with its raw slots (the next item's
-//           q, k, g arrive by bulk tensor copy while it builds the current one). Each CTA takes a
-//           contiguous range of items (the chains' chunks in order, so the gate constants change
-//           rarely). The group writes the chunk's factors (the first kPassFactorBytes of stage.h's
+//           CTA holds one or more factor groups (128 threads each, factor_group.cuh), each with its raw
+//           slots (the next item's q, k, g arrive by bulk tensor copy while it builds the current one).
+//           Each group takes a contiguous range of items (the chains' chunks in order, so the gate
+//           constants change rarely), or, streamed, claims them one by one in chunk-major order and
+//           flags each one done. The group writes the chunk's factors (the first kPassFactorBytes of stage.h's
 //           stage: W' | Qd, T beta hi | Aqk, T beta lo, Kend^T, decay) to factors[item] in global
 //           memory through the same generic stores that write a shared-memory stage in the fused
 //           prototype.
@@ -14,7 +15,8 @@
 //           warp streaming each chunk's factors (one bulk copy) and V (two bulk tensor boxes) into a
 //           kPassStages-deep ring, and a scanner warp that finds V rows holding non-finite values
 //           beside the state warps' products; writes o (bf16) and the final state (fp32). A window
-//           after the first starts from the final state the last one left.
+//           after the first starts from the final state the last one left. Streamed, it runs beside
+//           pass 1 and its loader waits for each item's flag.
 // Any T >= 1: pass 1 masks the tokens past T, pass 2 stores only valid tokens.
 #pragma once
 
