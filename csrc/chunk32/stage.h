@@ -89,8 +89,8 @@ constexpr uint32_t kGrNorms = kGrSums + 2 * kDimK * kF32Bytes;  // [0..31] scale
 constexpr uint32_t kGrBeta = kGrNorms + 2 * kChunk * kF32Bytes;
 constexpr uint32_t kGrL = kGrBeta + kChunk * kF32Bytes;
 constexpr uint32_t kGrMarks = kGrL + kChunk * kLRow * kF32Bytes;  // u32: the chunk's non-finite tokens (bits)
-constexpr uint32_t kGrClaim = kGrMarks + 4;  // i32: the item the group's loader claimed next (streamed pass 1)
-constexpr uint32_t kGrBytes = align_up(kGrClaim + 4, kSwizzleAlign);  // 72704
+constexpr uint32_t kGrClaims = kGrMarks + 4;  // i32[2]: the items the group's loader claimed (streamed pass 1)
+constexpr uint32_t kGrBytes = align_up(kGrClaims + 8, kSwizzleAlign);  // 72704
 static_assert(kGrKrLo % kSwizzleAlign == 0 && kGrKcLo % kSwizzleAlign == 0 && kGrAnchor % 16 == 0 &&
                   kGrNorms % 16 == 0 && kGrL % 16 == 0 && kGrTb % 16 == 0 && kGrT11 % 16 == 0,
               "alignment");

@@ -305,16 +305,19 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
   fg.half = fg.warp >> 1;
   fg.d0 = 2 * (((fg.warp & 1) << 5) | fg.lane);
   const bool loader = fg.tid == kLoaderThread;
-  int *claimed = reinterpret_cast<int *>(fg.base + kGrClaim);  // streamed: the loader's claim, for the group
+  // Streamed: the loader's claims, for the group: iteration it's item in slot it % 2, written at the start
+  // of iteration it - 1 and read after its first barrier; the next write to that slot comes an iteration
+  // later, after the group's barriers of the one between.
+  auto claimed = [&](int it) { return reinterpret_cast<int *>(fg.base + kGrClaims) + (it & 1); };
   auto claim = [&] {
     const int position = atomicAdd(w.claims, 1);
     return position < items ? streamed_item(p, w, position) : -1;
   };
   fg.clear_marks();
-  if (kStreamed && loader) *claimed = claim();
+  if (kStreamed && loader) *claimed(0) = claim();
   fg.sync();
   auto slot_of = [&](int it) { return smem + kGrRaw + (it % kSlots) * kRawSlotBytes; };
-  int item = kStreamed ? *claimed : range.first < range.last ? range.first : -1;
+  int item = kStreamed ? *claimed(0) : range.first < range.last ? range.first : -1;
   uint32_t beta_bits = 0u;
   ItemPlace here{};  // the item's place, worked out once: as the next item's in the iteration before
   int2 next_entry{};  // not streamed: the next item's plan entry (packed), loaded in the iteration before
@@ -341,7 +344,7 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
       if (kStreamed) {
         if (loader) {
           next = claim();
-          *claimed = next;
+          *claimed(it + 1) = next;
         }
       } else {
         next = item + 1 < range.last ? item + 1 : -1;
@@ -370,8 +373,8 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
       clk.mark(kPhNorms);
       fg.sync();
       clk.mark(kPhBarA);
-      if (kStreamed) {  // the loader's claim, rewritten only after this item's last barrier
-        next = *claimed;
+      if (kStreamed) {  // the loader's claim
+        next = *claimed(it + 1);
         if (next >= 0) {
           nx = place_of(p, w, next, plan_entry(w, next));
           next_beta_bits = load_beta_bits(p, nx.chain, nx.chunk, fg.tid);
