@@ -30,7 +30,7 @@ struct Variant {
   uint32_t smem_bytes = kF1SmBytes;
   int ctas_per_sm = kFactorCtasPerSm;  // planned; the grid uses the occupancy found at start-up
   int groups = 1;                      // factor groups a CTA
-  FactorKernel streamed = nullptr;     // its streamed instance (Window::ready), where the harness runs one
+  FactorKernel streamed = nullptr;     // its streamed instance (Window::ready; one CTA a SM), where the harness runs one
   int threads() const { return kFactorThreads * groups; }
 };
 // The bounded-gate variants are timed; the softplus and log-decay ones (with the 4-warp inverse) are
@@ -38,15 +38,14 @@ struct Variant {
 const Variant kVariants[] = {
     {"ex2+rcp gate", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true>, -1},
     {"tanh gate", factor_pass_kernel<GateMath::kTanh, true, true>, -1},
-    {"ex2+rcp inv4w", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4>, 0,  // the inverse on 4 warps
-     GateMode::kBounded, kF1SmBytes, kFactorCtasPerSm, 1,
-     factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, kFactorCtasPerSm, 1, 0, true>},
+    {"ex2+rcp inv4w", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4>, 0},  // the inverse on 4 warps
     {"inv4w lean", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kLeanSlots, kLeanCtasPerSm>, 0,
      GateMode::kBounded, f1_smem_bytes(kLeanSlots), kLeanCtasPerSm},  // one raw slot, four CTAs a SM
     // Three groups a CTA, one CTA a SM: free (the control), and in lockstep at each item's start (1) and
     // also after the elementwise phase (2).
     {"inv4w 3 groups", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, 0>, 2,
-     GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
+     GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta,
+     factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, 0, true>},
     {"inv4w lockstep", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, 1>, 2,
      GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
     {"inv4w lockstep2", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, 2>, 2,
@@ -854,6 +853,10 @@ int main(int argc, char **argv) {
     const Variant &v = kVariants[i];
     KN_CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(v.smem_bytes)));
     KN_CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
+    if (v.streamed != nullptr) {
+      KN_CHECK(cudaFuncSetAttribute(v.streamed, cudaFuncAttributeMaxDynamicSharedMemorySize, int(v.smem_bytes)));
+      KN_CHECK(cudaFuncSetAttribute(v.streamed, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
+    }
     int resident = 0;
     KN_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, v.kernel, v.threads(), v.smem_bytes));
     l.resident[i] = std::max(1, resident);
