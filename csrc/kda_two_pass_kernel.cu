@@ -7,7 +7,7 @@
 // each chain's chunks of the window in order from them. With several windows the workspace holds two
 // buffers (a long enough call of one window runs as two halves of its one buffer: kda_contract.h's
 // TwoPassSchedule), and where the chains are fewer than the multiprocessors the passes overlap: the factor pass
-// of window i + 1 (XLA's stream, one item a CTA so that its CTAs retire) runs beside the state pass of
+// of window i + 1 (XLA's stream, one item a group so that its CTAs retire) runs beside the state pass of
 // window i (a stream of the highest priority, which takes the multiprocessors they free), so the
 // multiprocessors the chains leave idle build factors. Events order them: a state pass after its
 // window's factors, a factor pass into a buffer after the state pass that read it, and XLA's stream
@@ -36,12 +36,12 @@ using namespace jax_kda::chunk32;
 using namespace jax_kda::chunk32::two_pass;
 
 constexpr int kInverseWarps = 4;  // the inverse's merge spread over the group (measured fastest, PERFLOG)
-// The streamed factor pass's CTA: three factor groups, running free, so that its one CTA a
-// multiprocessor leaves whole multiprocessors to the state pass launched after it (three CTAs of one
-// group, the windows' form, would spread over all of them). In lockstep they ran 7-8% slower (PERFLOG).
-constexpr int kStreamedGroups = kGroupsPerCta;
-constexpr int kStreamedCtaThreads = kFactorThreads * kStreamedGroups;
-constexpr uint32_t kStreamedSmBytes = f1_smem_bytes(kRawSlots, kStreamedGroups);
+// The factor pass's CTA: three factor groups running free, one CTA a multiprocessor (measured 4% faster
+// than three CTAs of one group on A and E; in lockstep 7-8% slower: PERFLOG, eleventh session). Streamed,
+// its one CTA a multiprocessor leaves whole multiprocessors to the state pass launched after it.
+constexpr int kFactorGroups = kGroupsPerCta;
+constexpr int kFactorCtaThreads = kFactorThreads * kFactorGroups;
+constexpr uint32_t kFactorSmBytes = f1_smem_bytes(kRawSlots, kFactorGroups);
 
 // The driver's tensor-map encoder, through the runtime (no link to libcuda).
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
@@ -131,7 +131,7 @@ void launch_plan(const FusedParams &p, const PackedItems &packed, int multiproce
 }
 
 // The one window streamed: the flags and the claim counter zeroed, the factor pass on the
-// multiprocessors the state pass leaves (one CTA of kStreamedGroups each), then the state pass as its programmatic
+// multiprocessors the state pass leaves (one CTA each), then the state pass as its programmatic
 // dependent: it starts once every factor CTA runs, on the multiprocessors left, and its loader waits for
 // each item's flag instead of the whole factor pass. Should it start only after the factor pass (no
 // early launch, a tool serializing grids), every flag is set: the same outputs, later.
@@ -149,10 +149,10 @@ cudaError_t launch_streamed(FactorKernel factor_kernel, const FusedParams &p, co
   w.ready = flags;
   w.claims = flags + (layout.flag_count - 1);
   const int64_t items = layout.flag_count - 1, state_ctas = int64_t(state_grid.x) * state_grid.y;
-  const int64_t item_ctas = (items + kStreamedGroups - 1) / kStreamedGroups;
+  const int64_t item_ctas = (items + kFactorGroups - 1) / kFactorGroups;
   const int64_t free_ctas = multiprocessors > state_ctas ? multiprocessors - state_ctas : 1;
   const cudaLaunchConfig_t factor_config = launch_config(dim3(unsigned(item_ctas < free_ctas ? item_ctas : free_ctas)),
-                                                         kStreamedCtaThreads, kStreamedSmBytes, stream, nullptr);
+                                                         kFactorCtaThreads, kFactorSmBytes, stream, nullptr);
   if ((err = cudaLaunchKernelEx(&factor_config, factor_kernel, p, maps, factors, w)) != cudaSuccess) return err;
   cudaLaunchAttribute programmatic{};
   programmatic.id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -172,12 +172,12 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
                            uint8_t *factors, const TwoPassLayout &layout, const PackedItems &packed,
                            cudaStream_t stream) {
   auto factor_kernel = factor_pass_kernel<GateMath::kExp2Reciprocal, kL2Norm, kBetaSigmoid, kInverseWarps, kRawSlots,
-                                          kFactorCtasPerSm>;
+                                          1, kFactorGroups>;
   auto streamed_kernel = factor_pass_kernel<GateMath::kExp2Reciprocal, kL2Norm, kBetaSigmoid, kInverseWarps,
-                                            kRawSlots, 1, kStreamedGroups, 0, true>;
-  cudaError_t err = cudaFuncSetAttribute(factor_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kF1SmBytes);
+                                            kRawSlots, 1, kFactorGroups, 0, true>;
+  cudaError_t err = cudaFuncSetAttribute(factor_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFactorSmBytes);
   if (err == cudaSuccess) {
-    err = cudaFuncSetAttribute(streamed_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kStreamedSmBytes);
+    err = cudaFuncSetAttribute(streamed_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFactorSmBytes);
   }
   if (err == cudaSuccess) {
     err = cudaFuncSetAttribute(state_pass_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kS2SmBytes);
@@ -186,7 +186,7 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
   if (err == cudaSuccess) err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
   if (err == cudaSuccess) {
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, factor_kernel, kFactorThreads, kF1SmBytes);
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, factor_kernel, kFactorCtaThreads, kFactorSmBytes);
   }
   if (err != cudaSuccess) return err;
   if (resident < 1) return cudaErrorInvalidConfiguration;
@@ -217,17 +217,18 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
     w.count = packed.chain_chunk != nullptr || window < chunks - w.first ? window : chunks - w.first;
     w.packed = packed;
     const int items = packed.chain_chunk != nullptr ? window : chains * w.count;  // at most
-    // Beside a state pass (overlapped, after the first window): one item a CTA, so that its CTAs retire
-    // and the state pass takes their multiprocessors; otherwise every resident slot, each CTA a range of
+    // Beside a state pass (overlapped, after the first window): one item a group, so that its CTAs retire
+    // and the state pass takes their multiprocessors; otherwise every resident CTA, each group a range of
     // items (its next item's loads beside this one's build).
     const bool beside_state_pass = overlapped && i > 0;
+    const int item_ctas = (items + kFactorGroups - 1) / kFactorGroups;
     const int factor_ctas =
-        beside_state_pass || items < multiprocessors * resident ? items : multiprocessors * resident;
+        beside_state_pass || item_ctas < multiprocessors * resident ? item_ctas : multiprocessors * resident;
     if (overlapped && i >= 2 && (err = cudaStreamWaitEvent(stream, o->state_done[b], 0)) != cudaSuccess) return err;
     // The first window's factor pass starts while the work before it on XLA's stream ends (it waits for
     // that work before touching memory); a later one runs after its buffer's readers, as ordered above.
     const cudaLaunchConfig_t factor_config =
-        launch_config(dim3(factor_ctas), kFactorThreads, kF1SmBytes, stream, i == 0 ? &programmatic : nullptr);
+        launch_config(dim3(factor_ctas), kFactorCtaThreads, kFactorSmBytes, stream, i == 0 ? &programmatic : nullptr);
     if ((err = cudaLaunchKernelEx(&factor_config, factor_kernel, p, maps, buffer, w)) != cudaSuccess) return err;
     if (overlapped) {
       if ((err = cudaEventRecord(o->factors_ready[b], stream)) != cudaSuccess) return err;
