@@ -36,9 +36,9 @@ using namespace jax_kda::chunk32;
 using namespace jax_kda::chunk32::two_pass;
 
 constexpr int kInverseWarps = 4;  // the inverse's merge spread over the group (measured fastest, PERFLOG)
-// The factor pass's CTA: three factor groups running free, one CTA a multiprocessor (measured 4% faster
-// than three CTAs of one group on A and E; in lockstep 7-8% slower: PERFLOG, eleventh session). Streamed,
-// its one CTA a multiprocessor leaves whole multiprocessors to the state pass launched after it.
+// The factor pass's CTA: three factor groups running free, one CTA a multiprocessor (against three CTAs
+// of one group: the calls of A, C, D level, E's overlapped windows 13% faster; PERFLOG, eleventh
+// session). Streamed, its one CTA a multiprocessor leaves whole multiprocessors to the state pass.
 constexpr int kFactorGroups = kGroupsPerCta;
 constexpr int kFactorCtaThreads = kFactorThreads * kFactorGroups;
 constexpr uint32_t kFactorSmBytes = f1_smem_bytes(kRawSlots, kFactorGroups);
@@ -174,7 +174,7 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
   auto factor_kernel = factor_pass_kernel<GateMath::kExp2Reciprocal, kL2Norm, kBetaSigmoid, kInverseWarps, kRawSlots,
                                           1, kFactorGroups>;
   auto streamed_kernel = factor_pass_kernel<GateMath::kExp2Reciprocal, kL2Norm, kBetaSigmoid, kInverseWarps,
-                                            kRawSlots, 1, kFactorGroups, 0, true>;
+                                            kRawSlots, 1, kFactorGroups, true>;
   cudaError_t err = cudaFuncSetAttribute(factor_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFactorSmBytes);
   if (err == cudaSuccess) {
     err = cudaFuncSetAttribute(streamed_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFactorSmBytes);

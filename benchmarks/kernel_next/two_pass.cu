@@ -41,16 +41,10 @@ const Variant kVariants[] = {
     {"ex2+rcp inv4w", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4>, 0},  // the inverse on 4 warps
     {"inv4w lean", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kLeanSlots, kLeanCtasPerSm>, 0,
      GateMode::kBounded, f1_smem_bytes(kLeanSlots), kLeanCtasPerSm},  // one raw slot, four CTAs a SM
-    // Three groups a CTA, one CTA a SM: free (the control), and in lockstep at each item's start (1) and
-    // also after the elementwise phase (2).
-    {"inv4w 3 groups", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, 0>, 2,
+    // Three groups a CTA, one CTA a SM (the library's), and its streamed instance.
+    {"inv4w 3 groups", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta>, 2,
      GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta,
-     factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, 0, true>},
-    {"inv4w lockstep", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, 1>, 2,
-     GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
-    {"inv4w lockstep2", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, 2>, 2,
-     GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta,
-     factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, 2, true>},
+     factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, true>},
     {"softplus gate", factor_pass_kernel<GateMath::kSoftplus, true, true, 4>, -1, GateMode::kSoftplus},
     {"log-decay gate", factor_pass_kernel<GateMath::kLogDecay, true, true, 4>, -1, GateMode::kLogDecay},
 };
@@ -544,10 +538,9 @@ void print_check(const char *label, const Shape &s, const Variant &v, const TwoP
 }
 
 // ---- CPU-only checks ------------------------------------------------------------------------------
-// The pass-1 schedule covers every item exactly once, for the timed shapes and several grid sizes.
-// Every item exactly once, in contiguous ranges, for one group a CTA and for kGroupsPerCta (units = CTAs x
-// groups, as the kernel numbers them); in lockstep a CTA runs its first group's range length, which must
-// be the longest of its groups.
+// The pass-1 schedule covers every item exactly once, in contiguous ranges, for the timed shapes and
+// several grid sizes, with one group a CTA and with kGroupsPerCta (units = CTAs x groups, as the kernel
+// numbers them).
 long long host_check_schedule() {
   long long bad = 0;
   for (int groups : {1, kGroupsPerCta})
@@ -557,8 +550,8 @@ long long host_check_schedule() {
         std::vector<int> seen(items, 0);
         int prev_last = 0;
         for (int u = 0; u < units; ++u) {
-          const ItemRange r = items_of(u, units, items), lead = items_of(u - u % groups, units, items);
-          bad += r.first != prev_last || r.last < r.first || r.last - r.first > lead.last - lead.first;
+          const ItemRange r = items_of(u, units, items);
+          bad += r.first != prev_last || r.last < r.first;
           prev_last = r.last;
           for (int i = r.first; i < r.last; ++i) ++seen[i];
         }

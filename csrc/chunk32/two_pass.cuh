@@ -43,9 +43,7 @@ CHUNK32_HD constexpr uint32_t f1_smem_bytes(int slots, int groups = 1) {
   return (groups - 1) * f1_group_stride(slots) + f1_barriers(slots) + slots * 8 + kSwizzleAlign;
 }
 constexpr uint32_t kF1SmBytes = f1_smem_bytes(kRawSlots);
-// Three groups a CTA, one CTA a multiprocessor: warp w of each group runs on sub-partition w, so with
-// the groups in lockstep the three warps of a sub-partition run the same code at once (the pass is
-// bound by instruction supply: PERFLOG, tenth session).
+// Three groups a CTA, one CTA a multiprocessor (the library's factor pass: PERFLOG, eleventh session).
 constexpr int kGroupsPerCta = 3;
 // One raw slot (the next item's loads wait for this item's last read) leaves room for four CTAs a SM:
 // more warps to hide latency with, at 128 registers.
@@ -265,18 +263,15 @@ struct PhaseClock {
 // kSlots: raw slots (2: the next item loads while this one builds; 1: it loads after, and the other
 // CTAs of the SM cover the wait); kCtasPerSm: the launch bound (registers).
 // kGroups: factor groups a CTA (warps 4g .. 4g + 3 the g-th, with its own area, raw-slot barriers, named
-// barrier and items, as if it were a CTA of its own); kLockstep: 0 the groups run free, 1 a CTA barrier
-// at each item's start, 2 also after the elementwise phase (in place of the group's barrier there), so
-// that the groups' warps on a sub-partition run the same code at the same time. In lockstep a group
-// without an item goes on meeting the CTA barriers until every group of the CTA is done.
+// barrier and items, as if it were a CTA of its own; they run free: CTA barriers between them, to keep
+// them in lockstep, cost 7-8%, PERFLOG).
 // kStreamed: the window is streamed (Window::ready): items claimed one ahead, each one's flag set after
 // its last barrier; otherwise each group takes a contiguous range of the window's items.
 template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, int kInverseWarps = 1, int kSlots = kRawSlots,
-          int kCtasPerSm = kFactorCtasPerSm, int kGroups = 1, int kLockstep = 0, bool kStreamed = false>
+          int kCtasPerSm = kFactorCtasPerSm, int kGroups = 1, bool kStreamed = false>
 __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     factor_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
                        uint8_t *factors, Window w) {
-  static_assert(kLockstep == 0 || kGroups > 1, "lockstep is between the groups of a CTA");
   // Launched programmatically after the call's earlier work (the first window): nothing of it is read or
   // written before that work is complete. Then every CTA of the pass is resident and past that point:
   // the state pass may start on the multiprocessors the pass's tail frees (its prologue reads inputs),
@@ -328,8 +323,7 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     beta_bits = load_beta_bits(p, here.chain, here.chunk, fg.tid);
   }
   int gate_head = -1;
-  for (int it = 0; kLockstep > 0 ? __syncthreads_or(item >= 0) : item >= 0; ++it) {
-    const bool has_item = kLockstep == 0 || item >= 0;  // group-uniform; false only in lockstep
+  for (int it = 0; item >= 0; ++it) {
     PhaseClock clk;
     int next = -1;  // streamed: known to the loader now, to the group after the first barrier
     uint32_t next_beta_bits = 0u;
@@ -337,58 +331,50 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     float x[kSubBlock][2];
     uint8_t *raw = slot_of(it);
     uint8_t *stage = factors + size_t(item) * kFactorPitch;  // global: factors[chain][chunk]
-    int valid = 0;
     int2 after_entry{};
-    if (has_item) {
-      clk.begin(item, fg.tid);
-      if (kStreamed) {
-        if (loader) {
-          next = claim();
-          *claimed(it + 1) = next;
-        }
-      } else {
-        next = item + 1 < range.last ? item + 1 : -1;
-        after_entry = next >= 0 && next + 1 < range.last ? plan_entry(w, next + 1) : int2{};  // used an item later
+    clk.begin(item, fg.tid);
+    if (kStreamed) {
+      if (loader) {
+        next = claim();
+        *claimed(it + 1) = next;
       }
-      if (next >= 0) {  // the next item's loads into the other slot (freed at the end of the last one)
-        nx = place_of(p, w, next, kStreamed ? plan_entry(w, next) : next_entry);
-        if (kSlots > 1 && loader) issue_raw_loads(maps, nx.chain, nx.chunk, slot_of(it + 1), &raw_full[(it + 1) % kSlots]);
-        if (!kStreamed) next_beta_bits = load_beta_bits(p, nx.chain, nx.chunk, fg.tid);
-      }
-      fg.launder_indices();
-      const Chain &chain = here.chain;
-      const int c = here.chunk;
-      if (chain.head != gate_head) {
-        fg.load_gate(p, chain.head);
-        gate_head = chain.head;
-      }
-      valid = valid_tokens(c, chain.tokens);
-      clk.mark(kPhIssue);
-      mbarrier_wait(&raw_full[it % kSlots], uint32_t(it / kSlots) & 1u);
-      clk.mark(kPhWaitRaw);
-      fg.gate_and_offsets(raw, valid, x);
-      clk.mark(kPhGate);
-      fg.row_norms(raw);
-      fg.write_betas(beta_bits, valid);
-      clk.mark(kPhNorms);
-      fg.sync();
-      clk.mark(kPhBarA);
-      if (kStreamed) {  // the loader's claim
-        next = *claimed(it + 1);
-        if (next >= 0) {
-          nx = place_of(p, w, next, plan_entry(w, next));
-          next_beta_bits = load_beta_bits(p, nx.chain, nx.chunk, fg.tid);
-        }
-      }
-      fg.elementwise_factors(raw, stage, x, valid);
-      clk.mark(kPhElementwise);
+    } else {
+      next = item + 1 < range.last ? item + 1 : -1;
+      after_entry = next >= 0 && next + 1 < range.last ? plan_entry(w, next + 1) : int2{};  // used an item later
     }
-    if (kLockstep >= 2) {
-      __syncthreads();
-    } else if (has_item) {
-      fg.sync();
+    if (next >= 0) {  // the next item's loads into the other slot (freed at the end of the last one)
+      nx = place_of(p, w, next, kStreamed ? plan_entry(w, next) : next_entry);
+      if (kSlots > 1 && loader) issue_raw_loads(maps, nx.chain, nx.chunk, slot_of(it + 1), &raw_full[(it + 1) % kSlots]);
+      if (!kStreamed) next_beta_bits = load_beta_bits(p, nx.chain, nx.chunk, fg.tid);
     }
-    if (!has_item) continue;
+    fg.launder_indices();
+    const Chain &chain = here.chain;
+    const int c = here.chunk;
+    if (chain.head != gate_head) {
+      fg.load_gate(p, chain.head);
+      gate_head = chain.head;
+    }
+    const int valid = valid_tokens(c, chain.tokens);
+    clk.mark(kPhIssue);
+    mbarrier_wait(&raw_full[it % kSlots], uint32_t(it / kSlots) & 1u);
+    clk.mark(kPhWaitRaw);
+    fg.gate_and_offsets(raw, valid, x);
+    clk.mark(kPhGate);
+    fg.row_norms(raw);
+    fg.write_betas(beta_bits, valid);
+    clk.mark(kPhNorms);
+    fg.sync();
+    clk.mark(kPhBarA);
+    if (kStreamed) {  // the loader's claim
+      next = *claimed(it + 1);
+      if (next >= 0) {
+        nx = place_of(p, w, next, plan_entry(w, next));
+        next_beta_bits = load_beta_bits(p, nx.chain, nx.chunk, fg.tid);
+      }
+    }
+    fg.elementwise_factors(raw, stage, x, valid);
+    clk.mark(kPhElementwise);
+    fg.sync();
     fg.clear_marks();  // read by every thread before the barrier; set again from the next chunk's phase A
     clk.mark(kPhBarB);
     fg.scores(raw, stage);
