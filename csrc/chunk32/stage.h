@@ -29,7 +29,7 @@ static_assert(kStateGroups * kStateRegisters + kFactorGroups * kFactorRegisters 
 constexpr int kLoaderThread = 0;  // thread of a factor group that issues its copies and publishes its stages
 
 constexpr int kF16Bytes = 2, kF32Bytes = 4;
-constexpr uint32_t align_up(uint32_t x, uint32_t a) { return (x + a - 1) / a * a; }
+CHUNK32_HD constexpr uint32_t align_up(uint32_t x, uint32_t a) { return (x + a - 1) / a * a; }
 
 // ---- a stage (one chunk's factors, what the state warpgroups read) --------------------------------
 // WQ   64 x 128 f16, K-major, 128B swizzle (layout.h wq_offset): rows 0-31 W' = -W, rows 32-63 Qd
