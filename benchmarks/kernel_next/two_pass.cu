@@ -564,6 +564,24 @@ long long host_check_schedule() {
         for (int x : seen) bad += x != 1;
         bad += prev_last != items;
       }
+  // The streamed claim order: every item once, in rounds of chains (the last one narrower), chunk-major
+  // within a round, each chain's chunks in order.
+  for (int chains : {1, 7, 96, 768})
+    for (int chunks : {1, 5, 32})
+      for (int round : {0, 1, 3, 40, 96, 1000}) {
+        std::vector<int> seen(size_t(chains) * chunks, 0), last_chunk(chains, -1);
+        for (int position = 0; position < chains * chunks; ++position) {
+          const int item = streamed_item(chains, chunks, round, position);
+          if (item < 0 || item >= chains * chunks) {
+            ++bad;
+            continue;
+          }
+          ++seen[item];
+          bad += item % chunks != last_chunk[item / chunks] + 1;
+          last_chunk[item / chunks] = item % chunks;
+        }
+        for (int x : seen) bad += x != 1;
+      }
   return bad;
 }
 
@@ -635,7 +653,7 @@ int host_check(int tokens) {
   const long long schedule_bad = host_check_schedule();
   const long long copied_bad = host_check_copied_part();
   printf("layouts: %lld mismatches (raw tiles, stage tiles through the descriptors)\n", layout_bad);
-  printf("pass-1 schedule: %lld items missed or repeated (1 and 3 groups a CTA x 7 item counts x 5 grid sizes)\n", schedule_bad);
+  printf("pass-1 schedule: %lld items missed or repeated (1 and 3 groups a CTA x 7 item counts x 5 grid sizes; the streamed order in rounds)\n", schedule_bad);
   printf("state layouts: %lld values misplaced or not covered once (V-first and K-first)\n", state_bad);
   printf("pass-2 copies: %lld stage bytes read or written outside the copied %u B (factors) / V\n", copied_bad,
          kPassFactorBytes);
