@@ -53,14 +53,15 @@ static_assert(kFactorCtasPerSm * (kF1SmBytes + kSmReservedPerCta) <= kSmPerSm, "
 static_assert(kLeanCtasPerSm * (f1_smem_bytes(kLeanSlots) + kSmReservedPerCta) <= kSmPerSm, "four lean CTAs per SM");
 static_assert(f1_smem_bytes(kRawSlots, kGroupsPerCta) <= kSmLimit, "three factor groups a CTA");
 
-// Items (chain, chunk) -> CTAs: CTA b takes the contiguous range [first, last).
+// Items (chain, chunk) -> factor groups: group u of `units` (CTA b's g-th: u = b x groups + g) takes the
+// contiguous range [first, last).
 struct ItemRange {
   int first, last;
 };
-CHUNK32_HD ItemRange items_of(int cta, int ctas, int items) {
-  const int per = items / ctas, extra = items % ctas;
-  const int first = cta * per + (cta < extra ? cta : extra);
-  return ItemRange{first, first + per + (cta < extra ? 1 : 0)};
+CHUNK32_HD ItemRange items_of(int unit, int units, int items) {
+  const int per = items / units, extra = items % units;
+  const int first = unit * per + (unit < extra ? unit : extra);
+  return ItemRange{first, first + per + (unit < extra ? 1 : 0)};
 }
 
 // Packed sequences (FusedParams::cu_seqlens; their lengths only on the device): the items in chunk-major
