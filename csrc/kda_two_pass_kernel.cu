@@ -122,6 +122,15 @@ cudaLaunchConfig_t launch_config(dim3 grid, int threads, uint32_t smem_bytes, cu
   return config;
 }
 
+// Programmatic dependent launch (griddepcontrol in the kernels): the launch may start once every CTA of
+// the grid before it on the stream has triggered.
+cudaLaunchAttribute programmatic_launch() {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  return attribute;
+}
+
 // The items' plan of packed sequences, from their lengths on the device.
 void launch_plan(const FusedParams &p, const PackedItems &packed, int multiprocessors, cudaStream_t stream) {
   const int64_t pairs = (p.tokens + kChunk - 1) / kChunk + p.sequences;  // at most
@@ -154,9 +163,7 @@ cudaError_t launch_streamed(FactorKernel factor_kernel, const FusedParams &p, co
   const cudaLaunchConfig_t factor_config = launch_config(dim3(unsigned(item_ctas < free_ctas ? item_ctas : free_ctas)),
                                                          kFactorCtaThreads, kFactorSmBytes, stream, nullptr);
   if ((err = cudaLaunchKernelEx(&factor_config, factor_kernel, p, maps, factors, w)) != cudaSuccess) return err;
-  cudaLaunchAttribute programmatic{};
-  programmatic.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  programmatic.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute programmatic = programmatic_launch();
   const cudaLaunchConfig_t config = launch_config(state_grid, kStateCtaThreads, kS2SmBytes, stream, &programmatic);
   if ((err = cudaLaunchKernelEx(&config, state_pass_kernel, p, maps, static_cast<const uint8_t *>(factors), w,
                                 transition)) != cudaSuccess) {
@@ -206,9 +213,7 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
     if ((err = cudaEventRecord(o->start, stream)) != cudaSuccess) return err;
     if ((err = cudaStreamWaitEvent(o->state, o->start, 0)) != cudaSuccess) return err;
   }
-  cudaLaunchAttribute programmatic{};  // programmatic dependent launch: griddepcontrol in the kernels
-  programmatic.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  programmatic.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute programmatic = programmatic_launch();
   for (int i = 0; i < int(schedule.windows); ++i) {
     const int b = i % int(schedule.buffers);
     uint8_t *buffer = factors + b * schedule.buffer;

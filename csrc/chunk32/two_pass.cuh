@@ -96,7 +96,6 @@ struct Window {
   int *claims = nullptr;  // streamed: the positions claimed so far
   int round = 0;          // streamed, not packed: chains a round of the claim order (0: all)
   CHUNK32_HD bool is_packed() const { return packed.chain_chunk != nullptr; }
-  CHUNK32_HD bool is_streamed() const { return ready != nullptr; }
 };
 
 // Item `item` of window `w`: its chain and chunk (place_of); packed, from its entry of the plan, which
@@ -516,7 +515,6 @@ __device__ __noinline__ void wait_until_ready(const int *flag) {
 // (two boxes) into stage i % kPassStages. The factors are the factor pass's, which may still run when
 // this grid starts (programmatic dependent launch): the only thread to read them waits for it first,
 // or, streamed, for each item's flag.
-
 __device__ void run_loader(const TensorMaps &maps, const uint8_t *factors, uint8_t *smem, const RingBarriers &bars,
                            const Chain &chain, const ChainWindow &cw, bool load_v, const int *ready) {
   if (ready == nullptr) wait_for_prior_grid();  // streamed: item by item instead
