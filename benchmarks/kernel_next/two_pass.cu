@@ -184,11 +184,8 @@ struct Launcher {
   // starts once every factor CTA is running and waits for each item's flag).
   int *flags = nullptr;
   size_t flag_capacity = 0;  // ints
-  // `round`: chains a round of the claim order (0: all; not packed), and the state CTAs the factor
-  // pass leaves multiprocessors for (else every chain's).
-  void streamed(const Variant &v, const DeviceProblem &d, int round = 0) {
+  void streamed(const Variant &v, const DeviceProblem &d) {
     Window w = windows(d)[0];
-    w.round = round;
     const size_t items = items_in(d, w);
     if (items + 1 > flag_capacity) {
       if (flags != nullptr) KN_CHECK(cudaFree(flags));
@@ -200,9 +197,8 @@ struct Launcher {
     w.claims = flags + items;
     const int state_ctas = int(chains_of(d)) * (transition.o != nullptr ? 2 : 1);
     if (state_ctas == 0 || d.shape.tokens == 0) return;
-    const int beside = round > 0 ? std::min(round, state_ctas) : state_ctas;  // state CTAs running at once
     const int per_sm = resident[&v - kVariants] > 0 ? resident[&v - kVariants] : v.ctas_per_sm;
-    const int grid = int(std::min<size_t>((items + v.groups - 1) / v.groups, size_t(std::max(1, sms - beside)) * per_sm));
+    const int grid = int(std::min<size_t>((items + v.groups - 1) / v.groups, size_t(std::max(1, sms - state_ctas)) * per_sm));
     const FusedParams p = make_params(d);
     v.streamed<<<grid, v.threads(), v.smem_bytes>>>(p, d.maps, factors, w);
     KN_CHECK(cudaGetLastError());
@@ -441,7 +437,7 @@ long long windows_differing(const Variant &v, Launcher &l, const DeviceProblem &
 // The streamed schedule against one pass (pass 1, then pass 2), byte for byte: o and the final state,
 // and with `transition` the transition slice's outputs too (outputs poisoned before each run).
 long long streamed_differing(const Variant &v, Launcher &l, const DeviceProblem &d, bool transition,
-                             size_t &compared, int round = 0) {
+                             size_t &compared) {
   const size_t o_bytes = d.token_elems() * kBf16Bytes, s_bytes = d.state_elems() * 4;
   uint16_t *o_t = nullptr;
   float *state_t = nullptr;
@@ -464,7 +460,7 @@ long long streamed_differing(const Variant &v, Launcher &l, const DeviceProblem 
       l.pass1(v, d);
       l.pass2(d);
     } else {
-      l.streamed(v, d, round);
+      l.streamed(v, d);
     }
     KN_CHECK(cudaDeviceSynchronize());
     out[r].resize(bytes);
@@ -485,14 +481,12 @@ long long streamed_differing(const Variant &v, Launcher &l, const DeviceProblem 
   for (size_t i = 0; i < compared; ++i) differ += out[0][i] != out[1][i];
   return differ;
 }
-bool check_streamed(const char *label, const Variant &v, Launcher &l, const DeviceProblem &d, bool transition,
-                    int round = 0) {
+bool check_streamed(const char *label, const Variant &v, Launcher &l, const DeviceProblem &d, bool transition) {
   if (v.streamed == nullptr) return true;
   size_t compared = 0;
-  const long long differ = streamed_differing(v, l, d, transition, compared, round);
-  printf("check %-6s streamed (%s%s, rounds of %d chains) vs one pass, bit for bit: %lld of %zu bytes differ  %s\n",
-         label, v.name, transition ? ", with the transition slice" : "", round, differ, compared,
-         differ == 0 ? "PASS" : "FAIL");
+  const long long differ = streamed_differing(v, l, d, transition, compared);
+  printf("check %-6s streamed (%s%s) vs one pass, bit for bit: %lld of %zu bytes differ  %s\n", label, v.name,
+         transition ? ", with the transition slice" : "", differ, compared, differ == 0 ? "PASS" : "FAIL");
   return differ == 0;
 }
 
@@ -563,24 +557,6 @@ long long host_check_schedule() {
         }
         for (int x : seen) bad += x != 1;
         bad += prev_last != items;
-      }
-  // The streamed claim order: every item once, in rounds of chains (the last one narrower), chunk-major
-  // within a round, each chain's chunks in order.
-  for (int chains : {1, 7, 96, 768})
-    for (int chunks : {1, 5, 32})
-      for (int round : {0, 1, 3, 40, 96, 1000}) {
-        std::vector<int> seen(size_t(chains) * chunks, 0), last_chunk(chains, -1);
-        for (int position = 0; position < chains * chunks; ++position) {
-          const int item = streamed_item(chains, chunks, round, position);
-          if (item < 0 || item >= chains * chunks) {
-            ++bad;
-            continue;
-          }
-          ++seen[item];
-          bad += item % chunks != last_chunk[item / chunks] + 1;
-          last_chunk[item / chunks] = item % chunks;
-        }
-        for (int x : seen) bad += x != 1;
       }
   return bad;
 }
@@ -653,7 +629,7 @@ int host_check(int tokens) {
   const long long schedule_bad = host_check_schedule();
   const long long copied_bad = host_check_copied_part();
   printf("layouts: %lld mismatches (raw tiles, stage tiles through the descriptors)\n", layout_bad);
-  printf("pass-1 schedule: %lld items missed or repeated (1 and 3 groups a CTA x 7 item counts x 5 grid sizes; the streamed order in rounds)\n", schedule_bad);
+  printf("pass-1 schedule: %lld items missed or repeated (1 and 3 groups a CTA x 7 item counts x 5 grid sizes)\n", schedule_bad);
   printf("state layouts: %lld values misplaced or not covered once (V-first and K-first)\n", state_bad);
   printf("pass-2 copies: %lld stage bytes read or written outside the copied %u B (factors) / V\n", copied_bad,
          kPassFactorBytes);
@@ -935,7 +911,6 @@ int main(int argc, char **argv) {
       all_pass = all_pass && r.pass;
       all_pass = check_same_factors(s.name, v, l, d) && all_pass;
       for (const bool transition : {false, true}) all_pass = check_streamed(s.name, v, l, d, transition) && all_pass;
-      if (!d.packed()) all_pass = check_streamed(s.name, v, l, d, false, 3) && all_pass;  // rounds of 3 chains
       if (&v != &kVariants[0]) continue;
       for (const int window : {0, 5}) {  // the transition slice in one pass, then in overlapped windows of 5
         if (window >= Launcher::chunks_of(d)) continue;
@@ -1090,38 +1065,6 @@ int main(int argc, char **argv) {
     free_problem(d);
   }
 
-  // D (8 sequences of 1024 tokens, 96 heads: 768 chains, more than the SMs): one pass after the other
-  // against the streamed schedule in rounds of `round` chains (the state CTAs running at once, the
-  // factor pass on the other SMs), bit for bit, and timed.
-  struct RoundRow {
-    int round;
-    Timing both;
-    long long differ;
-  };
-  std::vector<RoundRow> round_rows;
-  Timing d_one_pass{};
-  const Variant *library_variant = nullptr;
-  for (const Variant &v : kVariants)
-    if (v.streamed != nullptr && v.groups == kGroupsPerCta) library_variant = &v;
-  if (!skip_timing && library_variant != nullptr) {
-    const Variant &v = *library_variant;
-    DeviceProblem d = make_problem({"D", 8, 1024, 96}, 31);
-    l.reserve(d);
-    d_one_pass = timing_of(time_launches(
-        [&] {
-          l.pass1(v, d);
-          l.pass2(d);
-        },
-        warmup, reps));
-    for (const int round : {24, 32, 40, 48, 64}) {
-      size_t compared = 0;
-      const long long differ = streamed_differing(v, l, d, false, compared, round);
-      all_pass = all_pass && differ == 0;
-      round_rows.push_back({round, timing_of(time_launches([&] { l.streamed(v, d, round); }, warmup, reps)), differ});
-    }
-    free_problem(d);
-  }
-
   if (!rows.empty()) {
     printf("\nmedians of %d launches (ms); GB moved at least and TB/s per pass; us per chunk: pass 1 per SM, "
            "pass 2 per chain step\n",
@@ -1144,13 +1087,6 @@ int main(int argc, char **argv) {
            "its programmatic dependent): medians of %d (ms)\n", reps);
     for (const StreamedRow &r : streamed_rows)
       printf("streamed: %-4s %-15s %8.4f  spread %6.4f\n", r.name, r.variant, r.both.ms, r.both.spread);
-  }
-  if (!round_rows.empty()) {
-    printf("\nD (768 chains), %s: both passes one after the other %.4f ms (spread %.4f); streamed in rounds "
-           "(medians of %d, ms):\n", library_variant->name, d_one_pass.ms, d_one_pass.spread, reps);
-    for (const RoundRow &r : round_rows)
-      printf("streamed: D  rounds of %2d chains  %8.4f  spread %6.4f  (vs one pass, bit for bit: %lld bytes differ)\n",
-             r.round, r.both.ms, r.both.spread, r.differ);
   }
   if (!transition_rows.empty()) {
     printf("\npass 2 alone and with each chain's transition slice (2 CTAs a chain): medians of %d (ms)\n", reps);

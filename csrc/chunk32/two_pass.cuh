@@ -86,15 +86,11 @@ struct PackedItems {
 // counter (`claims`) in chunk-major order, so that chunk c of every chain is built before chunk c + 1,
 // and set `ready[item]` once an item's factors are written; the state pass, launched beside them, waits
 // for each item's flag before it copies its factors. Both are zero before the factor pass.
-//   With more chains than the state pass runs at once, `round` chains at a time (the state CTAs start
-// in chain order as multiprocessors free up): the claim order is then round by round, chunk-major
-// within each round (0: one round of every chain). Not packed only.
 struct Window {
   int first = 0, count = 0;
   PackedItems packed;
   int *ready = nullptr;   // streamed: [items] flags; nullptr: the state pass runs after the factor pass
   int *claims = nullptr;  // streamed: the positions claimed so far
-  int round = 0;          // streamed, not packed: chains a round of the claim order (0: all)
   CHUNK32_HD bool is_packed() const { return packed.chain_chunk != nullptr; }
 };
 
@@ -111,16 +107,11 @@ __device__ __forceinline__ ItemPlace place_of(const FusedParams &p, const Window
   if (!w.is_packed()) return {chain_of(item / w.count, p.heads, p.tokens, p.group), w.first + item % w.count};
   return {packed_chain_of(entry.x, p.heads, p.cu_seqlens, p.group), entry.y};
 }
-// Streamed: the item at claim position `position`, chunk-major within each round of chains (packed, the
-// plan's order, chunk-major over every chain).
-CHUNK32_HD int streamed_item(int chains, int chunks, int round, int position) {
-  if (round <= 0 || round > chains) round = chains;
-  const int r = position / (round * chunks), in = position - r * round * chunks;
-  const int width = chains - r * round < round ? chains - r * round : round;  // the last round may hold fewer
-  return (r * round + in % width) * chunks + in / width;
-}
+// Streamed: the item at claim position `position`, chunk-major (packed, the plan's order is already).
 __device__ __forceinline__ int streamed_item(const FusedParams &p, const Window &w, int position) {
-  return w.is_packed() ? position : streamed_item(p.batch * p.heads, w.count, w.round, position);
+  if (w.is_packed()) return position;
+  const int chains = p.batch * p.heads;
+  return position % chains * w.count + position / chains;
 }
 // The items of window `w` (packed: read from the plan).
 __device__ __forceinline__ int items_in(const FusedParams &p, const Window &w) {
