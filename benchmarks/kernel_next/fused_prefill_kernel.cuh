@@ -91,7 +91,7 @@ __device__ void run_factor_group(const FusedParams &p, const TensorMaps &maps, u
     fg.sync();
     if (fg.warp == 0) fg.invert_and_merge(stage);
     fg.sync();
-    fg.w_product(raw, stage);
+    fg.w_product(raw, stage + kStWq);
     // The stage is read by wgmma and the raw slot refilled by the copy engine (async proxy).
     fence_proxy_async();
     fg.sync();

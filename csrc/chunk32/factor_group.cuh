@@ -486,15 +486,16 @@ struct FactorGroup {
         *reinterpret_cast<uint4 *>(tile + k32_offset(j, kSubBlock + 8 * m)) = make_uint4(0u, 0u, 0u, 0u);
     }
     __syncwarp();
-    merge(stage);
+    merge(ta, ta_lo);
   }
 
   // D, spread over the group's four warps (two_pass.cu's kInverseWarps = 4; every thread calls it, and it
   // holds one group barrier): warp 0 the forward substitution only, into T00^T and T11 (f32); then warp 0
   // the merge, warp 1 the zero block, warps 2-3 the diagonal blocks' T beta hi + lo and T diag(beta rk),
   // a row and 8 columns per thread, from the f32 T. The same operations on the same values as
-  // invert_and_merge: the stage is bit-identical.
-  __device__ void invert_and_merge_spread(uint8_t *stage) const {
+  // invert_and_merge: the stage is bit-identical. T beta hi and lo go to `ta` and `ta_lo`: the stage's
+  // (kStTa, kStTbetaLo), or a shared-memory image of them that a bulk copy stores.
+  __device__ void invert_and_merge_spread(uint8_t *ta, uint8_t *ta_lo) const {
     if (warp == 0) {
       const int block = lane >> 4, j = lane & 15;
       float col[kSubBlock];
@@ -509,9 +510,8 @@ struct FactorGroup {
       }
     }
     sync();
-    uint8_t *ta = stage + kStTa, *ta_lo = stage + kStTbetaLo;
     if (warp == 0) {
-      merge(stage);
+      merge(ta, ta_lo);
     } else if (warp == 1) {  // rows 0-15, columns 16-31 of T beta hi (lanes 0-15) and lo (lanes 16-31)
       uint8_t *tile = lane >> 4 ? ta_lo : ta;
       const int row = (lane & 15) + (lane >> 4 ? 0 : kTbetaRow0);
@@ -559,9 +559,8 @@ struct FactorGroup {
   }
 
   // D, the merge (one warp, T00^T and T11 in shared memory): T10 = -T11 (L10 T00), its T beta hi + lo
-  // and T diag(beta rk) rows 16-31, columns 0-15.
-  __device__ __forceinline__ void merge(uint8_t *stage) const {
-    uint8_t *ta = stage + kStTa, *ta_lo = stage + kStTbetaLo;
+  // (into `ta`, `ta_lo`) and T diag(beta rk) rows 16-31, columns 0-15.
+  __device__ __forceinline__ void merge(uint8_t *ta, uint8_t *ta_lo) const {
     bf16 *tbm = tb();
     const float *L = lmat();
     // M^T = T00^T L10^T (A = T00^T row-major, B[k][n] = L10[n][k]); then T10 = -T11 M with B = M taken
@@ -596,8 +595,9 @@ struct FactorGroup {
   }
 
   // E. W' = -(T diag(beta rk)) Kr diag(2^Gamma_15): warp w owns channels 32 w .. 32 w + 31 of all 32
-  // rows. The upper-right block of T diag(beta rk) is zero and not stored: its product is skipped.
-  __device__ void w_product(const uint8_t *raw, uint8_t *stage) const {
+  // rows. The upper-right block of T diag(beta rk) is zero and not stored: its product is skipped. Into
+  // `wq`: the stage's WQ tile (kStWq), or a shared-memory image of its W' rows that a bulk copy stores.
+  __device__ void w_product(const uint8_t *raw, uint8_t *wq) const {
     const uint8_t *kr = raw + kRawK;
     const int n0 = 32 * warp, g = lane >> 2, t = lane & 3;
     uint32_t a[2][2][4];
@@ -630,7 +630,7 @@ struct FactorGroup {
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          *reinterpret_cast<uint32_t *>(stage + kStWq + wq_offset(kWRow0 + 16 * mt + g + 8 * h, d)) =
+          *reinterpret_cast<uint32_t *>(wq + wq_offset(kWRow0 + 16 * mt + g + 8 * h, d)) =
               pack_f16(acc[mt][nt][2 * h] * s0, acc[mt][nt][2 * h + 1] * s1);
     }
   }

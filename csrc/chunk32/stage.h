@@ -66,6 +66,13 @@ constexpr uint32_t kRawHalfBytes = kChunk * kRawBoxChannels * kBf16Bytes;  // 40
 constexpr uint32_t kRawTileBytes = 2 * kRawHalfBytes;                      // 8192
 constexpr uint32_t kRawQ = 0, kRawK = kRawTileBytes, kRawG = 2 * kRawTileBytes;
 constexpr uint32_t kRawSlotBytes = 3 * kRawTileBytes;  // 24576 (beta is prefetched into registers instead)
+// W' (WQ's rows 0-31) and T beta hi (TA's rows 0-31) are their tiles' first bytes: the pieces of a stage
+// that a bulk copy can store from a shared-memory image (two_pass.cuh, kBulkStores).
+constexpr uint32_t kWBytes = kChunk / 8 * kWqGroupBytes;           // 8192
+constexpr uint32_t kTbetaBytes = kChunk * kChunk * kBf16Bytes;     // 2048
+static_assert(kWRow0 == 0 && kTbetaRow0 == 0 && kStTbetaLo - kStTa == kTaRows * kChunk * kF16Bytes &&
+                  kWBytes <= kRawTileBytes && 2 * kTbetaBytes <= kRawTileBytes,
+              "W' and T beta images fit a raw tile");
 
 CHUNK32_HD uint32_t raw_offset(int row, int channel) {
   const uint32_t c = uint32_t(channel);

@@ -267,8 +267,13 @@ struct PhaseClock {
 // them in lockstep, cost 7-8%, PERFLOG).
 // kStreamed: the window is streamed (Window::ready): items claimed one ahead, each one's flag set after
 // its last barrier; otherwise each group takes a contiguous range of the window's items.
+// kBulkStores: W' and T beta hi + lo (12 KB of the item's 31) are written into the item's raw slot (its
+// q and g tiles, free after the scores) as images of their stage bytes, and the loader stores them with
+// three bulk copies after the item's last barrier, full lines, where the threads' stores would write
+// half sectors (8 rows x 16 bytes a warp). The slot's next raw loads wait for the copies' reads (issued
+// after the next item's first barrier). The windows' schedule with two raw slots and the 4-warp inverse only.
 template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, int kInverseWarps = 1, int kSlots = kRawSlots,
-          int kCtasPerSm = kFactorCtasPerSm, int kGroups = 1, bool kStreamed = false>
+          int kCtasPerSm = kFactorCtasPerSm, int kGroups = 1, bool kStreamed = false, bool kBulkStores = false>
 __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     factor_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
                        uint8_t *factors, Window w) {
@@ -276,6 +281,7 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
   // written before that work is complete. Then every CTA of the pass is resident and past that point:
   // the state pass may start on the multiprocessors the pass's tail frees (its prologue reads inputs),
   // or, streamed, on those the pass leaves.
+  static_assert(!kBulkStores || (!kStreamed && kSlots == 2 && kInverseWarps == 4), "bulk stores: windows, two slots");
   wait_for_prior_grid();
   launch_dependents();
   extern __shared__ uint8_t smem_raw[];
@@ -344,7 +350,9 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     }
     if (next >= 0) {  // the next item's loads into the other slot (freed at the end of the last one)
       nx = place_of(p, w, next, kStreamed ? plan_entry(w, next) : next_entry);
-      if (kSlots > 1 && loader) issue_raw_loads(maps, nx.chain, nx.chunk, slot_of(it + 1), &raw_full[(it + 1) % kSlots]);
+      if (kSlots > 1 && !kBulkStores && loader) {
+        issue_raw_loads(maps, nx.chain, nx.chunk, slot_of(it + 1), &raw_full[(it + 1) % kSlots]);
+      }
       if (!kStreamed) next_beta_bits = load_beta_bits(p, nx.chain, nx.chunk, fg.tid);
     }
     fg.launder_indices();
@@ -365,6 +373,10 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     clk.mark(kPhNorms);
     fg.sync();
     clk.mark(kPhBarA);
+    if (kBulkStores && loader && next >= 0) {  // the other slot, once the last item's bulk stores have read it
+      bulk_wait_read();
+      issue_raw_loads(maps, nx.chain, nx.chunk, slot_of(it + 1), &raw_full[(it + 1) % kSlots]);
+    }
     if (kStreamed) {  // the loader's claim
       next = *claimed(it + 1);
       if (next >= 0) {
@@ -381,20 +393,30 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     clk.mark(kPhScores);
     fg.sync();
     clk.mark(kPhBarC);
+    // Bulk stores: T beta into the g tile, W' into the q tile (both read last by the scores).
+    uint8_t *const ta = kBulkStores ? raw + kRawG : stage + kStTa;
+    uint8_t *const ta_lo = kBulkStores ? raw + kRawG + kTbetaBytes : stage + kStTbetaLo;
+    uint8_t *const wq = kBulkStores ? raw + kRawQ : stage + kStWq;
     if (kInverseWarps == 4) {
-      fg.invert_and_merge_spread(stage);
+      fg.invert_and_merge_spread(ta, ta_lo);
     } else if (fg.warp == 0) {
       fg.invert_and_merge(stage);
     }
     clk.mark(kPhInverse);
     fg.sync();
     clk.mark(kPhBarD);
-    fg.w_product(raw, stage);
+    fg.w_product(raw, wq);
     clk.mark(kPhWProduct);
     // The raw slot is refilled by the copy engine (async proxy) after these generic accesses.
     fence_proxy_async();
     fg.sync();
     if (kStreamed && loader) release_flag(&w.ready[item], 1);  // every thread's factor stores are before the barrier
+    if (kBulkStores && loader) {  // W' rows (the WQ tile's first 8 KB), T beta hi and lo (2 KB each)
+      bulk_copy_to_global(stage + kStWq, wq, kWBytes);
+      bulk_copy_to_global(stage + kStTa, ta, kTbetaBytes);
+      bulk_copy_to_global(stage + kStTbetaLo, ta_lo, kTbetaBytes);
+      bulk_commit();
+    }
     if (kSlots == 1 && loader && next >= 0) {  // the one slot is free now
       issue_raw_loads(maps, nx.chain, nx.chunk, slot_of(it + 1), &raw_full[0]);
     }
@@ -405,6 +427,7 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     next_entry = after_entry;
     item = next;
   }
+  if (kBulkStores && loader) bulk_wait_all();  // the slots stay allocated until the copies have read them
 }
 
 // ---- pass 2 ------------------------------------------------------------------------------------------
