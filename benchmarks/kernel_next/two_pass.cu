@@ -45,8 +45,13 @@ const Variant kVariants[] = {
     {"inv4w 3 groups", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta>, 2,
      GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta,
      factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, true>},
-    // The same with W' and T beta stored by bulk copies from the raw slot (kBulkStores).
-    {"3 groups bulk", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, false, true>,
+    // The same with W' and T beta stored by bulk copies from the raw slot, then also Kend^T by lane pairs
+    // (kStores).
+    {"3 groups bulk", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, false,
+                                         FactorStores::kBulk>,
+     4, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
+    {"bulk + Kend pairs", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta,
+                                             false, FactorStores::kBulkPairedKend>,
      4, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
     {"softplus gate", factor_pass_kernel<GateMath::kSoftplus, true, true, 4>, -1, GateMode::kSoftplus},
     {"log-decay gate", factor_pass_kernel<GateMath::kLogDecay, true, true, 4>, -1, GateMode::kLogDecay},

@@ -304,17 +304,19 @@ struct FactorGroup {
   // B. The elementwise factors of this thread's 16 tokens x 2 channels. A chunk with marked tokens
   // (a group-uniform branch: every thread reads the word after the same group barrier) then has them
   // overwritten by `isolate`: a rare, compact second step instead of a second copy of this code.
+  template <bool kPairedKend = false>
   __device__ void elementwise_factors(uint8_t *raw, uint8_t *stage, const float (&x)[kSubBlock][2], int valid) const {
-    elementwise(raw, stage, x);
+    elementwise<kPairedKend>(raw, stage, x);
     const uint32_t marked = *marks();
     if (marked != 0u) {
+      if (kPairedKend) __syncwarp();  // isolate rewrites Kend elements the partner lane stored
       const uint32_t poisoned = valid_rows(marked, valid);
       isolate(raw, stage, base, half, d0, marked, poisoned != 0u ? __ffs(poisoned) - 1 : kChunk);
     }
   }
   // The factors of marked tokens as padding's (every product of their k is zero), and, from the first
   // marked token among the valid ones on, Qd and the chunk's decay NaN. The same thread's elements as
-  // `elementwise`, which it wrote: no barrier between them. Out of line, as sanitized_sums_into.
+  // `elementwise`, which it wrote (paired Kend: its warp's, after a __syncwarp). Out of line, as sanitized_sums_into.
   static __device__ __noinline__ void isolate(uint8_t *raw, uint8_t *stage, uint8_t *base, int half, int d0,
                                               uint32_t marked, int poisoned_from) {
     uint8_t *kr = raw + kRawK, *kc = raw + kRawG, *kr_lo = base + kGrKrLo, *kc_lo = base + kGrKcLo;
@@ -334,6 +336,7 @@ struct FactorGroup {
       if (t >= poisoned_from) *reinterpret_cast<uint32_t *>(stage + kStWq + wq_offset(kQdRow0 + t, d0)) = pack_f16(NAN, NAN);
     }
   }
+  template <bool kPairedKend>
   __device__ void elementwise(uint8_t *raw, uint8_t *stage, const float (&x)[kSubBlock][2]) const {
     uint8_t *q = raw + kRawQ, *k = raw + kRawK, *kc = raw + kRawG;  // Kc over the consumed g
     uint8_t *kr_lo = base + kGrKrLo, *kc_lo = base + kGrKcLo;
@@ -385,13 +388,38 @@ struct FactorGroup {
         kend[1][j / 2] = pack_f16(kend_even[1], kend1);
       }
     }
-    // Kend^T rows d0, d0 + 1: this thread's 16 tokens are two 16-byte chunks of each row.
+    // Kend^T rows d0, d0 + 1: this thread's 16 tokens are two 16-byte chunks of each row, the two halves
+    // of one 32-byte sector (the 64-byte swizzle keeps the pair in it).
+    if (!kPairedKend) {
+#pragma unroll
+      for (int ch = 0; ch < 2; ++ch)
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+          *reinterpret_cast<uint4 *>(stage + kStKend + k32_offset(d0 + ch, kSubBlock * half + 8 * m)) =
+              make_uint4(kend[ch][4 * m], kend[ch][4 * m + 1], kend[ch][4 * m + 2], kend[ch][4 * m + 3]);
+      return;
+    }
+    // Paired: lanes 2i and 2i + 1 (rows d0 .. d0 + 3 between them) trade halves so that each store writes
+    // whole sectors: the even lane the first 8 tokens of each of the four rows, the odd lane the last 8.
+    const bool odd = lane & 1;
+    uint32_t mine[2][4], other[2][4];  // the half this lane stores of its own rows, and of its partner's
 #pragma unroll
     for (int ch = 0; ch < 2; ++ch)
 #pragma unroll
-      for (int m = 0; m < 2; ++m)
-        *reinterpret_cast<uint4 *>(stage + kStKend + k32_offset(d0 + ch, kSubBlock * half + 8 * m)) =
-            make_uint4(kend[ch][4 * m], kend[ch][4 * m + 1], kend[ch][4 * m + 2], kend[ch][4 * m + 3]);
+      for (int u = 0; u < 4; ++u) {
+        mine[ch][u] = odd ? kend[ch][4 + u] : kend[ch][u];
+        other[ch][u] = __shfl_xor_sync(0xFFFFFFFFu, odd ? kend[ch][u] : kend[ch][4 + u], 1);
+      }
+    const int even_row = d0 - (odd ? 2 : 0), token = kSubBlock * half + (odd ? 8 : 0);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {  // row even_row + r: the even lane's rows first, then the odd lane's
+      const int ch = r & 1;
+      const bool own = (r < 2) != odd;
+      uint32_t v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) v[u] = own ? mine[ch][u] : other[ch][u];
+      *reinterpret_cast<uint4 *>(stage + kStKend + k32_offset(even_row + r, token)) = make_uint4(v[0], v[1], v[2], v[3]);
+    }
   }
 
   // C. Scores. Warp (product, row block): product 0 = Q, 1 = K; rows 16 rb..; columns 0-15 (rb 0) or

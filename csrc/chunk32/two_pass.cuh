@@ -267,13 +267,17 @@ struct PhaseClock {
 // them in lockstep, cost 7-8%, PERFLOG).
 // kStreamed: the window is streamed (Window::ready): items claimed one ahead, each one's flag set after
 // its last barrier; otherwise each group takes a contiguous range of the window's items.
-// kBulkStores: W' and T beta hi + lo (12 KB of the item's 31) are written into the item's raw slot (its
-// q and g tiles, free after the scores) as images of their stage bytes, and the loader stores them with
-// three bulk copies after the item's last barrier, full lines, where the threads' stores would write
-// half sectors (8 rows x 16 bytes a warp). The slot's next raw loads wait for the copies' reads (issued
-// after the next item's first barrier). The windows' schedule with two raw slots and the 4-warp inverse only.
+// kStores: how the factors reach global memory. kThreads: each thread's stores; W', T beta and Kend^T
+// then write half sectors (16 bytes of a 32-byte sector an instruction), 1.6x the item's sectors on
+// the L2's input. kBulk: W' and T beta hi + lo (12 KB of the item's 31) are written into the item's raw
+// slot (its q and g tiles, free after the scores) as images of their stage bytes, and the loader stores
+// them with three bulk copies after the item's last barrier (whole lines); the slot's next raw loads
+// wait for the copies' reads (issued after the next item's first barrier). The windows' schedule with
+// two raw slots and the 4-warp inverse only. kBulkPairedKend: also Kend^T by lane pairs, whole sectors.
+enum class FactorStores { kThreads, kBulk, kBulkPairedKend };
 template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, int kInverseWarps = 1, int kSlots = kRawSlots,
-          int kCtasPerSm = kFactorCtasPerSm, int kGroups = 1, bool kStreamed = false, bool kBulkStores = false>
+          int kCtasPerSm = kFactorCtasPerSm, int kGroups = 1, bool kStreamed = false,
+          FactorStores kStores = FactorStores::kThreads>
 __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     factor_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
                        uint8_t *factors, Window w) {
@@ -281,6 +285,7 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
   // written before that work is complete. Then every CTA of the pass is resident and past that point:
   // the state pass may start on the multiprocessors the pass's tail frees (its prologue reads inputs),
   // or, streamed, on those the pass leaves.
+  constexpr bool kBulkStores = kStores != FactorStores::kThreads;
   static_assert(!kBulkStores || (!kStreamed && kSlots == 2 && kInverseWarps == 4), "bulk stores: windows, two slots");
   wait_for_prior_grid();
   launch_dependents();
@@ -384,7 +389,7 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
         next_beta_bits = load_beta_bits(p, nx.chain, nx.chunk, fg.tid);
       }
     }
-    fg.elementwise_factors(raw, stage, x, valid);
+    fg.template elementwise_factors<kStores == FactorStores::kBulkPairedKend>(raw, stage, x, valid);
     clk.mark(kPhElementwise);
     fg.sync();
     fg.clear_marks();  // read by every thread before the barrier; set again from the next chunk's phase A
