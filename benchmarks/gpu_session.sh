@@ -7,6 +7,7 @@
 # `decode` (generation with the notebook's model, and the decode step, XLA and the kernel, against its
 # bytes; DECODE_ARGS), `segments` (time and error against the number of segments; SWEEP_ARGS),
 # `profile-decode` (Nsight Compute on the decode kernel; PROFILE_DECODE_ARGS e.g. "k-first bfloat16"),
+# `harness` (the two-pass harness, benchmarks/kernel_next/run_two_pass.sh, its logs archived),
 # `sharded` (time against the number of GPUs), `notebook` (runs NOTEBOOK in a Jupyter kernel, returned
 # with outputs), `kernel-times` (each kernel's device time, KT_ARGS, e.g. "--cases ACD --calls 10"; with
 # BASELINE, source trees such as `git archive main` unpacked in an ignored and carried folder, each
@@ -74,6 +75,12 @@ for step in "$@"; do
         "${workers[@]}" "${selection[@]}" "${targets[@]/#/$repo/}" 2>&1 \
         | tee "$out/gpu_tests.log" \
         | tail -25) || status=1 ;;
+    harness)  # the two-pass harness (benchmarks/kernel_next/run_two_pass.sh: checks, timings, phase
+      # clocks; HARNESS_LIMIT seconds, default 300), its eight logs in one archive (a call returns 8 files)
+      timeout "${HARNESS_LIMIT:-300}" env OUT="$out/harness" BUILD_DIR=/tmp/two_pass_build \
+        bash "$repo/benchmarks/kernel_next/run_two_pass.sh" > "$out/harness_stdout.log" 2>&1 || status=1
+      tar -czf "$out/harness.tar.gz" -C "$out" harness harness_stdout.log && rm -rf "$out/harness" "$out/harness_stdout.log"
+      tar -xzOf "$out/harness.tar.gz" harness/summary.txt 2> /dev/null | grep -vE "^check .*PASS$" | tail -60 ;;
     bench)
       (cd /tmp && python3 "$repo/benchmarks/bench_prefill.py" --json "$out/bench.json" --plot "$out/bench.png" \
         ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log" | tail -20) || status=1 ;;
