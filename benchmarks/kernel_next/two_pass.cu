@@ -53,6 +53,9 @@ const Variant kVariants[] = {
     {"bulk + Kend pairs", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta,
                                              false, FactorStores::kBulkPairedKend>,
      4, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
+    // The three groups with the tanh.approx gate (one MUFU an element instead of ex2 + rcp).
+    {"3 groups tanh", factor_pass_kernel<GateMath::kTanh, true, true, 4, kRawSlots, 1, kGroupsPerCta>, -1,
+     GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
     {"softplus gate", factor_pass_kernel<GateMath::kSoftplus, true, true, 4>, -1, GateMode::kSoftplus},
     {"log-decay gate", factor_pass_kernel<GateMath::kLogDecay, true, true, 4>, -1, GateMode::kLogDecay},
 };
