@@ -413,38 +413,64 @@ TransitionCheck check_transition(const Variant &v, Launcher &l, const DeviceProb
   return out;
 }
 
-// Both passes window by window (`window` chunks per chain) against one pass over all chunks, byte for
-// byte (o and the final state; outputs poisoned before each run): the windows must change nothing.
-long long windows_differing(const Variant &v, Launcher &l, const DeviceProblem &d, int window, bool overlap,
-                            size_t &compared) {
-  const size_t o_bytes = d.token_elems() * kBf16Bytes, s_bytes = d.state_elems() * 4;
-  const bool per_item = l.pass1_per_item;  // the windows' pass 1 grid; the one pass runs persistent
+// Runs one pass (pass 1, then pass 2) and then `candidate` (run(1)), each after `prepare(r)` and with
+// o, the final state and `extra` (device buffers of that many bytes) poisoned, and counts the bytes of
+// them that differ between the two runs: a schedule must change nothing.
+template <class Prepare, class Run>
+long long outputs_differing(const Variant &v, Launcher &l, const DeviceProblem &d, Prepare prepare, Run candidate,
+                            const std::vector<std::pair<void *, size_t>> &extra, size_t &compared) {
+  std::vector<std::pair<void *, size_t>> buffers = {{d.o, d.token_elems() * kBf16Bytes},
+                                                    {d.final_state, d.state_elems() * 4}};
+  buffers.insert(buffers.end(), extra.begin(), extra.end());
+  compared = 0;
+  for (const auto &b : buffers) compared += b.second;
   std::vector<uint8_t> out[2];
   for (int r = 0; r < 2; ++r) {
-    l.pass1_per_item = r == 1 && per_item;
-    l.reserve(d, r == 0 ? 0 : window);
+    prepare(r);
     poison_outputs(d);
+    for (const auto &b : extra) KN_CHECK(cudaMemset(b.first, 0xFF, b.second));
     if (r == 0) {
       l.pass1(v, d);
       l.pass2(d);
-    } else if (overlap) {
-      l.reserve_overlapped(d, window);
-      l.overlapped(v, d, window);
     } else {
-      l.windowed(v, d, window);
+      candidate();
     }
     KN_CHECK(cudaDeviceSynchronize());
-    out[r].resize(o_bytes + s_bytes);
-    KN_CHECK(cudaMemcpy(out[r].data(), d.o, o_bytes, cudaMemcpyDeviceToHost));
-    KN_CHECK(cudaMemcpy(out[r].data() + o_bytes, d.final_state, s_bytes, cudaMemcpyDeviceToHost));
+    out[r].resize(compared);
+    size_t at = 0;
+    for (const auto &b : buffers) {
+      KN_CHECK(cudaMemcpy(out[r].data() + at, b.first, b.second, cudaMemcpyDeviceToHost));
+      at += b.second;
+    }
   }
-  l.pass1_per_item = per_item;
-  compared = o_bytes + s_bytes;
   long long differ = 0;
   for (size_t i = 0; i < compared; ++i) differ += out[0][i] != out[1][i];
   return differ;
 }
 
+// Both passes window by window (`window` chunks per chain) against one pass over all chunks, byte for
+// byte (o and the final state; outputs poisoned before each run): the windows must change nothing.
+long long windows_differing(const Variant &v, Launcher &l, const DeviceProblem &d, int window, bool overlap,
+                            size_t &compared) {
+  const bool per_item = l.pass1_per_item;  // the windows' pass 1 grid; the one pass runs persistent
+  const long long differ = outputs_differing(
+      v, l, d,
+      [&](int r) {
+        l.pass1_per_item = r == 1 && per_item;
+        l.reserve(d, r == 0 ? 0 : window);
+      },
+      [&] {
+        if (overlap) {
+          l.reserve_overlapped(d, window);
+          l.overlapped(v, d, window);
+        } else {
+          l.windowed(v, d, window);
+        }
+      },
+      {}, compared);
+  l.pass1_per_item = per_item;
+  return differ;
+}
 // The streamed schedule against one pass (pass 1, then pass 2), byte for byte: o and the final state,
 // and with `transition` the transition slice's outputs too (outputs poisoned before each run).
 long long streamed_differing(const Variant &v, Launcher &l, const DeviceProblem &d, bool transition,
@@ -452,44 +478,25 @@ long long streamed_differing(const Variant &v, Launcher &l, const DeviceProblem 
   const size_t o_bytes = d.token_elems() * kBf16Bytes, s_bytes = d.state_elems() * 4;
   uint16_t *o_t = nullptr;
   float *state_t = nullptr;
+  std::vector<std::pair<void *, size_t>> extra;
   if (transition) {
     KN_CHECK(cudaMalloc(&o_t, o_bytes));
     KN_CHECK(cudaMalloc(&state_t, s_bytes));
     l.transition = TransitionOutputs{o_t, state_t};
+    extra = {{o_t, o_bytes}, {state_t, s_bytes}};
   }
-  const size_t bytes = (transition ? 2 : 1) * (o_bytes + s_bytes);
-  std::vector<uint8_t> out[2];
-  for (int r = 0; r < 2; ++r) {
-    l.reserve(d);
-    poison_outputs(d);
-    KN_CHECK(cudaMemset(l.factors, 0xFF, Launcher::items_of(d) * kFactorPitch));
-    if (transition) {
-      KN_CHECK(cudaMemset(o_t, 0xFF, o_bytes));
-      KN_CHECK(cudaMemset(state_t, 0xFF, s_bytes));
-    }
-    if (r == 0) {
-      l.pass1(v, d);
-      l.pass2(d);
-    } else {
-      l.streamed(v, d);
-    }
-    KN_CHECK(cudaDeviceSynchronize());
-    out[r].resize(bytes);
-    KN_CHECK(cudaMemcpy(out[r].data(), d.o, o_bytes, cudaMemcpyDeviceToHost));
-    KN_CHECK(cudaMemcpy(out[r].data() + o_bytes, d.final_state, s_bytes, cudaMemcpyDeviceToHost));
-    if (transition) {
-      KN_CHECK(cudaMemcpy(out[r].data() + o_bytes + s_bytes, o_t, o_bytes, cudaMemcpyDeviceToHost));
-      KN_CHECK(cudaMemcpy(out[r].data() + 2 * o_bytes + s_bytes, state_t, s_bytes, cudaMemcpyDeviceToHost));
-    }
-  }
+  const long long differ = outputs_differing(
+      v, l, d,
+      [&](int) {
+        l.reserve(d);
+        KN_CHECK(cudaMemset(l.factors, 0xFF, Launcher::items_of(d) * kFactorPitch));
+      },
+      [&] { l.streamed(v, d); }, extra, compared);
   if (transition) {
     l.transition = TransitionOutputs{};
     KN_CHECK(cudaFree(o_t));
     KN_CHECK(cudaFree(state_t));
   }
-  compared = bytes;
-  long long differ = 0;
-  for (size_t i = 0; i < compared; ++i) differ += out[0][i] != out[1][i];
   return differ;
 }
 bool check_streamed(const char *label, const Variant &v, Launcher &l, const DeviceProblem &d, bool transition) {
