@@ -67,7 +67,7 @@ constexpr uint32_t kRawTileBytes = 2 * kRawHalfBytes;                      // 81
 constexpr uint32_t kRawQ = 0, kRawK = kRawTileBytes, kRawG = 2 * kRawTileBytes;
 constexpr uint32_t kRawSlotBytes = 3 * kRawTileBytes;  // 24576 (beta is prefetched into registers instead)
 // W' (WQ's rows 0-31) and T beta hi (TA's rows 0-31) are their tiles' first bytes: the pieces of a stage
-// that a bulk copy can store from a shared-memory image (two_pass.cuh, kBulkStores).
+// that a bulk copy can store from a shared-memory image (two_pass.cuh, FactorStores::kBulk).
 constexpr uint32_t kWBytes = kChunk / 8 * kWqGroupBytes;           // 8192
 constexpr uint32_t kTbetaBytes = kChunk * kChunk * kBf16Bytes;     // 2048
 static_assert(kWRow0 == 0 && kTbetaRow0 == 0 && kStTbetaLo - kStTa == kTaRows * kChunk * kF16Bytes &&
