@@ -57,7 +57,7 @@ def regions(rows, source, samples, stalls, total):
     if executed is None:
         return
     reasons = [h for h in stalls if h.startswith("stall_") and "Not Issued" not in h]
-    cuts = [0] + [i for i, r in enumerate(rows) if r[source].split()[0:1] and "BAR.SYNC" in r[source]] + [len(rows)]
+    cuts = [0] + [i for i, r in enumerate(rows) if "BAR.SYNC" in r[source]] + [len(rows)]
     print("by stretch between barriers (warp instructions executed, share of samples, top stalls):")
     for a, b in zip(cuts, cuts[1:]):
         part = rows[a:b]

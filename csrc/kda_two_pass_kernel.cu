@@ -39,9 +39,8 @@ constexpr int kInverseWarps = 4;  // the inverse's merge spread over the group (
 // The factor pass's CTA: three factor groups running free, one CTA a multiprocessor (against three CTAs
 // of one group: the calls of A, C, D level, E's overlapped windows 13% faster; PERFLOG, eleventh
 // session). Streamed, its one CTA a multiprocessor leaves whole multiprocessors to the state pass.
-constexpr int kFactorGroups = kGroupsPerCta;
-constexpr int kFactorCtaThreads = kFactorThreads * kFactorGroups;
-constexpr uint32_t kFactorSmBytes = f1_smem_bytes(kRawSlots, kFactorGroups);
+constexpr int kFactorCtaThreads = kFactorThreads * kGroupsPerCta;
+constexpr uint32_t kFactorSmBytes = f1_smem_bytes(kRawSlots, kGroupsPerCta);
 
 // The driver's tensor-map encoder, through the runtime (no link to libcuda).
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
@@ -158,7 +157,7 @@ cudaError_t launch_streamed(FactorKernel factor_kernel, const FusedParams &p, co
   w.ready = flags;
   w.claims = flags + (layout.flag_count - 1);
   const int64_t items = layout.flag_count - 1, state_ctas = int64_t(state_grid.x) * state_grid.y;
-  const int64_t item_ctas = (items + kFactorGroups - 1) / kFactorGroups;
+  const int64_t item_ctas = (items + kGroupsPerCta - 1) / kGroupsPerCta;
   const int64_t free_ctas = multiprocessors > state_ctas ? multiprocessors - state_ctas : 1;
   const cudaLaunchConfig_t factor_config = launch_config(dim3(unsigned(item_ctas < free_ctas ? item_ctas : free_ctas)),
                                                          kFactorCtaThreads, kFactorSmBytes, stream, nullptr);
@@ -179,9 +178,9 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
                            uint8_t *factors, const TwoPassLayout &layout, const PackedItems &packed,
                            cudaStream_t stream) {
   auto factor_kernel = factor_pass_kernel<GateMath::kExp2Reciprocal, kL2Norm, kBetaSigmoid, kInverseWarps, kRawSlots,
-                                          1, kFactorGroups>;
+                                          1, kGroupsPerCta>;
   auto streamed_kernel = factor_pass_kernel<GateMath::kExp2Reciprocal, kL2Norm, kBetaSigmoid, kInverseWarps,
-                                            kRawSlots, 1, kFactorGroups, true>;
+                                            kRawSlots, 1, kGroupsPerCta, true>;
   cudaError_t err = cudaFuncSetAttribute(factor_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFactorSmBytes);
   if (err == cudaSuccess) {
     err = cudaFuncSetAttribute(streamed_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFactorSmBytes);
@@ -226,7 +225,7 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
     // and the state pass takes their multiprocessors; otherwise every resident CTA, each group a range of
     // items (its next item's loads beside this one's build).
     const bool beside_state_pass = overlapped && i > 0;
-    const int item_ctas = (items + kFactorGroups - 1) / kFactorGroups;
+    const int item_ctas = (items + kGroupsPerCta - 1) / kGroupsPerCta;
     const int factor_ctas =
         beside_state_pass || item_ctas < multiprocessors * resident ? item_ctas : multiprocessors * resident;
     if (overlapped && i >= 2 && (err = cudaStreamWaitEvent(stream, o->state_done[b], 0)) != cudaSuccess) return err;

@@ -41,7 +41,8 @@ CHUNK32_HD constexpr uint32_t align_up(uint32_t x, uint32_t a) { return (x + a -
 constexpr uint32_t kStWq = 0;
 constexpr uint32_t kStTa = kStWq + kWqRows * kDimK * kF16Bytes;          // 16384
 constexpr uint32_t kStTbetaLo = kStTa + kTaRows * kChunk * kF16Bytes;    // 20480
-constexpr uint32_t kStKend = kStTbetaLo + kChunk * kChunk * kBf16Bytes;  // 22528
+constexpr uint32_t kTbetaBytes = kChunk * kChunk * kBf16Bytes;           // 2048: T beta hi (TA's rows 0-31) or lo
+constexpr uint32_t kStKend = kStTbetaLo + kTbetaBytes;                   // 22528
 constexpr uint32_t kStDecay = kStKend + kDimK * kChunk * kF16Bytes;      // 30720
 constexpr uint32_t kStV = align_up(kStDecay + kDimK * kF32Bytes, kSwizzleAlign);  // 31744
 constexpr uint32_t kVBytes = kStateGroups * kVGroupBytes;                // 8192
@@ -68,10 +69,8 @@ constexpr uint32_t kRawQ = 0, kRawK = kRawTileBytes, kRawG = 2 * kRawTileBytes;
 constexpr uint32_t kRawSlotBytes = 3 * kRawTileBytes;  // 24576 (beta is prefetched into registers instead)
 // W' (WQ's rows 0-31) and T beta hi (TA's rows 0-31) are their tiles' first bytes: the pieces of a stage
 // that a bulk copy can store from a shared-memory image (two_pass.cuh, FactorStores::kBulk).
-constexpr uint32_t kWBytes = kChunk / 8 * kWqGroupBytes;           // 8192
-constexpr uint32_t kTbetaBytes = kChunk * kChunk * kBf16Bytes;     // 2048
-static_assert(kWRow0 == 0 && kTbetaRow0 == 0 && kStTbetaLo - kStTa == kTaRows * kChunk * kF16Bytes &&
-                  kWBytes <= kRawTileBytes && 2 * kTbetaBytes <= kRawTileBytes,
+constexpr uint32_t kWBytes = kChunk / 8 * kWqGroupBytes;  // 8192
+static_assert(kWRow0 == 0 && kTbetaRow0 == 0 && kWBytes <= kRawTileBytes && 2 * kTbetaBytes <= kRawTileBytes,
               "W' and T beta images fit a raw tile");
 
 CHUNK32_HD uint32_t raw_offset(int row, int channel) {

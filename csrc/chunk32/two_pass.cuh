@@ -323,6 +323,11 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
   if (kStreamed && loader) *claimed(0) = claim();
   fg.sync();
   auto slot_of = [&](int it) { return smem + kGrRaw + (it % kSlots) * kRawSlotBytes; };
+  // The next item's raw loads (place `nx`) into the slot of iteration it + 1, once that slot is free:
+  // with two slots at the item's head (bulk stores: after its first barrier), with one after its last.
+  auto load_next_raw = [&](int it, const ItemPlace &nx) {
+    issue_raw_loads(maps, nx.chain, nx.chunk, slot_of(it + 1), &raw_full[(it + 1) % kSlots]);
+  };
   int item = kStreamed ? *claimed(0) : range.first < range.last ? range.first : -1;
   uint32_t beta_bits = 0u;
   ItemPlace here{};  // the item's place, worked out once: as the next item's in the iteration before
@@ -355,9 +360,7 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     }
     if (next >= 0) {  // the next item's loads into the other slot (freed at the end of the last one)
       nx = place_of(p, w, next, kStreamed ? plan_entry(w, next) : next_entry);
-      if (kSlots > 1 && !kBulkStores && loader) {
-        issue_raw_loads(maps, nx.chain, nx.chunk, slot_of(it + 1), &raw_full[(it + 1) % kSlots]);
-      }
+      if (kSlots > 1 && !kBulkStores && loader) load_next_raw(it, nx);
       if (!kStreamed) next_beta_bits = load_beta_bits(p, nx.chain, nx.chunk, fg.tid);
     }
     fg.launder_indices();
@@ -380,7 +383,7 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     clk.mark(kPhBarA);
     if (kBulkStores && loader && next >= 0) {  // the other slot, once the last item's bulk stores have read it
       bulk_wait_read();
-      issue_raw_loads(maps, nx.chain, nx.chunk, slot_of(it + 1), &raw_full[(it + 1) % kSlots]);
+      load_next_raw(it, nx);
     }
     if (kStreamed) {  // the loader's claim
       next = *claimed(it + 1);
@@ -422,9 +425,7 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
       bulk_copy_to_global(stage + kStTbetaLo, ta_lo, kTbetaBytes);
       bulk_commit();
     }
-    if (kSlots == 1 && loader && next >= 0) {  // the one slot is free now
-      issue_raw_loads(maps, nx.chain, nx.chunk, slot_of(it + 1), &raw_full[0]);
-    }
+    if (kSlots == 1 && loader && next >= 0) load_next_raw(it, nx);  // the one slot is free now
     clk.mark(kPhBarE);
     clk.end();
     beta_bits = next_beta_bits;
