@@ -178,7 +178,7 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
                            uint8_t *factors, const TwoPassLayout &layout, const PackedItems &packed,
                            cudaStream_t stream) {
   auto factor_kernel = factor_pass_kernel<GateMath::kExp2Reciprocal, kL2Norm, kBetaSigmoid, kInverseWarps, kRawSlots,
-                                          1, kGroupsPerCta>;
+                                          1, kGroupsPerCta, false, FactorStores::kBulkPairedKend>;
   auto streamed_kernel = factor_pass_kernel<GateMath::kExp2Reciprocal, kL2Norm, kBetaSigmoid, kInverseWarps,
                                             kRawSlots, 1, kGroupsPerCta, true>;
   cudaError_t err = cudaFuncSetAttribute(factor_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFactorSmBytes);
