@@ -40,7 +40,13 @@ constexpr int kInverseWarps = 4;  // the inverse's merge spread over the group (
 // of one group: the calls of A, C, D level, E's overlapped windows 13% faster; PERFLOG, eleventh
 // session). Streamed, its one CTA a multiprocessor leaves whole multiprocessors to the state pass.
 constexpr int kFactorCtaThreads = kFactorThreads * kGroupsPerCta;
-constexpr uint32_t kFactorSmBytes = f1_smem_bytes(kRawSlots, kGroupsPerCta);
+// The factor pass's build (two_pass.cuh, factor_group.cuh): the bounded gate's sigmoid by ex2 + rcp, L's
+// diagonal blocks with Kr's lo part; the windows' pass stores W' and T beta by bulk copies and Kend^T
+// by lane pairs (PERFLOG, thirteenth session), the streamed one each thread's own stores.
+constexpr GateMath kFactorGate = GateMath::kExp2Reciprocal;
+constexpr bool kFactorKrLo = true;
+constexpr FactorStores kWindowStores = FactorStores::kBulkPairedKend;
+constexpr uint32_t kFactorSmBytes = f1_smem_bytes(kRawSlots, kGroupsPerCta, kWindowStores == FactorStores::kBulkAqkImage);
 
 // The driver's tensor-map encoder, through the runtime (no link to libcuda).
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
@@ -177,10 +183,10 @@ template <bool kL2Norm, bool kBetaSigmoid>
 cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const TransitionOutputs &transition,
                            uint8_t *factors, const TwoPassLayout &layout, const PackedItems &packed,
                            cudaStream_t stream) {
-  auto factor_kernel = factor_pass_kernel<GateMath::kExp2Reciprocal, kL2Norm, kBetaSigmoid, kInverseWarps, kRawSlots,
-                                          1, kGroupsPerCta, false, FactorStores::kBulkPairedKend>;
-  auto streamed_kernel = factor_pass_kernel<GateMath::kExp2Reciprocal, kL2Norm, kBetaSigmoid, kInverseWarps,
-                                            kRawSlots, 1, kGroupsPerCta, true>;
+  auto factor_kernel = factor_pass_kernel<kFactorGate, kL2Norm, kBetaSigmoid, kInverseWarps, kRawSlots, 1,
+                                          kGroupsPerCta, false, kWindowStores, kFactorKrLo>;
+  auto streamed_kernel = factor_pass_kernel<kFactorGate, kL2Norm, kBetaSigmoid, kInverseWarps, kRawSlots, 1,
+                                            kGroupsPerCta, true, FactorStores::kThreads, kFactorKrLo>;
   cudaError_t err = cudaFuncSetAttribute(factor_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFactorSmBytes);
   if (err == cudaSuccess) {
     err = cudaFuncSetAttribute(streamed_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFactorSmBytes);

@@ -45,17 +45,24 @@ const Variant kVariants[] = {
     {"inv4w 3 groups", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta>, 2,
      GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta,
      factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, true>},
-    // The same with W' and T beta stored by bulk copies from the raw slot, then also Kend^T by lane pairs
-    // (kStores).
-    {"3 groups bulk", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, false,
-                                         FactorStores::kBulk>,
-     4, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
+    // The library's windows' pass: W' and T beta stored by bulk copies from the raw slot, Kend^T by lane
+    // pairs (kStores); then Aqk by a bulk copy too; without the Kr lo tile (kKrLo); the tanh.approx gate
+    // (one MUFU an element instead of ex2 + rcp); and the three together.
     {"bulk + Kend pairs", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta,
                                              false, FactorStores::kBulkPairedKend>,
      4, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
-    // The three groups with the tanh.approx gate (one MUFU an element instead of ex2 + rcp).
-    {"3 groups tanh", factor_pass_kernel<GateMath::kTanh, true, true, 4, kRawSlots, 1, kGroupsPerCta>, -1,
-     GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
+    {"pairs + Aqk image", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta,
+                                             false, FactorStores::kBulkAqkImage>,
+     4, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta, true), 1, kGroupsPerCta},
+    {"pairs, no Kr lo", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta,
+                                           false, FactorStores::kBulkPairedKend, false>,
+     -1, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
+    {"pairs + tanh", factor_pass_kernel<GateMath::kTanh, true, true, 4, kRawSlots, 1, kGroupsPerCta, false,
+                                        FactorStores::kBulkPairedKend>,
+     -1, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
+    {"Aqk, tanh, no lo", factor_pass_kernel<GateMath::kTanh, true, true, 4, kRawSlots, 1, kGroupsPerCta, false,
+                                            FactorStores::kBulkAqkImage, false>,
+     -1, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta, true), 1, kGroupsPerCta},
     {"softplus gate", factor_pass_kernel<GateMath::kSoftplus, true, true, 4>, -1, GateMode::kSoftplus},
     {"log-decay gate", factor_pass_kernel<GateMath::kLogDecay, true, true, 4>, -1, GateMode::kLogDecay},
 };

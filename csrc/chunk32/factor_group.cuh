@@ -15,7 +15,8 @@
 //     C  scores (mma.sync bf16): Aqk = scale rq_i rk_j Qr Kc^T (j <= i) -> f16; L = beta_i rk_i rk_j Kr Kc^T
 //        (j < i) -> f32. The two 16 x 16 diagonal blocks, where one factor reaches 2^115, take the k-side
 //        lo parts too (Qr Kc_lo; Kr Kc_lo + Kr_lo Kc: today's kernel's "hilo1", emulated 2.37e-3 with
-//        the f16 rest); the off-diagonal block (both factors <= 1) is hi x hi.
+//        the f16 rest; kKrLo = false drops Kr_lo Kc and with it the Kr lo tile); the off-diagonal block
+//        (both factors <= 1) is hi x hi.
 //     D  (I + L)^-1: both 16 x 16 diagonal blocks by f32 forward substitution on one warp, merged by two
 //        bf16 mma; T beta as bf16 hi + lo, T diag(beta rk) bf16.
 //     E  W' = -(T diag(beta rk)) Kr diag(2^Gamma_15) (mma) -> f16.
@@ -127,7 +128,7 @@ struct Gate {
   }
 };
 
-template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid>
+template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, bool kKrLo = true>
 struct FactorGroup {
   uint8_t *base;  // this group's area
   int group, tid, warp, lane;
@@ -328,7 +329,7 @@ struct FactorGroup {
       const uint32_t at = raw_offset(t, d0);
       if ((marked >> t) & 1u) {
         *reinterpret_cast<uint32_t *>(kr + at) = 0u;
-        *reinterpret_cast<uint32_t *>(kr_lo + at) = 0u;
+        if (kKrLo) *reinterpret_cast<uint32_t *>(kr_lo + at) = 0u;
         *reinterpret_cast<uint32_t *>(kc + at) = 0u;
         *reinterpret_cast<uint32_t *>(kc_lo + at) = 0u;
         for (int ch = 0; ch < 2; ++ch) *reinterpret_cast<uint16_t *>(stage + kStKend + k32_offset(d0 + ch, t)) = 0u;
@@ -370,9 +371,9 @@ struct FactorGroup {
       const float kc0 = bf16_low(kb) * c0, kc1 = bf16_high(kb) * c1;
       uint32_t hi, lo;
       *reinterpret_cast<uint32_t *>(q + at) = pack_bf16(qr0, qr1);
-      split_bf16(kr0, kr1, hi, lo);
+      split_bf16(kr0, kr1, hi, lo);  // without the Kr lo tile, lo is dead code
       *reinterpret_cast<uint32_t *>(k + at) = hi;
-      *reinterpret_cast<uint32_t *>(kr_lo + at) = lo;
+      if (kKrLo) *reinterpret_cast<uint32_t *>(kr_lo + at) = lo;
       split_bf16(kc0, kc1, hi, lo);
       *reinterpret_cast<uint32_t *>(kc + at) = hi;
       *reinterpret_cast<uint32_t *>(kc_lo + at) = lo;
@@ -424,9 +425,11 @@ struct FactorGroup {
 
   // C. Scores. Warp (product, row block): product 0 = Q, 1 = K; rows 16 rb..; columns 0-15 (rb 0) or
   // 0-31 (rb 1). Diagonal blocks (rb 0: columns 0-15; rb 1: columns 16-31) add the lo-part products;
-  // the row block is a template parameter so that the accumulators are indexed by constants.
-  template <int kRowBlock>
-  __device__ void scores_rows(const uint8_t *raw, uint8_t *stage, int product) const {
+  // the row block is a template parameter so that the accumulators are indexed by constants. Aqk into
+  // the stage, or with kAqkImage into `dst` as a shared-memory image of the stage's Aqk rows (kStAqk)
+  // that a bulk copy stores.
+  template <int kRowBlock, bool kAqkImage>
+  __device__ void scores_rows(const uint8_t *raw, uint8_t *dst, int product) const {
     const uint8_t *rows = raw + (product ? kRawK : kRawQ), *rows_lo = base + kGrKrLo;
     const uint8_t *cols = raw + kRawG, *cols_lo = base + kGrKcLo;
     constexpr int kDiag = kSubBlock * kRowBlock;  // first column (and n tile pair) of the diagonal block
@@ -447,7 +450,7 @@ struct FactorGroup {
       mma_m16n8k16(acc[kDiagTile + 1], a, b[2], b[3]);
       mma_m16n8k16(acc[kDiagTile], a, b_lo[0], b_lo[1]);
       mma_m16n8k16(acc[kDiagTile + 1], a, b_lo[2], b_lo[3]);
-      if (product == 1) {
+      if (kKrLo && product == 1) {
         uint32_t a_lo[4];
         raw_load_a(rows_lo, kSubBlock * kRowBlock, 16 * kb, lane, a_lo);
         mma_m16n8k16(acc[kDiagTile], a_lo, b[0], b[1]);
@@ -464,8 +467,13 @@ struct FactorGroup {
         const float v0 = acc[nt][2 * h], v1 = acc[nt][2 * h + 1];
         if (product == 0) {
           const float s = rq[i];
-          *reinterpret_cast<uint32_t *>(stage + kStTa + k32_offset(kAqkRow0 + i, j)) =
-              pack_f16(j <= i ? v0 * s * rk[j] : 0.f, j + 1 <= i ? v1 * s * rk[j + 1] : 0.f);
+          if constexpr (kAqkImage) {  // two statements: one with a select rescheduled the stage's form
+            *reinterpret_cast<uint32_t *>(dst + k32_offset(i, j)) =
+                pack_f16(j <= i ? v0 * s * rk[j] : 0.f, j + 1 <= i ? v1 * s * rk[j + 1] : 0.f);
+          } else {
+            *reinterpret_cast<uint32_t *>(dst + kStTa + k32_offset(kAqkRow0 + i, j)) =
+                pack_f16(j <= i ? v0 * s * rk[j] : 0.f, j + 1 <= i ? v1 * s * rk[j + 1] : 0.f);
+          }
         } else {
           const float s = betas()[i] * rk[i];
           *reinterpret_cast<float2 *>(lmat() + i * kLRow + j) =
@@ -474,12 +482,13 @@ struct FactorGroup {
       }
     }
   }
-  __device__ void scores(const uint8_t *raw, uint8_t *stage) const {
+  template <bool kAqkImage = false>
+  __device__ void scores(const uint8_t *raw, uint8_t *dst) const {
     const int product = warp >> 1;
     if ((warp & 1) == 0) {
-      scores_rows<0>(raw, stage, product);
+      scores_rows<0, kAqkImage>(raw, dst, product);
     } else {
-      scores_rows<1>(raw, stage, product);
+      scores_rows<1, kAqkImage>(raw, dst, product);
     }
   }
 
@@ -522,8 +531,10 @@ struct FactorGroup {
   // the merge, warp 1 the zero block, warps 2-3 the diagonal blocks' T beta hi + lo and T diag(beta rk),
   // a row and 8 columns per thread, from the f32 T. The same operations on the same values as
   // invert_and_merge: the stage is bit-identical. T beta hi and lo go to `ta` and `ta_lo`: the stage's
-  // (kStTa, kStTbetaLo), or a shared-memory image of them that a bulk copy stores.
-  __device__ void invert_and_merge_spread(uint8_t *ta, uint8_t *ta_lo) const {
+  // (kStTa, kStTbetaLo), or a shared-memory image of them that a bulk copy stores. `substituted()` runs
+  // on every thread after the substitution, before the barrier (two_pass.cuh's phase clock).
+  template <typename Mark>
+  __device__ void invert_and_merge_spread(uint8_t *ta, uint8_t *ta_lo, Mark substituted) const {
     if (warp == 0) {
       const int block = lane >> 4, j = lane & 15;
       float col[kSubBlock];
@@ -537,6 +548,7 @@ struct FactorGroup {
         }
       }
     }
+    substituted();
     sync();
     if (warp == 0) {
       merge(ta, ta_lo);

@@ -67,11 +67,16 @@ constexpr uint32_t kRawHalfBytes = kChunk * kRawBoxChannels * kBf16Bytes;  // 40
 constexpr uint32_t kRawTileBytes = 2 * kRawHalfBytes;                      // 8192
 constexpr uint32_t kRawQ = 0, kRawK = kRawTileBytes, kRawG = 2 * kRawTileBytes;
 constexpr uint32_t kRawSlotBytes = 3 * kRawTileBytes;  // 24576 (beta is prefetched into registers instead)
-// W' (WQ's rows 0-31) and T beta hi (TA's rows 0-31) are their tiles' first bytes: the pieces of a stage
-// that a bulk copy can store from a shared-memory image (two_pass.cuh, FactorStores::kBulk).
+// W' (WQ's rows 0-31) and T beta hi (TA's rows 0-31) are their tiles' first bytes, Aqk (TA's rows 32-63)
+// its last 2 KB: the pieces of a stage that a bulk copy can store from a shared-memory image
+// (two_pass.cuh, FactorStores). The 64-byte swizzle repeats every 8 rows, so Aqk's rows are laid out in
+// their 2 KB as rows 0-31 of a TA tile (k32_offset(i, j)).
 constexpr uint32_t kWBytes = kChunk / 8 * kWqGroupBytes;  // 8192
+constexpr uint32_t kStAqk = kStTa + kAqkRow0 * kSwizzleRowBytes64;       // 18432
+constexpr uint32_t kAqkBytes = kChunk * kChunk * kF16Bytes;              // 2048
 static_assert(kWRow0 == 0 && kTbetaRow0 == 0 && kWBytes <= kRawTileBytes && 2 * kTbetaBytes <= kRawTileBytes,
               "W' and T beta images fit a raw tile");
+static_assert(kAqkRow0 % 8 == 0 && kStAqk + kAqkBytes == kStTbetaLo, "Aqk: TA's last rows, whole swizzle periods");
 
 CHUNK32_HD uint32_t raw_offset(int row, int channel) {
   const uint32_t c = uint32_t(channel);

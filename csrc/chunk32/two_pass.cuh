@@ -35,12 +35,18 @@ namespace two_pass {
 constexpr int kFactorThreads = kWarpgroupThreads;
 constexpr int kFactorCtasPerSm = 3;
 // A factor group's area with `slots` raw slots (the group's scratch follows them), its barriers after
-// the scratch; a CTA of `groups` groups holds their areas one after the other (each aligned), + slack
-// to align the base.
+// the scratch, then, with `aqk_image` (FactorStores::kBulkAqkImage), the image of the chunk's Aqk rows;
+// a CTA of `groups` groups holds their areas one after the other (each aligned), + slack to align the base.
 CHUNK32_HD constexpr uint32_t f1_barriers(int slots) { return kGrBytes - (kRawSlots - slots) * kRawSlotBytes; }
-CHUNK32_HD constexpr uint32_t f1_group_stride(int slots) { return align_up(f1_barriers(slots) + slots * 8, kSwizzleAlign); }
-CHUNK32_HD constexpr uint32_t f1_smem_bytes(int slots, int groups = 1) {
-  return (groups - 1) * f1_group_stride(slots) + f1_barriers(slots) + slots * 8 + kSwizzleAlign;
+CHUNK32_HD constexpr uint32_t f1_aqk_image(int slots) { return align_up(f1_barriers(slots) + slots * 8, 128); }
+CHUNK32_HD constexpr uint32_t f1_group_end(int slots, bool aqk_image) {
+  return aqk_image ? f1_aqk_image(slots) + kAqkBytes : f1_barriers(slots) + slots * 8;
+}
+CHUNK32_HD constexpr uint32_t f1_group_stride(int slots, bool aqk_image = false) {
+  return align_up(f1_group_end(slots, aqk_image), kSwizzleAlign);
+}
+CHUNK32_HD constexpr uint32_t f1_smem_bytes(int slots, int groups = 1, bool aqk_image = false) {
+  return (groups - 1) * f1_group_stride(slots, aqk_image) + f1_group_end(slots, aqk_image) + kSwizzleAlign;
 }
 constexpr uint32_t kF1SmBytes = f1_smem_bytes(kRawSlots);
 // Three groups a CTA, one CTA a multiprocessor (the library's factor pass: PERFLOG, eleventh session).
@@ -51,7 +57,7 @@ constexpr int kLeanSlots = 1, kLeanCtasPerSm = 4;
 constexpr uint32_t kSmPerSm = 228 * 1024, kSmReservedPerCta = 1024;         // sm_90
 static_assert(kFactorCtasPerSm * (kF1SmBytes + kSmReservedPerCta) <= kSmPerSm, "three factor CTAs per SM");
 static_assert(kLeanCtasPerSm * (f1_smem_bytes(kLeanSlots) + kSmReservedPerCta) <= kSmPerSm, "four lean CTAs per SM");
-static_assert(f1_smem_bytes(kRawSlots, kGroupsPerCta) <= kSmLimit, "three factor groups a CTA");
+static_assert(f1_smem_bytes(kRawSlots, kGroupsPerCta, true) <= kSmLimit, "three factor groups a CTA, Aqk images");
 
 // Items (chain, chunk) -> factor groups: group u of `units` (CTA b's g-th: u = b x groups + g) takes the
 // contiguous range [first, last).
@@ -200,7 +206,8 @@ __device__ __forceinline__ uint8_t *aligned_smem(uint8_t *raw) {
   X(kPhBarB, "B barrier", "warp 0 waits for the group")                                    \
   X(kPhScores, "C scores", "Aqk, L (mma, warp 0)")                                         \
   X(kPhBarC, "C barrier", "warp 0 waits for the group")                                    \
-  X(kPhInverse, "D inverse", "(I + L)^-1, merge, T beta hi + lo, T diag(beta rk) (warp 0)") \
+  X(kPhSubstitute, "D substitute", "(I + L)^-1's diagonal blocks (warp 0; 4-warp inverse only)") \
+  X(kPhInverse, "D merge", "merge, T beta hi + lo, T diag(beta rk) (warp 0; all of D: 1-warp inverse)") \
   X(kPhBarD, "D barrier", "warp 0 waits for the group")                                    \
   X(kPhWProduct, "E W product", "W' (mma) and its stores (warp 0)")                        \
   X(kPhBarE, "E barrier", "proxy fence, warp 0 waits for the group")
@@ -267,17 +274,21 @@ struct PhaseClock {
 // them in lockstep, cost 7-8%, PERFLOG).
 // kStreamed: the window is streamed (Window::ready): items claimed one ahead, each one's flag set after
 // its last barrier; otherwise each group takes a contiguous range of the window's items.
-// kStores: how the factors reach global memory. kThreads: each thread's stores; W', T beta and Kend^T
-// then write half sectors (16 bytes of a 32-byte sector an instruction), 1.6x the item's sectors on
-// the L2's input. kBulk: W' and T beta hi + lo (12 KB of the item's 31) are written into the item's raw
-// slot (its q and g tiles, free after the scores) as images of their stage bytes, and the loader stores
-// them with three bulk copies after the item's last barrier (whole lines); the slot's next raw loads
-// wait for the copies' reads (issued after the next item's first barrier). The windows' schedule with
-// two raw slots and the 4-warp inverse only. kBulkPairedKend: also Kend^T by lane pairs, whole sectors.
-enum class FactorStores { kThreads, kBulk, kBulkPairedKend };
+// kStores: how the factors reach global memory. kThreads: each thread's stores; W', T beta, Aqk and
+// Kend^T then write half sectors (16 bytes of a 32-byte sector an instruction), 1.6x the item's
+// sectors on the L2's input (the streamed pass keeps them: its flags need the stores complete).
+// kBulkPairedKend: W' and T beta hi + lo (12 KB of the item's 31) are written into the item's raw slot
+// (its q and g tiles, free after the scores) as images of their stage bytes, and the loader stores them
+// with three bulk copies after the item's last barrier (whole lines); the slot's next raw loads wait for
+// the copies' reads (issued after the next item's first barrier); Kend^T by lane pairs, whole sectors
+// (A -10%, C, D -15% on the factor pass, PERFLOG). kBulkAqkImage: Aqk too, from an image of its 2 KB
+// after the group's barriers (f1_aqk_image), by a fourth copy. The windows' schedule with two raw
+// slots and the 4-warp inverse only.
+// kKrLo: the diagonal blocks of L take Kr's lo part (FactorGroup).
+enum class FactorStores { kThreads, kBulkPairedKend, kBulkAqkImage };
 template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, int kInverseWarps = 1, int kSlots = kRawSlots,
           int kCtasPerSm = kFactorCtasPerSm, int kGroups = 1, bool kStreamed = false,
-          FactorStores kStores = FactorStores::kThreads>
+          FactorStores kStores = FactorStores::kThreads, bool kKrLo = true>
 __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     factor_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
                        uint8_t *factors, Window w) {
@@ -285,13 +296,13 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
   // written before that work is complete. Then every CTA of the pass is resident and past that point:
   // the state pass may start on the multiprocessors the pass's tail frees (its prologue reads inputs),
   // or, streamed, on those the pass leaves.
-  constexpr bool kBulkStores = kStores != FactorStores::kThreads;
+  constexpr bool kBulkStores = kStores != FactorStores::kThreads, kAqkImage = kStores == FactorStores::kBulkAqkImage;
   static_assert(!kBulkStores || (!kStreamed && kSlots == 2 && kInverseWarps == 4), "bulk stores: windows, two slots");
   wait_for_prior_grid();
   launch_dependents();
   extern __shared__ uint8_t smem_raw[];
   const int group = kGroups > 1 ? int(threadIdx.x / kFactorThreads) : 0;
-  uint8_t *smem = aligned_smem(smem_raw) + group * f1_group_stride(kSlots);  // the group's area
+  uint8_t *smem = aligned_smem(smem_raw) + group * f1_group_stride(kSlots, kAqkImage);  // the group's area
   uint64_t *raw_full = reinterpret_cast<uint64_t *>(smem + f1_barriers(kSlots));
   const int tid = kGroups > 1 ? int(threadIdx.x % kFactorThreads) : int(threadIdx.x);
   if (tid == 0) {
@@ -302,7 +313,7 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
   // Items: (chain, chunk) of the window (place_of); the factors at the item's index; -1: none.
   const int items = items_in(p, w);
   const ItemRange range = items_of(blockIdx.x * kGroups + group, gridDim.x * kGroups, items);
-  FactorGroup<kGate, kL2Norm, kBetaSigmoid> fg;
+  FactorGroup<kGate, kL2Norm, kBetaSigmoid, kKrLo> fg;
   fg.base = smem - (kRawSlots - kSlots) * kRawSlotBytes;  // the group's scratch right after the slots in use
   fg.group = group;
   fg.tid = tid;
@@ -381,9 +392,11 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     clk.mark(kPhNorms);
     fg.sync();
     clk.mark(kPhBarA);
-    if (kBulkStores && loader && next >= 0) {  // the other slot, once the last item's bulk stores have read it
+    // Once the last item's bulk stores have read the other slot, its raw loads may go; and the Aqk image,
+    // which this item's scores write after the group's next barrier.
+    if (kBulkStores && loader && (kAqkImage || next >= 0)) {
       bulk_wait_read();
-      load_next_raw(it, nx);
+      if (next >= 0) load_next_raw(it, nx);
     }
     if (kStreamed) {  // the loader's claim
       next = *claimed(it + 1);
@@ -392,12 +405,13 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
         next_beta_bits = load_beta_bits(p, nx.chain, nx.chunk, fg.tid);
       }
     }
-    fg.template elementwise_factors<kStores == FactorStores::kBulkPairedKend>(raw, stage, x, valid);
+    fg.template elementwise_factors<kBulkStores>(raw, stage, x, valid);
     clk.mark(kPhElementwise);
     fg.sync();
     fg.clear_marks();  // read by every thread before the barrier; set again from the next chunk's phase A
     clk.mark(kPhBarB);
-    fg.scores(raw, stage);
+    uint8_t *const aqk = smem + f1_aqk_image(kSlots);  // the Aqk image (kAqkImage)
+    fg.template scores<kAqkImage>(raw, kAqkImage ? aqk : stage);
     clk.mark(kPhScores);
     fg.sync();
     clk.mark(kPhBarC);
@@ -406,9 +420,10 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     uint8_t *const ta_lo = kBulkStores ? raw + kRawG + kTbetaBytes : stage + kStTbetaLo;
     uint8_t *const wq = kBulkStores ? raw + kRawQ : stage + kStWq;
     if (kInverseWarps == 4) {
-      fg.invert_and_merge_spread(ta, ta_lo);
-    } else if (fg.warp == 0) {
-      fg.invert_and_merge(stage);
+      fg.invert_and_merge_spread(ta, ta_lo, [&] { clk.mark(kPhSubstitute); });
+    } else {
+      clk.mark(kPhSubstitute);
+      if (fg.warp == 0) fg.invert_and_merge(stage);
     }
     clk.mark(kPhInverse);
     fg.sync();
@@ -419,9 +434,10 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     fence_proxy_async();
     fg.sync();
     if (kStreamed && loader) release_flag(&w.ready[item], 1);  // every thread's factor stores are before the barrier
-    if (kBulkStores && loader) {  // W' rows (the WQ tile's first 8 KB), T beta hi and lo (2 KB each)
+    if (kBulkStores && loader) {  // W' rows (the WQ tile's first 8 KB), T beta hi and lo (2 KB each), Aqk
       bulk_copy_to_global(stage + kStWq, wq, kWBytes);
       bulk_copy_to_global(stage + kStTa, ta, kTbetaBytes);
+      if (kAqkImage) bulk_copy_to_global(stage + kStAqk, aqk, kAqkBytes);
       bulk_copy_to_global(stage + kStTbetaLo, ta_lo, kTbetaBytes);
       bulk_commit();
     }
