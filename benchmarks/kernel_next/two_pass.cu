@@ -46,14 +46,18 @@ const Variant kVariants[] = {
      GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta,
      factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, true>},
     // The library's windows' pass: W' and T beta stored by bulk copies from the raw slot, Kend^T by lane
-    // pairs (kStores); then Aqk by a bulk copy too; without the Kr lo tile (kKrLo); the tanh.approx gate
-    // (one MUFU an element instead of ex2 + rcp); and the three together.
+    // pairs (kStores); then Aqk by a bulk copy too; the groups' roles staggered over the schedulers
+    // (kStaggerRoles); without the Kr lo tile (kKrLo); the tanh.approx gate (one MUFU an element instead
+    // of ex2 + rcp); and three of them together.
     {"bulk + Kend pairs", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta,
                                              false, FactorStores::kBulkPairedKend>,
      4, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
     {"pairs + Aqk image", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta,
                                              false, FactorStores::kBulkAqkImage>,
      4, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta, true), 1, kGroupsPerCta},
+    {"pairs, staggered", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta,
+                                            false, FactorStores::kBulkPairedKend, true, true>,
+     4, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
     {"pairs, no Kr lo", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta,
                                            false, FactorStores::kBulkPairedKend, false>,
      -1, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},

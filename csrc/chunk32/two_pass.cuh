@@ -285,10 +285,14 @@ struct PhaseClock {
 // after the group's barriers (f1_aqk_image), by a fourth copy. The windows' schedule with two raw
 // slots and the 4-warp inverse only.
 // kKrLo: the diagonal blocks of L take Kr's lo part (FactorGroup).
+// kStaggerRoles: group g's warps take the roles of its warps g, g + 1, ... (mod 4), so that the groups'
+// warp-0 roles (the loader, the substitution, the merge: ~400 more instructions an item than the
+// others') fall on different schedulers instead of all on the first (warp w of every group is on
+// scheduler w).
 enum class FactorStores { kThreads, kBulkPairedKend, kBulkAqkImage };
 template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, int kInverseWarps = 1, int kSlots = kRawSlots,
           int kCtasPerSm = kFactorCtasPerSm, int kGroups = 1, bool kStreamed = false,
-          FactorStores kStores = FactorStores::kThreads, bool kKrLo = true>
+          FactorStores kStores = FactorStores::kThreads, bool kKrLo = true, bool kStaggerRoles = false>
 __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     factor_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
                        uint8_t *factors, Window w) {
@@ -316,7 +320,7 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
   FactorGroup<kGate, kL2Norm, kBetaSigmoid, kKrLo> fg;
   fg.base = smem - (kRawSlots - kSlots) * kRawSlotBytes;  // the group's scratch right after the slots in use
   fg.group = group;
-  fg.tid = tid;
+  fg.tid = kStaggerRoles ? (tid + 32 * group) % kFactorThreads : tid;
   fg.warp = fg.tid / 32;
   fg.lane = fg.tid % 32;
   fg.half = fg.warp >> 1;
