@@ -41,11 +41,11 @@ constexpr int kInverseWarps = 4;  // the inverse's merge spread over the group (
 // session). Streamed, its one CTA a multiprocessor leaves whole multiprocessors to the state pass.
 constexpr int kFactorCtaThreads = kFactorThreads * kGroupsPerCta;
 // The factor pass's build (two_pass.cuh, factor_group.cuh): the bounded gate's sigmoid by ex2 + rcp, L's
-// diagonal blocks with Kr's lo part, each group's roles on its own warps; the windows' pass stores W'
-// and T beta by bulk copies and Kend^T by lane pairs (PERFLOG, thirteenth session), the streamed one
-// each thread's own stores.
+// diagonal blocks with Kr's lo part, each group's roles on its own warps, the scores' lo products on the
+// hi products' accumulators; the windows' pass stores W' and T beta by bulk copies and Kend^T by lane
+// pairs (PERFLOG, thirteenth session), the streamed one each thread's own stores.
 constexpr GateMath kFactorGate = GateMath::kExp2Reciprocal;
-constexpr bool kFactorKrLo = true, kFactorStaggerRoles = false;
+constexpr bool kFactorKrLo = true, kFactorStaggerRoles = false, kFactorSplitLoChains = false;
 constexpr FactorStores kWindowStores = FactorStores::kBulkPairedKend;
 constexpr uint32_t kFactorSmBytes = f1_smem_bytes(kRawSlots, kGroupsPerCta, kWindowStores == FactorStores::kBulkAqkImage);
 
@@ -185,10 +185,11 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
                            uint8_t *factors, const TwoPassLayout &layout, const PackedItems &packed,
                            cudaStream_t stream) {
   auto factor_kernel = factor_pass_kernel<kFactorGate, kL2Norm, kBetaSigmoid, kInverseWarps, kRawSlots, 1,
-                                          kGroupsPerCta, false, kWindowStores, kFactorKrLo, kFactorStaggerRoles>;
+                                          kGroupsPerCta, false, kWindowStores, kFactorKrLo, kFactorStaggerRoles,
+                                          kFactorSplitLoChains>;
   auto streamed_kernel = factor_pass_kernel<kFactorGate, kL2Norm, kBetaSigmoid, kInverseWarps, kRawSlots, 1,
                                             kGroupsPerCta, true, FactorStores::kThreads, kFactorKrLo,
-                                            kFactorStaggerRoles>;
+                                            kFactorStaggerRoles, kFactorSplitLoChains>;
   cudaError_t err = cudaFuncSetAttribute(factor_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFactorSmBytes);
   if (err == cudaSuccess) {
     err = cudaFuncSetAttribute(streamed_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFactorSmBytes);

@@ -128,7 +128,7 @@ struct Gate {
   }
 };
 
-template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, bool kKrLo = true>
+template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, bool kKrLo = true, bool kSplitLoChains = false>
 struct FactorGroup {
   uint8_t *base;  // this group's area
   int group, tid, warp, lane;
@@ -435,6 +435,13 @@ struct FactorGroup {
     constexpr int kDiag = kSubBlock * kRowBlock;  // first column (and n tile pair) of the diagonal block
     constexpr int kDiagTile = 2 * kRowBlock;
     float acc[4][4] = {};
+    // kSplitLoChains: the diagonal block's lo products (Qr/Kr x Kc_lo, Kr_lo x Kc) in accumulators of
+    // their own, added at the end: chains of 8 dependent mma instead of 16 or 24 on one accumulator.
+    float acc_lo[2][4] = {}, acc_kr_lo[2][4] = {};
+    float(&lo0)[4] = kSplitLoChains ? acc_lo[0] : acc[kDiagTile];
+    float(&lo1)[4] = kSplitLoChains ? acc_lo[1] : acc[kDiagTile + 1];
+    float(&kr_lo0)[4] = kSplitLoChains ? acc_kr_lo[0] : acc[kDiagTile];
+    float(&kr_lo1)[4] = kSplitLoChains ? acc_kr_lo[1] : acc[kDiagTile + 1];
 #pragma unroll
     for (int kb = 0; kb < kDimK / 16; ++kb) {
       uint32_t a[4], b[4], b_lo[4];
@@ -448,13 +455,20 @@ struct FactorGroup {
       raw_load_b_nk(cols_lo, kDiag, 16 * kb, lane, b_lo);
       mma_m16n8k16(acc[kDiagTile], a, b[0], b[1]);
       mma_m16n8k16(acc[kDiagTile + 1], a, b[2], b[3]);
-      mma_m16n8k16(acc[kDiagTile], a, b_lo[0], b_lo[1]);
-      mma_m16n8k16(acc[kDiagTile + 1], a, b_lo[2], b_lo[3]);
+      mma_m16n8k16(lo0, a, b_lo[0], b_lo[1]);
+      mma_m16n8k16(lo1, a, b_lo[2], b_lo[3]);
       if (kKrLo && product == 1) {
         uint32_t a_lo[4];
         raw_load_a(rows_lo, kSubBlock * kRowBlock, 16 * kb, lane, a_lo);
-        mma_m16n8k16(acc[kDiagTile], a_lo, b[0], b[1]);
-        mma_m16n8k16(acc[kDiagTile + 1], a_lo, b[2], b[3]);
+        mma_m16n8k16(kr_lo0, a_lo, b[0], b[1]);
+        mma_m16n8k16(kr_lo1, a_lo, b[2], b[3]);
+      }
+    }
+    if (kSplitLoChains) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        acc[kDiagTile][r] += acc_lo[0][r] + acc_kr_lo[0][r];
+        acc[kDiagTile + 1][r] += acc_lo[1][r] + acc_kr_lo[1][r];
       }
     }
     const int g = lane >> 2, t = lane & 3;

@@ -289,10 +289,12 @@ struct PhaseClock {
 // warp-0 roles (the loader, the substitution, the merge: ~400 more instructions an item than the
 // others') fall on different schedulers instead of all on the first (warp w of every group is on
 // scheduler w).
+// kSplitLoChains: phase C's lo products in accumulators of their own (FactorGroup::scores_rows).
 enum class FactorStores { kThreads, kBulkPairedKend, kBulkAqkImage };
 template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, int kInverseWarps = 1, int kSlots = kRawSlots,
           int kCtasPerSm = kFactorCtasPerSm, int kGroups = 1, bool kStreamed = false,
-          FactorStores kStores = FactorStores::kThreads, bool kKrLo = true, bool kStaggerRoles = false>
+          FactorStores kStores = FactorStores::kThreads, bool kKrLo = true, bool kStaggerRoles = false,
+          bool kSplitLoChains = false>
 __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     factor_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
                        uint8_t *factors, Window w) {
@@ -317,7 +319,7 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
   // Items: (chain, chunk) of the window (place_of); the factors at the item's index; -1: none.
   const int items = items_in(p, w);
   const ItemRange range = items_of(blockIdx.x * kGroups + group, gridDim.x * kGroups, items);
-  FactorGroup<kGate, kL2Norm, kBetaSigmoid, kKrLo> fg;
+  FactorGroup<kGate, kL2Norm, kBetaSigmoid, kKrLo, kSplitLoChains> fg;
   fg.base = smem - (kRawSlots - kSlots) * kRawSlotBytes;  // the group's scratch right after the slots in use
   fg.group = group;
   fg.tid = kStaggerRoles ? (tid + 32 * group) % kFactorThreads : tid;
