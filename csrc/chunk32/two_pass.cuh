@@ -290,11 +290,13 @@ struct PhaseClock {
 // others') fall on different schedulers instead of all on the first (warp w of every group is on
 // scheduler w).
 // kSplitLoChains: phase C's lo products in accumulators of their own (FactorGroup::scores_rows).
+// kEarlySubstitution: the K warps substitute their diagonal blocks of (I + L) right after their scores
+// (FactorGroup::scores_and_substitute), phase D keeping the merge; the 4-warp inverse only.
 enum class FactorStores { kThreads, kBulkPairedKend, kBulkAqkImage };
 template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, int kInverseWarps = 1, int kSlots = kRawSlots,
           int kCtasPerSm = kFactorCtasPerSm, int kGroups = 1, bool kStreamed = false,
           FactorStores kStores = FactorStores::kThreads, bool kKrLo = true, bool kStaggerRoles = false,
-          bool kSplitLoChains = false>
+          bool kSplitLoChains = false, bool kEarlySubstitution = false>
 __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     factor_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
                        uint8_t *factors, Window w) {
@@ -304,6 +306,7 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
   // or, streamed, on those the pass leaves.
   constexpr bool kBulkStores = kStores != FactorStores::kThreads, kAqkImage = kStores == FactorStores::kBulkAqkImage;
   static_assert(!kBulkStores || (!kStreamed && kSlots == 2 && kInverseWarps == 4), "bulk stores: windows, two slots");
+  static_assert(!kEarlySubstitution || kInverseWarps == 4, "the early substitution: the 4-warp inverse");
   wait_for_prior_grid();
   launch_dependents();
   extern __shared__ uint8_t smem_raw[];
@@ -319,7 +322,7 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
   // Items: (chain, chunk) of the window (place_of); the factors at the item's index; -1: none.
   const int items = items_in(p, w);
   const ItemRange range = items_of(blockIdx.x * kGroups + group, gridDim.x * kGroups, items);
-  FactorGroup<kGate, kL2Norm, kBetaSigmoid, kKrLo, kSplitLoChains> fg;
+  FactorGroup<kGate, kL2Norm, kBetaSigmoid, kKrLo, kSplitLoChains, kEarlySubstitution> fg;
   fg.base = smem - (kRawSlots - kSlots) * kRawSlotBytes;  // the group's scratch right after the slots in use
   fg.group = group;
   fg.tid = kStaggerRoles ? (tid + 32 * group) % kFactorThreads : tid;
@@ -417,7 +420,12 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     fg.clear_marks();  // read by every thread before the barrier; set again from the next chunk's phase A
     clk.mark(kPhBarB);
     uint8_t *const aqk = smem + f1_aqk_image(kSlots);  // the Aqk image (kAqkImage)
-    fg.template scores<kAqkImage>(raw, kAqkImage ? aqk : stage);
+    float col[kSubBlock];  // kEarlySubstitution: a K warp's column of its diagonal block's inverse
+    if constexpr (kEarlySubstitution) {
+      fg.template scores_and_substitute<kAqkImage>(raw, kAqkImage ? aqk : stage, col);
+    } else {
+      fg.template scores<kAqkImage>(raw, kAqkImage ? aqk : stage);
+    }
     clk.mark(kPhScores);
     fg.sync();
     clk.mark(kPhBarC);
@@ -425,7 +433,10 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     uint8_t *const ta = kBulkStores ? raw + kRawG : stage + kStTa;
     uint8_t *const ta_lo = kBulkStores ? raw + kRawG + kTbetaBytes : stage + kStTbetaLo;
     uint8_t *const wq = kBulkStores ? raw + kRawQ : stage + kStWq;
-    if (kInverseWarps == 4) {
+    if (kEarlySubstitution) {
+      clk.mark(kPhSubstitute);
+      fg.merge_substituted(ta, ta_lo, col);
+    } else if (kInverseWarps == 4) {
       fg.invert_and_merge_spread(ta, ta_lo, [&] { clk.mark(kPhSubstitute); });
     } else {
       clk.mark(kPhSubstitute);
