@@ -49,7 +49,8 @@ constexpr GateMath kFactorGate = GateMath::kExp2Reciprocal;
 constexpr bool kFactorKrLo = true, kFactorStaggerRoles = false, kFactorSplitLoChains = false;
 constexpr bool kFactorEarlySubstitution = false;
 constexpr FactorStores kWindowStores = FactorStores::kBulkPairedKend;
-constexpr uint32_t kFactorSmBytes = f1_smem_bytes(kRawSlots, kGroupsPerCta, kWindowStores == FactorStores::kBulkAqkImage);
+constexpr uint32_t kFactorSmBytes =
+    f1_smem_bytes(kRawSlots, kGroupsPerCta, kWindowStores == FactorStores::kBulkAqkImage);
 
 // The driver's tensor-map encoder, through the runtime (no link to libcuda).
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {

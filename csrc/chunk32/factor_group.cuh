@@ -448,7 +448,8 @@ struct FactorGroup {
     for (int kb = 0; kb < kDimK / 16; ++kb) {
       uint32_t a[4], b[4], b_lo[4];
       raw_load_a(rows, kSubBlock * kRowBlock, 16 * kb, lane, a);
-      if (kRowBlock == 1 && !(kEarlySubstitution && product == 1)) {  // off-diagonal block (rows 16-31, columns 0-15): hi x hi
+      // Off-diagonal block (rows 16-31, columns 0-15): hi x hi (early substitution: on the Q warp of rows 0-15).
+      if (kRowBlock == 1 && !(kEarlySubstitution && product == 1)) {
         raw_load_b_nk(cols, 0, 16 * kb, lane, b);
         mma_m16n8k16(acc[0], a, b[0], b[1]);
         mma_m16n8k16(acc[1], a, b[2], b[3]);
