@@ -207,7 +207,7 @@ __device__ __forceinline__ uint8_t *aligned_smem(uint8_t *raw) {
   X(kPhScores, "C scores", "Aqk, L (mma, warp 0)")                                         \
   X(kPhBarC, "C barrier", "warp 0 waits for the group")                                    \
   X(kPhSubstitute, "D substitute", "(I + L)^-1's diagonal blocks (warp 0; 4-warp inverse only)") \
-  X(kPhInverse, "D merge", "merge, T beta hi + lo, T diag(beta rk) (warp 0; all of D: 1-warp inverse)") \
+  X(kPhMerge, "D merge", "merge, T beta hi + lo, T diag(beta rk) (warp 0; all of D: 1-warp inverse)") \
   X(kPhBarD, "D barrier", "warp 0 waits for the group")                                    \
   X(kPhWProduct, "E W product", "W' (mma) and its stores (warp 0)")                        \
   X(kPhBarE, "E barrier", "proxy fence, warp 0 waits for the group")
@@ -442,7 +442,7 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
       clk.mark(kPhSubstitute);
       if (fg.warp == 0) fg.invert_and_merge(stage);
     }
-    clk.mark(kPhInverse);
+    clk.mark(kPhMerge);
     fg.sync();
     clk.mark(kPhBarD);
     fg.w_product(raw, wq);
