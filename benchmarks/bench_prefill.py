@@ -208,16 +208,21 @@ def main():
     bandwidth = copy_bandwidth()
     print(f"{device}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows = []
+
+    def write_json(text=None):
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": device, "bandwidth": bandwidth, "rows": rows, "table": text}, f, indent=1)
+
     for name in args.cases:
         seqlens, heads, dim = CASES[name]
         rows.append(bench_case(name, seqlens, heads, dim, args, bandwidth))
         print(json.dumps(rows[-1]), flush=True)
+        write_json()  # after every case: a run cut short (a device call's time limit) keeps its rows
         torch.cuda.empty_cache()
     text = table(rows, device)
     print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device, "bandwidth": bandwidth, "rows": rows, "table": text}, f, indent=1)
+    write_json(text)
     if args.plot:
         plot(rows, device, args.plot)
 
