@@ -42,12 +42,12 @@ constexpr int kInverseWarps = 4;  // the inverse's merge spread over the group (
 constexpr int kFactorCtaThreads = kFactorThreads * kGroupsPerCta;
 // The factor pass's build (two_pass.cuh, factor_group.cuh): the bounded gate's sigmoid by ex2 + rcp, L's
 // diagonal blocks with Kr's lo part, each group's roles on its own warps, the scores' lo products on the
-// hi products' accumulators, the substitution after the scores' barrier; the windows' pass stores W'
-// and T beta by bulk copies and Kend^T by lane pairs (PERFLOG, thirteenth session), the streamed one
-// each thread's own stores.
+// hi products' accumulators, the substitution after the scores' barrier, one gate for whole and partial
+// chunks; the windows' pass stores W' and T beta by bulk copies and Kend^T by lane pairs (PERFLOG,
+// thirteenth session), the streamed one each thread's own stores.
 constexpr GateMath kFactorGate = GateMath::kExp2Reciprocal;
 constexpr bool kFactorKrLo = true, kFactorStaggerRoles = false, kFactorSplitLoChains = false;
-constexpr bool kFactorEarlySubstitution = false;
+constexpr bool kFactorEarlySubstitution = false, kFactorFullChunkGate = false;
 constexpr FactorStores kWindowStores = FactorStores::kBulkPairedKend;
 constexpr uint32_t kFactorSmBytes =
     f1_smem_bytes(kRawSlots, kGroupsPerCta, kWindowStores == FactorStores::kBulkAqkImage);
@@ -189,10 +189,11 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
                            cudaStream_t stream) {
   auto factor_kernel = factor_pass_kernel<kFactorGate, kL2Norm, kBetaSigmoid, kInverseWarps, kRawSlots, 1,
                                           kGroupsPerCta, false, kWindowStores, kFactorKrLo, kFactorStaggerRoles,
-                                          kFactorSplitLoChains, kFactorEarlySubstitution>;
+                                          kFactorSplitLoChains, kFactorEarlySubstitution, kFactorFullChunkGate>;
   auto streamed_kernel = factor_pass_kernel<kFactorGate, kL2Norm, kBetaSigmoid, kInverseWarps, kRawSlots, 1,
                                             kGroupsPerCta, true, FactorStores::kThreads, kFactorKrLo,
-                                            kFactorStaggerRoles, kFactorSplitLoChains, kFactorEarlySubstitution>;
+                                            kFactorStaggerRoles, kFactorSplitLoChains, kFactorEarlySubstitution,
+                                            kFactorFullChunkGate>;
   cudaError_t err = cudaFuncSetAttribute(factor_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFactorSmBytes);
   if (err == cudaSuccess) {
     err = cudaFuncSetAttribute(streamed_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFactorSmBytes);

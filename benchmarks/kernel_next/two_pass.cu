@@ -48,8 +48,8 @@ const Variant kVariants[] = {
     // The library's windows' pass: W' and T beta stored by bulk copies from the raw slot, Kend^T by lane
     // pairs (kStores); then Aqk by a bulk copy too; the groups' roles staggered over the schedulers
     // (kStaggerRoles); the scores' lo products on accumulators of their own (kSplitLoChains); the
-    // substitution by the K warps after their scores (kEarlySubstitution); without the Kr lo tile
-    // (kKrLo); the tanh.approx gate (one MUFU an element instead of ex2 + rcp); and three of them together.
+    // substitution by the K warps after their scores (kEarlySubstitution); whole chunks' gate without
+    // masks (kFullChunkGate); without the Kr lo tile (kKrLo); the tanh.approx gate (one MUFU an element instead of ex2 + rcp); and three of them together.
     {"bulk + Kend pairs", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta,
                                              false, FactorStores::kBulkPairedKend>,
      4, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
@@ -65,6 +65,10 @@ const Variant kVariants[] = {
     {"pairs, early subst", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1,
                                               kGroupsPerCta, false, FactorStores::kBulkPairedKend, true, false, false,
                                               true>,
+     4, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
+    {"pairs, full-chunk gate", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1,
+                                                  kGroupsPerCta, false, FactorStores::kBulkPairedKend, true, false,
+                                                  false, false, true>,
      4, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
     {"pairs, no Kr lo", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta,
                                            false, FactorStores::kBulkPairedKend, false>,

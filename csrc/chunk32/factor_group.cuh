@@ -129,7 +129,7 @@ struct Gate {
 };
 
 template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, bool kKrLo = true, bool kSplitLoChains = false,
-          bool kEarlySubstitution = false>
+          bool kEarlySubstitution = false, bool kFullChunkGate = false>
 struct FactorGroup {
   uint8_t *base;  // this group's area
   int group, tid, warp, lane;
@@ -182,13 +182,14 @@ struct FactorGroup {
   // A. Gate and x_t = Gamma_t - Gamma_15 for this thread's 16 tokens (sub-block 1 sums forward from
   // token 16, sub-block 0 backward from token 15). Tokens >= valid decay by nothing. A NaN decay leaves
   // its sub-block's sum NaN: the sums are then taken again with the NaN decays as zero, and those tokens
-  // marked (sanitized_sums).
+  // marked (sanitized_sums). kFullChunkGate: a whole chunk takes a copy of the sums without the masks of
+  // the tokens past the end (a select and two multiplies a token).
   __device__ void gate_and_offsets(const uint8_t *raw, int valid, float (&x)[kSubBlock][2]) const {
-    float2 run = sub_block_sums(raw, valid, x);
+    float2 run = kFullChunkGate && valid == kChunk ? sub_block_sums(raw, kChunk, x) : sub_block_sums(raw, valid, x);
     if (run.x != run.x || run.y != run.y) run = sanitized_sums(raw, valid, x);
     *reinterpret_cast<float2 *>(sums() + half * kDimK + d0) = run;
   }
-  __device__ float2 sub_block_sums(const uint8_t *raw, int valid, float (&x)[kSubBlock][2]) const {
+  __device__ __forceinline__ float2 sub_block_sums(const uint8_t *raw, int valid, float (&x)[kSubBlock][2]) const {
     const int t0 = kSubBlock * half;
     float run0 = 0.f, run1 = 0.f;
     if (half == 1) {

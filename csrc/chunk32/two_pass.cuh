@@ -292,11 +292,12 @@ struct PhaseClock {
 // kSplitLoChains: phase C's lo products in accumulators of their own (FactorGroup::scores_rows).
 // kEarlySubstitution: the K warps substitute their diagonal blocks of (I + L) right after their scores
 // (FactorGroup::scores_and_substitute), phase D keeping the merge; the 4-warp inverse only.
+// kFullChunkGate: a whole chunk's gate without the masks of tokens past the end (FactorGroup).
 enum class FactorStores { kThreads, kBulkPairedKend, kBulkAqkImage };
 template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, int kInverseWarps = 1, int kSlots = kRawSlots,
           int kCtasPerSm = kFactorCtasPerSm, int kGroups = 1, bool kStreamed = false,
           FactorStores kStores = FactorStores::kThreads, bool kKrLo = true, bool kStaggerRoles = false,
-          bool kSplitLoChains = false, bool kEarlySubstitution = false>
+          bool kSplitLoChains = false, bool kEarlySubstitution = false, bool kFullChunkGate = false>
 __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     factor_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
                        uint8_t *factors, Window w) {
@@ -322,7 +323,7 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
   // Items: (chain, chunk) of the window (place_of); the factors at the item's index; -1: none.
   const int items = items_in(p, w);
   const ItemRange range = items_of(blockIdx.x * kGroups + group, gridDim.x * kGroups, items);
-  FactorGroup<kGate, kL2Norm, kBetaSigmoid, kKrLo, kSplitLoChains, kEarlySubstitution> fg;
+  FactorGroup<kGate, kL2Norm, kBetaSigmoid, kKrLo, kSplitLoChains, kEarlySubstitution, kFullChunkGate> fg;
   fg.base = smem - (kRawSlots - kSlots) * kRawSlotBytes;  // the group's scratch right after the slots in use
   fg.group = group;
   fg.tid = kStaggerRoles ? (tid + 32 * group) % kFactorThreads : tid;
