@@ -49,7 +49,8 @@ const Variant kVariants[] = {
     // pairs (kStores); then Aqk by a bulk copy too; the groups' roles staggered over the schedulers
     // (kStaggerRoles); the scores' lo products on accumulators of their own (kSplitLoChains); the
     // substitution by the K warps after their scores (kEarlySubstitution); whole chunks' gate without
-    // masks (kFullChunkGate); without the Kr lo tile (kKrLo); the tanh.approx gate (one MUFU an element instead of ex2 + rcp); and three of them together.
+    // masks (kFullChunkGate); without the Kr lo tile (kKrLo); the tanh.approx gate (one MUFU an element
+    // instead of ex2 + rcp); and three of them together.
     {"bulk + Kend pairs", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta,
                                              false, FactorStores::kBulkPairedKend>,
      4, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},

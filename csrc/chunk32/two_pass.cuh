@@ -286,8 +286,8 @@ struct PhaseClock {
 // slots and the 4-warp inverse only.
 // kKrLo: the diagonal blocks of L take Kr's lo part (FactorGroup).
 // kStaggerRoles: group g's warps take the roles of its warps g, g + 1, ... (mod 4), so that the groups'
-// warp-0 roles (the loader, the substitution, the merge: ~400 more instructions an item than the
-// others') fall on different schedulers instead of all on the first (warp w of every group is on
+// warp-0 roles (the loader, the substitution, the merge: ~430 more instructions an item than the
+// others', by the SASS) fall on different schedulers instead of all on the first (warp w of every group is on
 // scheduler w).
 // kSplitLoChains: phase C's lo products in accumulators of their own (FactorGroup::scores_rows).
 // kEarlySubstitution: the K warps substitute their diagonal blocks of (I + L) right after their scores
