@@ -40,15 +40,16 @@ constexpr int kInverseWarps = 4;  // the inverse's merge spread over the group (
 // of one group: the calls of A, C, D level, E's overlapped windows 13% faster; PERFLOG, eleventh
 // session). Streamed, its one CTA a multiprocessor leaves whole multiprocessors to the state pass.
 constexpr int kFactorCtaThreads = kFactorThreads * kGroupsPerCta;
-// The factor pass's build (two_pass.cuh, factor_group.cuh): the bounded gate's sigmoid by ex2 + rcp, L's
-// diagonal blocks with Kr's lo part, each group's roles on its own warps, the scores' lo products on the
-// hi products' accumulators, the substitution after the scores' barrier, one gate for whole and partial
-// chunks; the windows' pass stores W' and T beta by bulk copies and Kend^T by lane pairs (PERFLOG,
-// thirteenth session), the streamed one each thread's own stores.
-constexpr GateMath kFactorGate = GateMath::kExp2Reciprocal;
-constexpr bool kFactorKrLo = true, kFactorStaggerRoles = false, kFactorSplitLoChains = false;
+// The factor pass's build (two_pass.cuh, factor_group.cuh): the bounded gate's sigmoid by tanh.approx, L's
+// diagonal blocks without Kr's lo part, each group's roles on its own warps, the scores' lo products on
+// the hi products' accumulators, the substitution after the scores' barrier, one gate for whole and
+// partial chunks; the windows' pass stores W', T beta and Aqk by bulk copies of shared-memory images and
+// Kend^T by lane pairs, the streamed one each thread's own stores (PERFLOG, fourteenth session: the
+// factor pass 7% faster than with ex2 + rcp, Kr lo and Aqk's own stores; o's error unchanged).
+constexpr GateMath kFactorGate = GateMath::kTanh;
+constexpr bool kFactorKrLo = false, kFactorStaggerRoles = false, kFactorSplitLoChains = false;
 constexpr bool kFactorEarlySubstitution = false, kFactorFullChunkGate = false;
-constexpr FactorStores kWindowStores = FactorStores::kBulkPairedKend;
+constexpr FactorStores kWindowStores = FactorStores::kBulkAqkImage;
 constexpr uint32_t kFactorSmBytes =
     f1_smem_bytes(kRawSlots, kGroupsPerCta, kWindowStores == FactorStores::kBulkAqkImage);
 
