@@ -40,18 +40,14 @@ constexpr int kInverseWarps = 4;  // the inverse's merge spread over the group (
 // of one group: the calls of A, C, D level, E's overlapped windows 13% faster; PERFLOG, eleventh
 // session). Streamed, its one CTA a multiprocessor leaves whole multiprocessors to the state pass.
 constexpr int kFactorCtaThreads = kFactorThreads * kGroupsPerCta;
-// The factor pass's build (two_pass.cuh, factor_group.cuh): the bounded gate's sigmoid by tanh.approx, L's
-// diagonal blocks without Kr's lo part, each group's roles on its own warps, the scores' lo products on
-// the hi products' accumulators, the substitution after the scores' barrier, one gate for whole and
-// partial chunks; the windows' pass stores W', T beta and Aqk by bulk copies of shared-memory images and
-// Kend^T by lane pairs, the streamed one each thread's own stores (PERFLOG, fourteenth session: the
-// factor pass 7% faster than with ex2 + rcp, Kr lo and Aqk's own stores; o's error unchanged).
+// The factor pass's build (two_pass.cuh, factor_group.cuh): the bounded gate's sigmoid by tanh.approx (ex2
+// + rcp: the pass 1-4% slower), the windows' pass storing its factors by bulk copies (the streamed one
+// each thread's own stores), each group's roles on its own warps and the substitution after the
+// scores' barrier (the two candidates, behind these switches, that the harness times against them:
+// PERFLOG).
 constexpr GateMath kFactorGate = GateMath::kTanh;
-constexpr bool kFactorKrLo = false, kFactorStaggerRoles = false, kFactorSplitLoChains = false;
-constexpr bool kFactorEarlySubstitution = false, kFactorFullChunkGate = false;
-constexpr FactorStores kWindowStores = FactorStores::kBulkAqkImage;
-constexpr uint32_t kFactorSmBytes =
-    f1_smem_bytes(kRawSlots, kGroupsPerCta, kWindowStores == FactorStores::kBulkAqkImage);
+constexpr bool kFactorStaggerRoles = false, kFactorEarlySubstitution = false;
+constexpr uint32_t kFactorSmBytes = f1_smem_bytes(kRawSlots, kGroupsPerCta, true);  // with the Aqk images
 
 // The driver's tensor-map encoder, through the runtime (no link to libcuda).
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
@@ -189,12 +185,11 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
                            uint8_t *factors, const TwoPassLayout &layout, const PackedItems &packed,
                            cudaStream_t stream) {
   auto factor_kernel = factor_pass_kernel<kFactorGate, kL2Norm, kBetaSigmoid, kInverseWarps, kRawSlots, 1,
-                                          kGroupsPerCta, false, kWindowStores, kFactorKrLo, kFactorStaggerRoles,
-                                          kFactorSplitLoChains, kFactorEarlySubstitution, kFactorFullChunkGate>;
+                                          kGroupsPerCta, false, FactorStores::kBulk, kFactorStaggerRoles,
+                                          kFactorEarlySubstitution>;
   auto streamed_kernel = factor_pass_kernel<kFactorGate, kL2Norm, kBetaSigmoid, kInverseWarps, kRawSlots, 1,
-                                            kGroupsPerCta, true, FactorStores::kThreads, kFactorKrLo,
-                                            kFactorStaggerRoles, kFactorSplitLoChains, kFactorEarlySubstitution,
-                                            kFactorFullChunkGate>;
+                                            kGroupsPerCta, true, FactorStores::kThreads, kFactorStaggerRoles,
+                                            kFactorEarlySubstitution>;
   cudaError_t err = cudaFuncSetAttribute(factor_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFactorSmBytes);
   if (err == cudaSuccess) {
     err = cudaFuncSetAttribute(streamed_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFactorSmBytes);

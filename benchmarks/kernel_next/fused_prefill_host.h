@@ -280,16 +280,15 @@ inline float r16(float x) { return bf16_value(bf16_bits(x)); }                  
 inline float h16(float x) { return __half2float(__float2half_rn(x)); }           // fp16 rounding
 
 // The kernel's algorithm on the CPU in float with its rounding points (fused_prefill_kernel.cuh, phases
-// A-E and the state step), exact exp2/sigmoid/rsqrt instead of the approximate instructions. kr_lo:
-// L's diagonal blocks take Kr's lo part (FactorGroup's kKrLo).
+// A-E and the state step), exact exp2/sigmoid/rsqrt instead of the approximate instructions.
 void emulate_chain(const ChainInputs &in, float lower_bound, float scale, std::vector<double> &o,
-                   std::vector<double> &st_out, bool kr_lo = true) {
+                   std::vector<double> &st_out) {
   const int T = in.tokens;
   const float a_scale = std::exp(in.a_log);
   std::vector<float> S(in.s0.begin(), in.s0.end());  // [V][K]
   o.assign(size_t(T) * kDimV, 0.0);
   static float q[kChunk][kDimK], k[kChunk][kDimK], v[kChunk][kDimV], x[kChunk][kDimK];
-  static float qr[kChunk][kDimK], krh[kChunk][kDimK], krl[kChunk][kDimK], kch[kChunk][kDimK], kcl[kChunk][kDimK];
+  static float qr[kChunk][kDimK], krh[kChunk][kDimK], kch[kChunk][kDimK], kcl[kChunk][kDimK];
   static float qd[kChunk][kDimK], kend[kChunk][kDimK], wq[kChunk][kDimK], sa[kDimV][kDimK];
   static float rr[kDimV][kChunk], oo[kDimV][kChunk];
   float beta[kChunk], rq[kChunk], rk[kChunk], decay[kDimK], anchor[kDimK];
@@ -347,14 +346,13 @@ void emulate_chain(const ChainInputs &in, float lower_bound, float scale, std::v
         const float qrf = q[t][d] * r, krf = k[t][d] * r, kcf = k[t][d] * cc;
         qr[t][d] = r16(qrf);
         krh[t][d] = r16(krf);
-        krl[t][d] = kr_lo ? r16(krf - krh[t][d]) : 0.f;
         kch[t][d] = r16(kcf);
         kcl[t][d] = r16(kcf - kch[t][d]);
         qd[t][d] = h16(qrf * e15 * rq[t]);
         kend[t][d] = h16(kcf * e_rest * rk[t]);
       }
     }
-    // C: scores (diagonal blocks with the k-side lo parts).
+    // C: scores (diagonal blocks with Kc's lo part).
     for (int i = 0; i < kChunk; ++i) {
       for (int j = 0; j < kChunk; ++j) {
         float qk = 0.f, kk = 0.f;
@@ -366,7 +364,7 @@ void emulate_chain(const ChainInputs &in, float lower_bound, float scale, std::v
             kk += krh[i][d] * kch[j][d];
             if (diag) {
               qk_lo += qr[i][d] * kcl[j][d];
-              kk_lo += krh[i][d] * kcl[j][d] + krl[i][d] * kch[j][d];
+              kk_lo += krh[i][d] * kcl[j][d];
             }
           }
           qk += qk_lo;
@@ -658,26 +656,22 @@ bool host_check_emulation(int tokens) {
   const char *names[] = {"bounded", "softplus", "log-decay"};
   for (const GateMode gate : {GateMode::kBounded, GateMode::kSoftplus, GateMode::kLogDecay})
   for (int T : {tokens, tokens - 6, 7}) {
-    ErrorStats eo, es, eo_nolo, es_nolo;
+    ErrorStats eo, es;
     for (int chain = 0; chain < 2; ++chain) {
       ChainInputs in = host_chain(T, 1000 + 17 * chain + T);
       in.gate = gate;
       if (gate == GateMode::kLogDecay)
         for (auto &g : in.g) g = float(round_bf16(-0.3 * std::fabs(g)));
-      std::vector<double> o_ref, s_ref, o_emu, s_emu, o_nolo, s_nolo;
+      std::vector<double> o_ref, s_ref, o_emu, s_emu;
       reference_chain(in, kLowerBound, scale, o_ref, s_ref);
       emulate_chain(in, kLowerBound, scale, o_emu, s_emu);
-      emulate_chain(in, kLowerBound, scale, o_nolo, s_nolo, false);
-      for (size_t i = 0; i < o_ref.size(); ++i) eo.add(o_emu[i], o_ref[i]), eo_nolo.add(o_nolo[i], o_ref[i]);
-      for (size_t i = 0; i < s_ref.size(); ++i) es.add(s_emu[i], s_ref[i]), es_nolo.add(s_nolo[i], s_ref[i]);
+      for (size_t i = 0; i < o_ref.size(); ++i) eo.add(o_emu[i], o_ref[i]);
+      for (size_t i = 0; i < s_ref.size(); ++i) es.add(s_emu[i], s_ref[i]);
     }
-    const bool pass = eo.relative_rms() < kPassTolerance && es.relative_rms() < kPassTolerance &&
-                      eo_nolo.relative_rms() < kPassTolerance && es_nolo.relative_rms() < kPassTolerance;
+    const bool pass = eo.relative_rms() < kPassTolerance && es.relative_rms() < kPassTolerance;
     ok = ok && pass;
-    printf("emulated kernel vs float64, %s gate, T = %d (2 chains): o %.2e, final state %.2e; without Kr lo "
-           "o %.2e, final state %.2e  %s\n",
-           names[int(gate)], T, eo.relative_rms(), es.relative_rms(), eo_nolo.relative_rms(), es_nolo.relative_rms(),
-           pass ? "PASS" : "FAIL");
+    printf("emulated kernel vs float64, %s gate, T = %d (2 chains): o %.2e, final state %.2e  %s\n",
+           names[int(gate)], T, eo.relative_rms(), es.relative_rms(), pass ? "PASS" : "FAIL");
   }
   return ok;
 }

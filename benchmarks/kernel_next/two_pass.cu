@@ -45,41 +45,22 @@ const Variant kVariants[] = {
     {"inv4w 3 groups", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta>, 2,
      GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta,
      factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, true>},
-    // The library's windows' pass: W' and T beta stored by bulk copies from the raw slot, Kend^T by lane
-    // pairs (kStores); then Aqk by a bulk copy too; the groups' roles staggered over the schedulers
-    // (kStaggerRoles); the scores' lo products on accumulators of their own (kSplitLoChains); the
-    // substitution by the K warps after their scores (kEarlySubstitution); whole chunks' gate without
-    // masks (kFullChunkGate); without the Kr lo tile (kKrLo); the tanh.approx gate (one MUFU an element
-    // instead of ex2 + rcp); and three of them together.
-    {"bulk + Kend pairs", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta,
-                                             false, FactorStores::kBulkPairedKend>,
-     4, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
-    {"pairs + Aqk image", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta,
-                                             false, FactorStores::kBulkAqkImage>,
-     4, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta, true), 1, kGroupsPerCta},
-    {"pairs, staggered", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta,
-                                            false, FactorStores::kBulkPairedKend, true, true>,
-     4, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
-    {"pairs, split chains", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1,
-                                               kGroupsPerCta, false, FactorStores::kBulkPairedKend, true, false, true>,
-     -1, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
-    {"pairs, early subst", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1,
-                                              kGroupsPerCta, false, FactorStores::kBulkPairedKend, true, false, false,
-                                              true>,
-     4, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
-    {"pairs, full-chunk gate", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1,
-                                                  kGroupsPerCta, false, FactorStores::kBulkPairedKend, true, false,
-                                                  false, false, true>,
-     4, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
-    {"pairs, no Kr lo", factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta,
-                                           false, FactorStores::kBulkPairedKend, false>,
-     -1, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
-    {"pairs + tanh", factor_pass_kernel<GateMath::kTanh, true, true, 4, kRawSlots, 1, kGroupsPerCta, false,
-                                        FactorStores::kBulkPairedKend>,
-     -1, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta},
-    {"Aqk, tanh, no lo", factor_pass_kernel<GateMath::kTanh, true, true, 4, kRawSlots, 1, kGroupsPerCta, false,
-                                            FactorStores::kBulkAqkImage, false>,
-     -1, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta, true), 1, kGroupsPerCta},
+    // The library's windows' pass (the tanh gate, the factors stored by bulk copies: kStores; its factors
+    // bit for bit the tanh gate's), and the two candidates: the groups' roles staggered over the
+    // schedulers (kStaggerRoles), the substitution by the K warps after their scores
+    // (kEarlySubstitution), and both.
+    {"library", factor_pass_kernel<GateMath::kTanh, true, true, 4, kRawSlots, 1, kGroupsPerCta, false,
+                                   FactorStores::kBulk>,
+     1, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta, true), 1, kGroupsPerCta},
+    {"lib, staggered", factor_pass_kernel<GateMath::kTanh, true, true, 4, kRawSlots, 1, kGroupsPerCta, false,
+                                          FactorStores::kBulk, true>,
+     1, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta, true), 1, kGroupsPerCta},
+    {"lib, early subst", factor_pass_kernel<GateMath::kTanh, true, true, 4, kRawSlots, 1, kGroupsPerCta, false,
+                                            FactorStores::kBulk, false, true>,
+     1, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta, true), 1, kGroupsPerCta},
+    {"lib, stagger+early", factor_pass_kernel<GateMath::kTanh, true, true, 4, kRawSlots, 1, kGroupsPerCta, false,
+                                              FactorStores::kBulk, true, true>,
+     1, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta, true), 1, kGroupsPerCta},
     {"softplus gate", factor_pass_kernel<GateMath::kSoftplus, true, true, 4>, -1, GateMode::kSoftplus},
     {"log-decay gate", factor_pass_kernel<GateMath::kLogDecay, true, true, 4>, -1, GateMode::kLogDecay},
 };

@@ -10,13 +10,13 @@
 //     A  gate (bounded: a = lower_bound sigmoid(exp(A_log) (g + dt_bias)), log2 units), x_t = Gamma_t -
 //        Gamma_15 by sums within the sub-blocks; inverse L2 norms as the diagonals of 16 x 16 Gram blocks
 //        (mma); beta sigmoid. Tokens past the sequence's end (zeros from the bulk copy) get a = beta = 0.
-//     B  per element R = 2^x, C = 1/R: Qr = q R (bf16), Kr = k R, Kc = k C as bf16 hi + lo pairs;
+//     B  per element R = 2^x, C = 1/R: Qr = q R, Kr = k R (bf16), Kc = k C as a bf16 hi + lo pair;
 //        Qd = scale rq q 2^Gamma (f16), Kend^T = rk k 2^(Gamma_C - Gamma) (f16), decay 2^Gamma_C.
 //     C  scores (mma.sync bf16): Aqk = scale rq_i rk_j Qr Kc^T (j <= i) -> f16; L = beta_i rk_i rk_j Kr Kc^T
-//        (j < i) -> f32. The two 16 x 16 diagonal blocks, where one factor reaches 2^115, take the k-side
-//        lo parts too (Qr Kc_lo; Kr Kc_lo + Kr_lo Kc: today's kernel's "hilo1", emulated 2.37e-3 with
-//        the f16 rest; kKrLo = false drops Kr_lo Kc and with it the Kr lo tile); the off-diagonal block
-//        (both factors <= 1) is hi x hi.
+//        (j < i) -> f32. The two 16 x 16 diagonal blocks, where one factor reaches 2^115, take Kc's lo
+//        part too (Qr Kc_lo, Kr Kc_lo; Kr_lo Kc as well cost the pass 7% and changed o's float64 error in
+//        its third digit at most: PERFLOG, fourteenth session); the off-diagonal block (both factors
+//        <= 1) is hi x hi.
 //     D  (I + L)^-1: both 16 x 16 diagonal blocks by f32 forward substitution on one warp, merged by two
 //        bf16 mma; T beta as bf16 hi + lo, T diag(beta rk) bf16.
 //     E  W' = -(T diag(beta rk)) Kr diag(2^Gamma_15) (mma) -> f16.
@@ -128,8 +128,7 @@ struct Gate {
   }
 };
 
-template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, bool kKrLo = true, bool kSplitLoChains = false,
-          bool kEarlySubstitution = false, bool kFullChunkGate = false>
+template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, bool kEarlySubstitution = false>
 struct FactorGroup {
   uint8_t *base;  // this group's area
   int group, tid, warp, lane;
@@ -182,10 +181,9 @@ struct FactorGroup {
   // A. Gate and x_t = Gamma_t - Gamma_15 for this thread's 16 tokens (sub-block 1 sums forward from
   // token 16, sub-block 0 backward from token 15). Tokens >= valid decay by nothing. A NaN decay leaves
   // its sub-block's sum NaN: the sums are then taken again with the NaN decays as zero, and those tokens
-  // marked (sanitized_sums). kFullChunkGate: a whole chunk takes a copy of the sums without the masks of
-  // the tokens past the end (a select and two multiplies a token).
+  // marked (sanitized_sums).
   __device__ void gate_and_offsets(const uint8_t *raw, int valid, float (&x)[kSubBlock][2]) const {
-    float2 run = kFullChunkGate && valid == kChunk ? sub_block_sums(raw, kChunk, x) : sub_block_sums(raw, valid, x);
+    float2 run = sub_block_sums(raw, valid, x);
     if (run.x != run.x || run.y != run.y) run = sanitized_sums(raw, valid, x);
     *reinterpret_cast<float2 *>(sums() + half * kDimK + d0) = run;
   }
@@ -322,7 +320,7 @@ struct FactorGroup {
   // `elementwise`, which it wrote (paired Kend: its warp's, after a __syncwarp). Out of line, as sanitized_sums_into.
   static __device__ __noinline__ void isolate(uint8_t *raw, uint8_t *stage, uint8_t *base, int half, int d0,
                                               uint32_t marked, int poisoned_from) {
-    uint8_t *kr = raw + kRawK, *kc = raw + kRawG, *kr_lo = base + kGrKrLo, *kc_lo = base + kGrKcLo;
+    uint8_t *kr = raw + kRawK, *kc = raw + kRawG, *kc_lo = base + kGrKcLo;
     if (half == 1 && poisoned_from < kChunk)
       *reinterpret_cast<float2 *>(stage + kStDecay + 4 * d0) = make_float2(NAN, NAN);
 #pragma unroll 1
@@ -331,7 +329,6 @@ struct FactorGroup {
       const uint32_t at = raw_offset(t, d0);
       if ((marked >> t) & 1u) {
         *reinterpret_cast<uint32_t *>(kr + at) = 0u;
-        if (kKrLo) *reinterpret_cast<uint32_t *>(kr_lo + at) = 0u;
         *reinterpret_cast<uint32_t *>(kc + at) = 0u;
         *reinterpret_cast<uint32_t *>(kc_lo + at) = 0u;
         for (int ch = 0; ch < 2; ++ch) *reinterpret_cast<uint16_t *>(stage + kStKend + k32_offset(d0 + ch, t)) = 0u;
@@ -342,7 +339,7 @@ struct FactorGroup {
   template <bool kPairedKend>
   __device__ void elementwise(uint8_t *raw, uint8_t *stage, const float (&x)[kSubBlock][2]) const {
     uint8_t *q = raw + kRawQ, *k = raw + kRawK, *kc = raw + kRawG;  // Kc over the consumed g
-    uint8_t *kr_lo = base + kGrKrLo, *kc_lo = base + kGrKcLo;
+    uint8_t *kc_lo = base + kGrKcLo;
     const float2 first = *reinterpret_cast<const float2 *>(sums() + d0);           // Gamma_15
     const float2 second = *reinterpret_cast<const float2 *>(sums() + kDimK + d0);  // Gamma_31 - Gamma_15
     const float e15[2] = {exp2_approx(first.x), exp2_approx(first.y)};
@@ -373,9 +370,7 @@ struct FactorGroup {
       const float kc0 = bf16_low(kb) * c0, kc1 = bf16_high(kb) * c1;
       uint32_t hi, lo;
       *reinterpret_cast<uint32_t *>(q + at) = pack_bf16(qr0, qr1);
-      split_bf16(kr0, kr1, hi, lo);  // without the Kr lo tile, lo is dead code
-      *reinterpret_cast<uint32_t *>(k + at) = hi;
-      if (kKrLo) *reinterpret_cast<uint32_t *>(kr_lo + at) = lo;
+      *reinterpret_cast<uint32_t *>(k + at) = pack_bf16(kr0, kr1);
       split_bf16(kc0, kc1, hi, lo);
       *reinterpret_cast<uint32_t *>(kc + at) = hi;
       *reinterpret_cast<uint32_t *>(kc_lo + at) = lo;
@@ -426,25 +421,18 @@ struct FactorGroup {
   }
 
   // C. Scores. Warp (product, row block): product 0 = Q, 1 = K; rows 16 rb..; columns 0-15 (rb 0) or
-  // 0-31 (rb 1). Diagonal blocks (rb 0: columns 0-15; rb 1: columns 16-31) add the lo-part products;
+  // 0-31 (rb 1). Diagonal blocks (rb 0: columns 0-15; rb 1: columns 16-31) add the Kc lo products;
   // the row block is a template parameter so that the accumulators are indexed by constants. Aqk into
   // the stage, or with kAqkImage into `dst` as a shared-memory image of the stage's Aqk rows (kStAqk)
   // that a bulk copy stores.
   template <int kRowBlock, bool kAqkImage>
   __device__ void scores_rows(const uint8_t *raw, uint8_t *dst, int product) const {
-    const uint8_t *rows = raw + (product ? kRawK : kRawQ), *rows_lo = base + kGrKrLo;
+    const uint8_t *rows = raw + (product ? kRawK : kRawQ);
     const uint8_t *cols = raw + kRawG, *cols_lo = base + kGrKcLo;
     constexpr int kDiag = kSubBlock * kRowBlock;  // first column (and n tile pair) of the diagonal block
     constexpr int kDiagTile = 2 * kRowBlock;
     float acc[4][4] = {};
-    // kSplitLoChains: the diagonal block's lo products (Qr/Kr x Kc_lo, Kr_lo x Kc) in accumulators of
-    // their own, added at the end: chains of 8 dependent mma instead of 16 or 24 on one accumulator.
-    float acc_lo[2][4] = {}, acc_kr_lo[2][4] = {};
     float acc_l10[2][4] = {};  // kEarlySubstitution: L rows 16-31, columns 0-15, on the Q warp of rows 0-15
-    float(&lo0)[4] = kSplitLoChains ? acc_lo[0] : acc[kDiagTile];
-    float(&lo1)[4] = kSplitLoChains ? acc_lo[1] : acc[kDiagTile + 1];
-    float(&kr_lo0)[4] = kSplitLoChains ? acc_kr_lo[0] : acc[kDiagTile];
-    float(&kr_lo1)[4] = kSplitLoChains ? acc_kr_lo[1] : acc[kDiagTile + 1];
 #pragma unroll
     for (int kb = 0; kb < kDimK / 16; ++kb) {
       uint32_t a[4], b[4], b_lo[4];
@@ -459,26 +447,13 @@ struct FactorGroup {
       raw_load_b_nk(cols_lo, kDiag, 16 * kb, lane, b_lo);
       mma_m16n8k16(acc[kDiagTile], a, b[0], b[1]);
       mma_m16n8k16(acc[kDiagTile + 1], a, b[2], b[3]);
-      mma_m16n8k16(lo0, a, b_lo[0], b_lo[1]);
-      mma_m16n8k16(lo1, a, b_lo[2], b_lo[3]);
+      mma_m16n8k16(acc[kDiagTile], a, b_lo[0], b_lo[1]);
+      mma_m16n8k16(acc[kDiagTile + 1], a, b_lo[2], b_lo[3]);
       if (kEarlySubstitution && kRowBlock == 0 && product == 0) {  // L's off-diagonal block, B = these columns
         uint32_t a_k[4];
         raw_load_a(raw + kRawK, kSubBlock, 16 * kb, lane, a_k);
         mma_m16n8k16(acc_l10[0], a_k, b[0], b[1]);
         mma_m16n8k16(acc_l10[1], a_k, b[2], b[3]);
-      }
-      if (kKrLo && product == 1) {
-        uint32_t a_lo[4];
-        raw_load_a(rows_lo, kSubBlock * kRowBlock, 16 * kb, lane, a_lo);
-        mma_m16n8k16(kr_lo0, a_lo, b[0], b[1]);
-        mma_m16n8k16(kr_lo1, a_lo, b[2], b[3]);
-      }
-    }
-    if (kSplitLoChains) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        acc[kDiagTile][r] += acc_lo[0][r] + acc_kr_lo[0][r];
-        acc[kDiagTile + 1][r] += acc_lo[1][r] + acc_kr_lo[1][r];
       }
     }
     const int g = lane >> 2, t = lane & 3;

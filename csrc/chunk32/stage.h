@@ -88,9 +88,9 @@ constexpr int kLRow = 36;   // L (32 x 32 f32), rows padded to 16-byte multiples
 constexpr int kTRow = 20;   // T00^T and T11 (16 x 16 f32)
 constexpr int kTbRow = 40;  // T diag(beta rk) (32 x 32 bf16): 80-byte rows for ldmatrix
 constexpr uint32_t kGrRaw = 0;
-constexpr uint32_t kGrLo = kRawSlots * kRawSlotBytes;        // 49152: (A: rare scratch) Kr lo, Kc lo (B, C) ...
-constexpr uint32_t kGrKrLo = kGrLo, kGrKcLo = kGrLo + kRawTileBytes;
-constexpr uint32_t kGrT00t = kGrLo;                           // ... then T00^T, T11, Tb (phases D, E)
+constexpr uint32_t kGrLo = kRawSlots * kRawSlotBytes;  // 49152: two tiles, (A: rare scratch) Kc lo (B, C) ...
+constexpr uint32_t kGrKcLo = kGrLo + kRawTileBytes;
+constexpr uint32_t kGrT00t = kGrLo;                     // ... T00^T, T11, Tb (phases D, E)
 constexpr uint32_t kGrT11 = kGrT00t + kSubBlock * kTRow * kF32Bytes;
 constexpr uint32_t kGrTb = kGrT11 + kSubBlock * kTRow * kF32Bytes;
 static_assert(kGrTb + kChunk * kTbRow * kBf16Bytes <= kGrLo + 2 * kRawTileBytes, "overlay fits in the lo tiles");
@@ -102,7 +102,7 @@ constexpr uint32_t kGrL = kGrBeta + kChunk * kF32Bytes;
 constexpr uint32_t kGrMarks = kGrL + kChunk * kLRow * kF32Bytes;  // u32: the chunk's non-finite tokens (bits)
 constexpr uint32_t kGrClaims = kGrMarks + 4;  // i32[2]: the items the group's loader claimed (streamed pass 1)
 constexpr uint32_t kGrBytes = align_up(kGrClaims + 8, kSwizzleAlign);  // 72704
-static_assert(kGrKrLo % kSwizzleAlign == 0 && kGrKcLo % kSwizzleAlign == 0 && kGrAnchor % 16 == 0 &&
+static_assert(kGrKcLo % kSwizzleAlign == 0 && kGrAnchor % 16 == 0 &&
                   kGrNorms % 16 == 0 && kGrL % 16 == 0 && kGrTb % 16 == 0 && kGrT11 % 16 == 0,
               "alignment");
 

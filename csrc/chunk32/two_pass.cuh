@@ -35,7 +35,7 @@ namespace two_pass {
 constexpr int kFactorThreads = kWarpgroupThreads;
 constexpr int kFactorCtasPerSm = 3;
 // A factor group's area with `slots` raw slots (the group's scratch follows them), its barriers after
-// the scratch, then, with `aqk_image` (FactorStores::kBulkAqkImage), the image of the chunk's Aqk rows;
+// the scratch, then, with `aqk_image` (FactorStores::kBulk), the image of the chunk's Aqk rows;
 // a CTA of `groups` groups holds their areas one after the other (each aligned), + slack to align the base.
 CHUNK32_HD constexpr uint32_t f1_barriers(int slots) { return kGrBytes - (kRawSlots - slots) * kRawSlotBytes; }
 CHUNK32_HD constexpr uint32_t f1_aqk_image(int slots) { return align_up(f1_barriers(slots) + slots * 8, 128); }
@@ -277,27 +277,23 @@ struct PhaseClock {
 // kStores: how the factors reach global memory. kThreads: each thread's stores; W', T beta, Aqk and
 // Kend^T then write half sectors (16 bytes of a 32-byte sector an instruction), 1.6x the item's
 // sectors on the L2's input (the streamed pass keeps them: its flags need the stores complete).
-// kBulkPairedKend: W' and T beta hi + lo (12 KB of the item's 31) are written into the item's raw slot
-// (its q and g tiles, free after the scores) as images of their stage bytes, and the loader stores them
-// with three bulk copies after the item's last barrier (whole lines); the slot's next raw loads wait for
-// the copies' reads (issued after the next item's first barrier); Kend^T by lane pairs, whole sectors
-// (A -10%, C, D -15% on the factor pass, PERFLOG). kBulkAqkImage: Aqk too, from an image of its 2 KB
-// after the group's barriers (f1_aqk_image), by a fourth copy. The windows' schedule with two raw
-// slots and the 4-warp inverse only.
-// kKrLo: the diagonal blocks of L take Kr's lo part (FactorGroup).
+// kBulk: W' and T beta hi + lo (12 KB of the item's 31) are written into the item's raw slot (its q and
+// g tiles, free after the scores) as images of their stage bytes, Aqk into an image of its 2 KB after
+// the group's barriers (f1_aqk_image), and the loader stores the four with bulk copies after the
+// item's last barrier (whole lines); the slot's next raw loads wait for the copies' reads (issued after
+// the next item's first barrier); Kend^T by lane pairs, whole sectors (A -10%, C, D -15% on the factor
+// pass, thirteenth session; Aqk's copy -1.3% more, fourteenth: PERFLOG). The windows' schedule with two
+// raw slots and the 4-warp inverse only.
 // kStaggerRoles: group g's warps take the roles of its warps g, g + 1, ... (mod 4), so that the groups'
 // warp-0 roles (the loader, the substitution, the merge: ~430 more instructions an item than the
 // others', by the SASS) fall on different schedulers instead of all on the first (warp w of every group is on
 // scheduler w).
-// kSplitLoChains: phase C's lo products in accumulators of their own (FactorGroup::scores_rows).
 // kEarlySubstitution: the K warps substitute their diagonal blocks of (I + L) right after their scores
 // (FactorGroup::scores_and_substitute), phase D keeping the merge; the 4-warp inverse only.
-// kFullChunkGate: a whole chunk's gate without the masks of tokens past the end (FactorGroup).
-enum class FactorStores { kThreads, kBulkPairedKend, kBulkAqkImage };
+enum class FactorStores { kThreads, kBulk };
 template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, int kInverseWarps = 1, int kSlots = kRawSlots,
           int kCtasPerSm = kFactorCtasPerSm, int kGroups = 1, bool kStreamed = false,
-          FactorStores kStores = FactorStores::kThreads, bool kKrLo = true, bool kStaggerRoles = false,
-          bool kSplitLoChains = false, bool kEarlySubstitution = false, bool kFullChunkGate = false>
+          FactorStores kStores = FactorStores::kThreads, bool kStaggerRoles = false, bool kEarlySubstitution = false>
 __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     factor_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
                        uint8_t *factors, Window w) {
@@ -305,14 +301,14 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
   // written before that work is complete. Then every CTA of the pass is resident and past that point:
   // the state pass may start on the multiprocessors the pass's tail frees (its prologue reads inputs),
   // or, streamed, on those the pass leaves.
-  constexpr bool kBulkStores = kStores != FactorStores::kThreads, kAqkImage = kStores == FactorStores::kBulkAqkImage;
+  constexpr bool kBulkStores = kStores == FactorStores::kBulk;
   static_assert(!kBulkStores || (!kStreamed && kSlots == 2 && kInverseWarps == 4), "bulk stores: windows, two slots");
   static_assert(!kEarlySubstitution || kInverseWarps == 4, "the early substitution: the 4-warp inverse");
   wait_for_prior_grid();
   launch_dependents();
   extern __shared__ uint8_t smem_raw[];
   const int group = kGroups > 1 ? int(threadIdx.x / kFactorThreads) : 0;
-  uint8_t *smem = aligned_smem(smem_raw) + group * f1_group_stride(kSlots, kAqkImage);  // the group's area
+  uint8_t *smem = aligned_smem(smem_raw) + group * f1_group_stride(kSlots, kBulkStores);  // the group's area
   uint64_t *raw_full = reinterpret_cast<uint64_t *>(smem + f1_barriers(kSlots));
   const int tid = kGroups > 1 ? int(threadIdx.x % kFactorThreads) : int(threadIdx.x);
   if (tid == 0) {
@@ -323,7 +319,7 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
   // Items: (chain, chunk) of the window (place_of); the factors at the item's index; -1: none.
   const int items = items_in(p, w);
   const ItemRange range = items_of(blockIdx.x * kGroups + group, gridDim.x * kGroups, items);
-  FactorGroup<kGate, kL2Norm, kBetaSigmoid, kKrLo, kSplitLoChains, kEarlySubstitution, kFullChunkGate> fg;
+  FactorGroup<kGate, kL2Norm, kBetaSigmoid, kEarlySubstitution> fg;
   fg.base = smem - (kRawSlots - kSlots) * kRawSlotBytes;  // the group's scratch right after the slots in use
   fg.group = group;
   fg.tid = kStaggerRoles ? (tid + 32 * group) % kFactorThreads : tid;
@@ -404,7 +400,7 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     clk.mark(kPhBarA);
     // Once the last item's bulk stores have read the other slot, its raw loads may go; and the Aqk image,
     // which this item's scores write after the group's next barrier.
-    if (kBulkStores && loader && (kAqkImage || next >= 0)) {
+    if (kBulkStores && loader) {
       bulk_wait_read();
       if (next >= 0) load_next_raw(it, nx);
     }
@@ -420,12 +416,12 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     fg.sync();
     fg.clear_marks();  // read by every thread before the barrier; set again from the next chunk's phase A
     clk.mark(kPhBarB);
-    uint8_t *const aqk = smem + f1_aqk_image(kSlots);  // the Aqk image (kAqkImage)
+    uint8_t *const aqk = smem + f1_aqk_image(kSlots);  // the Aqk image (bulk stores)
     float col[kSubBlock];  // kEarlySubstitution: a K warp's column of its diagonal block's inverse
     if constexpr (kEarlySubstitution) {
-      fg.template scores_and_substitute<kAqkImage>(raw, kAqkImage ? aqk : stage, col);
+      fg.template scores_and_substitute<kBulkStores>(raw, kBulkStores ? aqk : stage, col);
     } else {
-      fg.template scores<kAqkImage>(raw, kAqkImage ? aqk : stage);
+      fg.template scores<kBulkStores>(raw, kBulkStores ? aqk : stage);
     }
     clk.mark(kPhScores);
     fg.sync();
@@ -455,7 +451,7 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     if (kBulkStores && loader) {  // W' rows (the WQ tile's first 8 KB), T beta hi and lo (2 KB each), Aqk
       bulk_copy_to_global(stage + kStWq, wq, kWBytes);
       bulk_copy_to_global(stage + kStTa, ta, kTbetaBytes);
-      if (kAqkImage) bulk_copy_to_global(stage + kStAqk, aqk, kAqkBytes);
+      bulk_copy_to_global(stage + kStAqk, aqk, kAqkBytes);
       bulk_copy_to_global(stage + kStTbetaLo, ta_lo, kTbetaBytes);
       bulk_commit();
     }
