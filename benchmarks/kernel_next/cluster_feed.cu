@@ -1,0 +1,302 @@
+// Go/no-go for D's cluster kernel (docs/PERFLOG.md, "Next", item 3 (b)): can two factor CTAs feed one
+// state CTA through distributed shared memory at the state step's rate, so that a chunk's 31 KB of
+// factors never leave the cluster?
+//
+// A cluster of three CTAs, one a multiprocessor: rank 0 the consumer (the state CTA's stand-in), ranks
+// 1 and 2 the producers, each with three groups of 128 threads (the factor groups' stand-ins). The
+// consumer's shared memory holds kSlots = 6 slots of one chunk's factors (kItemBytes, the factor
+// buffer's bytes a chunk), slot p filled only by producer group p, so chunk j of the cluster's
+// sequence comes from group j % 6 into slot j % 6. Per chunk, a producer group:
+//   waits until the consumer has released its slot (an mbarrier in the producer's own shared memory,
+//   on which the consumer arrives remotely), spins `work` cycles (the factor build's place; the
+//   library's groups take ~12,500 cycles an item, three at once a multiprocessor), writes its bulk
+//   image (W', T beta, Aqk: kBulkBytes) into its own shared memory, stores the rest (Qd, Kend^T,
+//   decay: kThreadBytes) by st.shared::cluster into the consumer's slot, copies the image there by
+//   cp.async.bulk.shared::cluster, completing on the slot's full mbarrier, and arrives on it remotely
+//   (release, cluster scope; thread 0's arrival announces the copy's bytes).
+// The consumer waits for chunk j's slot, reads all of it (each word checked against the pattern the
+// producer wrote: the acquire/release order and the copy's completion made visible, or counted as
+// bad), spins `step` cycles (the state step's place: ~2,400 cycles, 1.3 us), and releases the slot.
+// Timed (cudaEvents, median of 5 after a warm-up) for each (work, step) pair on 1 cluster and on as
+// many as fit at once: microseconds a chunk a cluster and the transport's rate. Go: with step 2,400
+// and work 12,500 the consumer takes a chunk every <= 1.25x its step on every cluster at once, and
+// with work = step = 0 the feed's rate exceeds 31 KB / 1.3 us (24 GB/s a consumer) by 2x or more.
+//
+// On the card, from this folder (a few seconds; the checks run in every launch):
+//   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I../../csrc/chunk32 cluster_feed.cu -o /tmp/cluster_feed
+//   compute-sanitizer --tool memcheck /tmp/cluster_feed --chunks 24 --clusters 1 && /tmp/cluster_feed
+// Options: --chunks N (each cluster's; default 2048), --clusters N (default: as many as fit at once).
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "ptx.cuh"
+
+namespace jax_kda {
+namespace chunk32 {
+namespace cluster_feed {
+
+constexpr int kClusterCtas = 3, kProducerCtas = 2, kGroupsPerProducer = 3;
+constexpr int kSlots = kProducerCtas * kGroupsPerProducer;  // one per producer group
+constexpr int kGroupThreads = 128, kCtaThreads = kGroupsPerProducer * kGroupThreads;
+constexpr uint32_t kBulkBytes = 8192 + 2 * 2048 + 2048;  // W' 8 KB, T beta hi + lo, Aqk
+constexpr uint32_t kThreadBytes = 8192 + 8192 + 512;     // Qd, Kend^T, decay
+constexpr uint32_t kItemBytes = kBulkBytes + kThreadBytes;  // 31232: the factor buffer's bytes a chunk
+static_assert(kBulkBytes % 16 == 0 && kThreadBytes % 16 == 0, "16-byte stores and copies");
+// Consumer: the slots, then the full barriers. Producer: the groups' bulk images, then the free barriers.
+constexpr uint32_t kConsumerBarriers = kSlots * kItemBytes;
+constexpr uint32_t kProducerBarriers = kGroupsPerProducer * kBulkBytes;
+constexpr uint32_t kSmemBytes = kConsumerBarriers + kSlots * 8;
+static_assert(kProducerBarriers + kGroupsPerProducer * 8 <= kSmemBytes, "one size for both roles");
+constexpr long long kWatchdogPolls = 1ll << 26;  // a wait this long is a bug: trap rather than hang
+
+struct Counters {
+  unsigned long long bad_words;  // words the consumer read that were not the producer's pattern
+  unsigned long long checksum;   // keeps the consumer's reads
+  int hung;                      // a wait ran past the watchdog
+};
+
+__host__ __device__ inline uint32_t pattern(int chunk, uint32_t word) {
+  return (uint32_t(chunk) * 2654435761u) ^ (word * 40503u) ^ 0x5bd1e995u;
+}
+
+// ---- cluster-scope PTX -------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// This CTA's shared-memory address `local` as the same offset in CTA `rank` of the cluster.
+__device__ __forceinline__ uint32_t remote_address(uint32_t local, uint32_t rank) {
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(local), "r"(rank));
+  return r;
+}
+__device__ __forceinline__ void remote_store(uint32_t address, uint4 v) {
+  asm volatile("st.shared::cluster.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(address), "r"(v.x), "r"(v.y), "r"(v.z),
+               "r"(v.w)
+               : "memory");
+}
+__device__ __forceinline__ void remote_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void remote_arrive_expect_bytes(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.release.cluster.shared::cluster.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+// `bytes` from this CTA's shared memory to another CTA's (cluster addresses), completing on its mbarrier.
+__device__ __forceinline__ void bulk_copy_to_cluster(uint32_t dst, const void *src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   dst),
+               "r"(smem_address(src)), "r"(bytes), "r"(bar)
+               : "memory");
+}
+// Waits for a phase of a barrier in this CTA's shared memory that other CTAs of the cluster complete.
+__device__ __forceinline__ bool wait_cluster_phase(uint64_t *bar, uint32_t parity, int *hung) {
+  for (long long polls = 0; polls < kWatchdogPolls; ++polls) {
+    uint32_t done;
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(done)
+        : "r"(smem_address(bar)), "r"(parity)
+        : "memory");
+    if (done) return true;
+  }
+  atomicExch(hung, 1);
+  return false;
+}
+__device__ __forceinline__ void spin(long long cycles) {
+  const long long until = clock_cycles() + cycles;
+  while (clock_cycles() < until) {
+  }
+}
+
+// chunks: each cluster's sequence of chunks; work, step: the producers' and the consumer's cycles a chunk.
+__global__ void __launch_bounds__(kCtaThreads, 1) feed_kernel(int chunks, long long work, long long step,
+                                                             Counters *counters) {
+  extern __shared__ __align__(1024) uint8_t smem[];
+  const uint32_t rank = cluster_rank();
+  const int tid = threadIdx.x, group = tid / kGroupThreads, gtid = tid % kGroupThreads;
+  uint64_t *full = reinterpret_cast<uint64_t *>(smem + kConsumerBarriers);  // consumer: [kSlots]
+  uint64_t *free_ = reinterpret_cast<uint64_t *>(smem + kProducerBarriers);  // producer: [groups]
+  if (tid == 0) {
+    if (rank == 0) {
+      for (int p = 0; p < kSlots; ++p) mbarrier_init(&full[p], kGroupThreads);
+    } else {
+      for (int g = 0; g < kGroupsPerProducer; ++g) mbarrier_init(&free_[g], 1);
+    }
+    fence_barrier_init();
+  }
+  cluster_sync();  // every barrier initialised before any CTA touches another's
+  if (rank == 0) {
+    if (group == 0) {  // the consumer: one warpgroup
+      unsigned long long bad = 0, sum = 0;
+      for (int j = 0; j < chunks; ++j) {
+        const int p = j % kSlots;
+        if (!wait_cluster_phase(&full[p], uint32_t(j / kSlots) & 1u, &counters->hung)) break;
+        const uint4 *slot = reinterpret_cast<const uint4 *>(smem + p * kItemBytes);
+        for (uint32_t i = gtid; i < kItemBytes / 16; i += kGroupThreads) {
+          const uint4 v = slot[i];
+          const uint32_t w = 4 * i;
+          bad += (v.x != pattern(j, w)) + (v.y != pattern(j, w + 1)) + (v.z != pattern(j, w + 2)) +
+                 (v.w != pattern(j, w + 3));
+          sum += v.x ^ v.w;
+        }
+        spin(step);
+        named_barrier(1, kGroupThreads);  // every read of the slot done before it is released
+        if (gtid == 0) {  // slot p belongs to group p % 3 of producer 1 + p / 3
+          const uint32_t producer = 1 + p / kGroupsPerProducer;
+          remote_arrive(remote_address(smem_address(&free_[p % kGroupsPerProducer]), producer));
+        }
+      }
+      atomicAdd(&counters->bad_words, bad);
+      atomicAdd(&counters->checksum, sum);
+    }
+  } else {  // a producer: three groups
+    const int p = int(rank - 1) * kGroupsPerProducer + group;
+    uint8_t *image = smem + group * kBulkBytes;
+    const uint32_t slot = remote_address(smem_address(smem + p * kItemBytes), 0);
+    const uint32_t slot_full = remote_address(smem_address(&full[p]), 0);
+    for (int k = 0, j = p; j < chunks; ++k, j += kSlots) {
+      if (k > 0 && !wait_cluster_phase(&free_[group], uint32_t(k - 1) & 1u, &counters->hung)) break;
+      if (gtid == 0) bulk_wait_read();  // the last chunk's copy has read the image
+      named_barrier(1 + group, kGroupThreads);
+      spin(work);
+      uint4 *img = reinterpret_cast<uint4 *>(image);
+      for (uint32_t i = gtid; i < kBulkBytes / 16; i += kGroupThreads) {
+        const uint32_t w = 4 * i;
+        img[i] = make_uint4(pattern(j, w), pattern(j, w + 1), pattern(j, w + 2), pattern(j, w + 3));
+      }
+      for (uint32_t i = gtid; i < kThreadBytes / 16; i += kGroupThreads) {
+        const uint32_t w = (kBulkBytes / 4) + 4 * i;
+        remote_store(slot + kBulkBytes + 16 * i,
+                     make_uint4(pattern(j, w), pattern(j, w + 1), pattern(j, w + 2), pattern(j, w + 3)));
+      }
+      fence_proxy_async();  // the image's generic writes before the copy engine reads it
+      named_barrier(1 + group, kGroupThreads);
+      if (gtid == 0) {
+        remote_arrive_expect_bytes(slot_full, kBulkBytes);
+        bulk_copy_to_cluster(slot, image, kBulkBytes, slot_full);
+        bulk_commit();
+      } else {
+        remote_arrive(slot_full);
+      }
+    }
+    if (gtid == 0) bulk_wait_all();
+  }
+  cluster_sync();  // no CTA leaves while another may still arrive on its barriers
+}
+
+}  // namespace cluster_feed
+}  // namespace chunk32
+}  // namespace jax_kda
+
+using namespace jax_kda::chunk32::cluster_feed;
+
+#define CHECK(call)                                                                            \
+  do {                                                                                         \
+    cudaError_t e_ = (call);                                                                   \
+    if (e_ != cudaSuccess) {                                                                   \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+      std::exit(2);                                                                            \
+    }                                                                                          \
+  } while (0)
+
+static cudaError_t launch(int clusters, int chunks, long long work, long long step, Counters *counters) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(clusters * kClusterCtas);
+  config.blockDim = dim3(kCtaThreads);
+  config.dynamicSmemBytes = kSmemBytes;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = kClusterCtas;
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, feed_kernel, chunks, work, step, counters);
+}
+
+int main(int argc, char **argv) {
+  int chunks = 2048, clusters_arg = 0;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    if (!std::strcmp(argv[i], "--chunks")) chunks = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--clusters")) clusters_arg = std::atoi(argv[i + 1]);
+  }
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  CHECK(cudaFuncSetAttribute(feed_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  int fit = 0;
+  {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(kClusterCtas);
+    config.blockDim = dim3(kCtaThreads);
+    config.dynamicSmemBytes = kSmemBytes;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = kClusterCtas;
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    CHECK(cudaOccupancyMaxActiveClusters(&fit, feed_kernel, &config));
+  }
+  std::printf("cluster_feed: %s, %d SMs; clusters of %d CTAs (%u B shared memory each) resident at once: %d\n",
+              prop.name, prop.multiProcessorCount, kClusterCtas, kSmemBytes, fit);
+  std::printf("a chunk: %u B (%u by bulk copy, %u by remote stores) from %d producer groups into %d slots\n",
+              kItemBytes, kBulkBytes, kThreadBytes, kSlots, kSlots);
+  Counters *counters;
+  CHECK(cudaMalloc(&counters, sizeof(Counters)));
+  cudaEvent_t start, stop;
+  CHECK(cudaEventCreate(&start));
+  CHECK(cudaEventCreate(&stop));
+  struct Setting {
+    long long work, step;
+    const char *what;
+  };
+  const Setting settings[] = {{0, 0, "transport alone"},
+                              {0, 2400, "consumer step only"},
+                              {12500, 0, "producer work only"},
+                              {12500, 2400, "both (the design's figures)"},
+                              {15000, 2400, "both, producers 20% slower"}};
+  bool ok = true;
+  double step_alone = 0;  // us a chunk of "consumer step only" on one cluster: the step's own time
+  std::printf("%-30s %8s %9s %10s %14s %10s %8s\n", "setting", "clusters", "ms", "us/chunk", "GB/s/consumer",
+              "x step", "bad words");
+  for (const Setting &s : settings) {
+    for (int clusters : {1, clusters_arg > 0 ? clusters_arg : fit}) {
+      CHECK(cudaMemset(counters, 0, sizeof(Counters)));
+      CHECK(launch(clusters, chunks, s.work, s.step, counters));  // warm-up, and the checks
+      CHECK(cudaDeviceSynchronize());
+      Counters host;
+      CHECK(cudaMemcpy(&host, counters, sizeof(Counters), cudaMemcpyDeviceToHost));
+      std::vector<float> ms;
+      for (int rep = 0; rep < 5; ++rep) {
+        CHECK(cudaEventRecord(start));
+        CHECK(launch(clusters, chunks, s.work, s.step, counters));
+        CHECK(cudaEventRecord(stop));
+        CHECK(cudaEventSynchronize(stop));
+        float t;
+        CHECK(cudaEventElapsedTime(&t, start, stop));
+        ms.push_back(t);
+      }
+      std::sort(ms.begin(), ms.end());
+      const double median = ms[ms.size() / 2], us_per_chunk = median * 1e3 / chunks;
+      if (s.work == 0 && s.step > 0 && clusters == 1) step_alone = us_per_chunk;
+      const bool good = host.bad_words == 0 && !host.hung;
+      ok = ok && good;
+      char ratio[16] = "-";
+      if (s.step > 0 && step_alone > 0) std::snprintf(ratio, sizeof(ratio), "%.3f", us_per_chunk / step_alone);
+      std::printf("%-30s %8d %9.3f %10.3f %14.1f %10s %8llu%s\n", s.what, clusters, median, us_per_chunk,
+                  kItemBytes / (us_per_chunk * 1e3), ratio, host.bad_words, host.hung ? " HUNG" : "");
+    }
+  }
+  std::printf("%s\n", ok ? "cluster_feed: ALL CHECKS PASS" : "cluster_feed: SOME CHECKS FAIL");
+  return ok ? 0 : 1;
+}
