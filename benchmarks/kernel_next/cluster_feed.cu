@@ -208,19 +208,27 @@ using namespace jax_kda::chunk32::cluster_feed;
     }                                                                                          \
   } while (0)
 
-static cudaError_t launch(int clusters, int chunks, long long work, long long step, Counters *counters) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(clusters * kClusterCtas);
-  config.blockDim = dim3(kCtaThreads);
-  config.dynamicSmemBytes = kSmemBytes;
+// A launch of `clusters` clusters (its attribute kept beside the config that points at it).
+struct ClusterLaunch {
   cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = kClusterCtas;
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, feed_kernel, chunks, work, step, counters);
+  cudaLaunchConfig_t config = {};
+  explicit ClusterLaunch(int clusters) {
+    config.gridDim = dim3(clusters * kClusterCtas);
+    config.blockDim = dim3(kCtaThreads);
+    config.dynamicSmemBytes = kSmemBytes;
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = kClusterCtas;
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+  }
+  ClusterLaunch(const ClusterLaunch &) = delete;
+};
+
+static cudaError_t launch(int clusters, int chunks, long long work, long long step, Counters *counters) {
+  ClusterLaunch l(clusters);
+  return cudaLaunchKernelEx(&l.config, feed_kernel, chunks, work, step, counters);
 }
 
 int main(int argc, char **argv) {
@@ -234,18 +242,8 @@ int main(int argc, char **argv) {
   CHECK(cudaFuncSetAttribute(feed_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
   int fit = 0;
   {
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(kClusterCtas);
-    config.blockDim = dim3(kCtaThreads);
-    config.dynamicSmemBytes = kSmemBytes;
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeClusterDimension;
-    attribute[0].val.clusterDim.x = kClusterCtas;
-    attribute[0].val.clusterDim.y = 1;
-    attribute[0].val.clusterDim.z = 1;
-    config.attrs = attribute;
-    config.numAttrs = 1;
-    CHECK(cudaOccupancyMaxActiveClusters(&fit, feed_kernel, &config));
+    ClusterLaunch one(1);
+    CHECK(cudaOccupancyMaxActiveClusters(&fit, feed_kernel, &one.config));
   }
   std::printf("cluster_feed: %s, %d SMs; clusters of %d CTAs (%u B shared memory each) resident at once: %d\n",
               prop.name, prop.multiProcessorCount, kClusterCtas, kSmemBytes, fit);
