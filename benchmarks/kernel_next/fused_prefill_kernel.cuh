@@ -7,12 +7,11 @@
 //     A  gate (bounded: a = lower_bound sigmoid(exp(A_log) (g + dt_bias)), log2 units), x_t = Gamma_t -
 //        Gamma_15 by sums within the sub-blocks; inverse L2 norms as the diagonals of 16 x 16 Gram blocks
 //        (mma); beta sigmoid. Tokens past the sequence's end (zeros from the bulk copy) get a = beta = 0.
-//     B  per element R = 2^x, C = 1/R: Qr = q R (bf16), Kr = k R, Kc = k C as bf16 hi + lo pairs;
+//     B  per element R = 2^x, C = 1/R: Qr = q R, Kr = k R (bf16), Kc = k C as a bf16 hi + lo pair;
 //        Qd = scale rq q 2^Gamma (f16), Kend^T = rk k 2^(Gamma_C - Gamma) (f16), decay 2^Gamma_C.
 //     C  scores (mma.sync bf16): Aqk = scale rq_i rk_j Qr Kc^T (j <= i) -> f16; L = beta_i rk_i rk_j Kr Kc^T
-//        (j < i) -> f32. The two 16 x 16 diagonal blocks, where one factor reaches 2^115, take the k-side
-//        lo parts too (Qr Kc_lo; Kr Kc_lo + Kr_lo Kc: today's kernel's "hilo1", emulated 2.37e-3 with
-//        the f16 rest); the off-diagonal block (both factors <= 1) is hi x hi.
+//        (j < i) -> f32. The two 16 x 16 diagonal blocks, where one factor reaches 2^115, take Kc's lo
+//        part too (Qr Kc_lo, Kr Kc_lo); the off-diagonal block (both factors <= 1) is hi x hi.
 //     D  (I + L)^-1: both 16 x 16 diagonal blocks by f32 forward substitution on one warp, merged by two
 //        bf16 mma; T beta as bf16 hi + lo, T diag(beta rk) bf16.
 //     E  W' = -(T diag(beta rk)) Kr diag(2^Gamma_15) (mma) -> f16.
