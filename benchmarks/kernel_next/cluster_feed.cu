@@ -1,26 +1,32 @@
-// Go/no-go for D's cluster kernel (docs/PERFLOG.md, "Next", item 3 (b)): can two factor CTAs feed one
+// Go/no-go for D's cluster kernel (docs/PERFLOG.md, "Next", item 3 (b), and the design after it): can two factor CTAs feed one
 // state CTA through distributed shared memory at the state step's rate, so that a chunk's 31 KB of
 // factors never leave the cluster?
 //
-// A cluster of three CTAs, one a multiprocessor: rank 0 the consumer (the state CTA's stand-in), ranks
-// 1 and 2 the producers, each with three groups of 128 threads (the factor groups' stand-ins). The
-// consumer's shared memory holds kSlots = 6 slots of one chunk's factors (kItemBytes, the factor
-// buffer's bytes a chunk), slot p filled only by producer group p, so chunk j of the cluster's
-// sequence comes from group j % 6 into slot j % 6. Per chunk, a producer group:
-//   waits until the consumer has released its slot (an mbarrier in the producer's own shared memory,
-//   on which the consumer arrives remotely), spins `work` cycles (the factor build's place; the
-//   library's groups take ~12,500 cycles an item, three at once a multiprocessor), writes its bulk
-//   image (W', T beta, Aqk: kBulkBytes) into its own shared memory, stores the rest (Qd, Kend^T,
-//   decay: kThreadBytes) by st.shared::cluster into the consumer's slot, copies the image there by
-//   cp.async.bulk.shared::cluster, completing on the slot's full mbarrier, and arrives on it remotely
-//   (release, cluster scope; thread 0's arrival announces the copy's bytes).
-// The consumer waits for chunk j's slot, reads all of it (each word checked against the pattern the
-// producer wrote: the acquire/release order and the copy's completion made visible, or counted as
-// bad), spins `step` cycles (the state step's place: ~2,400 cycles, 1.3 us), and releases the slot.
-// Timed (cudaEvents, median of 5 after a warm-up) for each (work, step) pair on 1 cluster and on as
-// many as fit at once: microseconds a chunk a cluster and the transport's rate. Go: with step 2,400
-// and work 12,500 the consumer takes a chunk every <= 1.25x its step on every cluster at once, and
-// with work = step = 0 the feed's rate exceeds 31 KB / 1.3 us (24 GB/s a consumer) by 2x or more.
+// The protocol of the design (docs/PERFLOG.md, "D's cluster kernel: the design"). A cluster of three
+// CTAs, one a multiprocessor: rank 0 the consumer (the state CTA's stand-in), ranks 1 and 2 the
+// producers, each with three groups of 128 threads (the factor groups' stand-ins). The consumer's
+// shared memory holds the state pass's kStages = 5 stages (one chunk's factors, then its V); chunk j of
+// the cluster's sequence is built by producer group j % 6 into stage j % 5. Its full barrier completes
+// on the consumer's V copy from global memory (its loader's arrival announces the bytes), the
+// producer's bulk copy (thread 0's arrival announces those) and the producer group's 128 arrivals. Per
+// chunk, a producer group:
+//   waits (chunks 5 and later) until the consumer has released chunk j - 5's stage (an mbarrier in
+//   the producer's own shared memory, on which the consumer arrives remotely: each group's barrier
+//   receives exactly the releases of the stages its chunks take), spins `work` cycles (the factor
+//   build's place; the library's groups take ~12,500 cycles an item, three at once a multiprocessor),
+//   writes its bulk image (W', T beta, Aqk: kBulkBytes) into its own shared memory, stores the rest
+//   (Qd, Kend^T, decay: kThreadBytes) by st.shared::cluster into the consumer's stage, copies the image
+//   there by cp.async.bulk.shared::cluster completing on the stage's full mbarrier, and arrives on it
+//   remotely (release, cluster scope).
+// The consumer waits for chunk j's stage, reads all of it (each word checked against the pattern the
+// producer wrote and V's: the acquire/release order and the copies' completion made visible, or
+// counted as bad), spins `step` cycles (the state step's place: ~2,400 cycles, 1.36 us), releases the
+// stage to group (j + 5) % 6 and loads chunk j + 5's V into it.
+// Timed (cudaEvents, median of 5 after a warm-up that also checks) for each (work, step) pair on one
+// cluster and on as many as fit at once: microseconds a chunk a cluster, and the factors' rate into a
+// consumer. Go: with both sides' work at the design's figures (12,500 and 2,400 cycles) the consumer
+// takes a chunk every <= 1.25x its step alone on every cluster at once, and with no work the feed
+// carries 2x or more the 23 GB/s a consumer needs (31 KB every 1.36 us).
 //
 // On the card, from this folder (a few seconds; the checks run in every launch):
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I../../csrc/chunk32 cluster_feed.cu -o /tmp/cluster_feed
@@ -39,16 +45,19 @@ namespace chunk32 {
 namespace cluster_feed {
 
 constexpr int kClusterCtas = 3, kProducerCtas = 2, kGroupsPerProducer = 3;
-constexpr int kSlots = kProducerCtas * kGroupsPerProducer;  // one per producer group
+constexpr int kGroups = kProducerCtas * kGroupsPerProducer;  // producer groups: chunk j from group j % 6
+constexpr int kStages = 5;                                    // the state pass's stages: chunk j in stage j % 5
 constexpr int kGroupThreads = 128, kCtaThreads = kGroupsPerProducer * kGroupThreads;
 constexpr uint32_t kBulkBytes = 8192 + 2 * 2048 + 2048;  // W' 8 KB, T beta hi + lo, Aqk
 constexpr uint32_t kThreadBytes = 8192 + 8192 + 512;     // Qd, Kend^T, decay
-constexpr uint32_t kItemBytes = kBulkBytes + kThreadBytes;  // 31232: the factor buffer's bytes a chunk
-static_assert(kBulkBytes % 16 == 0 && kThreadBytes % 16 == 0, "16-byte stores and copies");
-// Consumer: the slots, then the full barriers. Producer: the groups' bulk images, then the free barriers.
-constexpr uint32_t kConsumerBarriers = kSlots * kItemBytes;
+constexpr uint32_t kFactorBytes = kBulkBytes + kThreadBytes;  // 31232: the factor buffer's bytes a chunk
+constexpr uint32_t kVOffset = 31744, kVBytes = 8192, kStageBytes = kVOffset + kVBytes;  // stage.h's layout
+constexpr int kVChunks = 1024;  // V's chunks a cluster in global memory (chunk j reads j % kVChunks)
+static_assert(kBulkBytes % 16 == 0 && kThreadBytes % 16 == 0 && kFactorBytes <= kVOffset, "stage layout");
+// Consumer: the stages, then the full barriers. Producer: the groups' bulk images, then the free barriers.
+constexpr uint32_t kConsumerBarriers = kStages * kStageBytes;
 constexpr uint32_t kProducerBarriers = kGroupsPerProducer * kBulkBytes;
-constexpr uint32_t kSmemBytes = kConsumerBarriers + kSlots * 8;
+constexpr uint32_t kSmemBytes = kConsumerBarriers + kStages * 8;
 static_assert(kProducerBarriers + kGroupsPerProducer * 8 <= kSmemBytes, "one size for both roles");
 constexpr long long kWatchdogPolls = 1ll << 26;  // a wait this long is a bug: trap rather than hang
 
@@ -60,6 +69,12 @@ struct Counters {
 
 __host__ __device__ inline uint32_t pattern(int chunk, uint32_t word) {
   return (uint32_t(chunk) * 2654435761u) ^ (word * 40503u) ^ 0x5bd1e995u;
+}
+__global__ void fill_v(uint32_t *v, size_t words) {  // V's chunk c (of its cluster's kVChunks): pattern(-1 - c, w)
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < words; i += size_t(gridDim.x) * blockDim.x) {
+    const size_t chunk = i / (kVBytes / 4) % kVChunks;
+    v[i] = pattern(-1 - int(chunk), uint32_t(i % (kVBytes / 4)));
+  }
 }
 
 // ---- cluster-scope PTX -------------------------------------------------------------------------------
@@ -117,54 +132,71 @@ __device__ __forceinline__ void spin(long long cycles) {
   }
 }
 
-// chunks: each cluster's sequence of chunks; work, step: the producers' and the consumer's cycles a chunk.
+// chunks: each cluster's sequence of chunks; work, step: the producers' and the consumer's cycles a chunk;
+// v: kVChunks chunks of V a cluster.
 __global__ void __launch_bounds__(kCtaThreads, 1) feed_kernel(int chunks, long long work, long long step,
-                                                             Counters *counters) {
+                                                             const uint8_t *v, Counters *counters) {
   extern __shared__ __align__(1024) uint8_t smem[];
   const uint32_t rank = cluster_rank();
   const int tid = threadIdx.x, group = tid / kGroupThreads, gtid = tid % kGroupThreads;
-  uint64_t *full = reinterpret_cast<uint64_t *>(smem + kConsumerBarriers);  // consumer: [kSlots]
+  uint64_t *full = reinterpret_cast<uint64_t *>(smem + kConsumerBarriers);  // consumer: [kStages]
   uint64_t *free_ = reinterpret_cast<uint64_t *>(smem + kProducerBarriers);  // producer: [groups]
+  const uint8_t *cluster_v = v + size_t(blockIdx.x / kClusterCtas) * kVChunks * kVBytes;
   if (tid == 0) {
     if (rank == 0) {
-      for (int p = 0; p < kSlots; ++p) mbarrier_init(&full[p], kGroupThreads);
+      for (int s = 0; s < kStages; ++s) mbarrier_init(&full[s], kGroupThreads + 1);
     } else {
       for (int g = 0; g < kGroupsPerProducer; ++g) mbarrier_init(&free_[g], 1);
     }
     fence_barrier_init();
   }
   cluster_sync();  // every barrier initialised before any CTA touches another's
+  // The consumer's loader (thread 0): chunk j's V into its stage, announced on the stage's full barrier.
+  auto load_v = [&](int j) {
+    uint8_t *stage = smem + (j % kStages) * kStageBytes;
+    mbarrier_arrive_expect_bytes(&full[j % kStages], kVBytes);
+    bulk_copy_to_shared(stage + kVOffset, cluster_v + size_t(j % kVChunks) * kVBytes, kVBytes, &full[j % kStages]);
+  };
   if (rank == 0) {
     if (group == 0) {  // the consumer: one warpgroup
+      if (gtid == 0)
+        for (int j = 0; j < kStages && j < chunks; ++j) load_v(j);
       unsigned long long bad = 0, sum = 0;
       for (int j = 0; j < chunks; ++j) {
-        const int p = j % kSlots;
-        if (!wait_cluster_phase(&full[p], uint32_t(j / kSlots) & 1u, &counters->hung)) break;
-        const uint4 *slot = reinterpret_cast<const uint4 *>(smem + p * kItemBytes);
-        for (uint32_t i = gtid; i < kItemBytes / 16; i += kGroupThreads) {
-          const uint4 v = slot[i];
-          const uint32_t w = 4 * i;
-          bad += (v.x != pattern(j, w)) + (v.y != pattern(j, w + 1)) + (v.z != pattern(j, w + 2)) +
-                 (v.w != pattern(j, w + 3));
-          sum += v.x ^ v.w;
+        const int s = j % kStages;
+        if (!wait_cluster_phase(&full[s], uint32_t(j / kStages) & 1u, &counters->hung)) break;
+        const uint4 *stage = reinterpret_cast<const uint4 *>(smem + s * kStageBytes);
+        for (uint32_t i = gtid; i < kStageBytes / 16; i += kGroupThreads) {
+          if (i >= kFactorBytes / 16 && i < kVOffset / 16) continue;  // the gap before V
+          const uint4 x = stage[i];
+          const bool is_v = i >= kVOffset / 16;
+          const int tag = is_v ? -1 - j % kVChunks : j;
+          const uint32_t w = is_v ? 4 * i - kVOffset / 4 : 4 * i;
+          bad += (x.x != pattern(tag, w)) + (x.y != pattern(tag, w + 1)) + (x.z != pattern(tag, w + 2)) +
+                 (x.w != pattern(tag, w + 3));
+          sum += x.x ^ x.w;
         }
         spin(step);
-        named_barrier(1, kGroupThreads);  // every read of the slot done before it is released
-        if (gtid == 0) {  // slot p belongs to group p % 3 of producer 1 + p / 3
-          const uint32_t producer = 1 + p / kGroupsPerProducer;
-          remote_arrive(remote_address(smem_address(&free_[p % kGroupsPerProducer]), producer));
+        named_barrier(1, kGroupThreads);  // every read of the stage done before it is released
+        if (gtid == 0 && j + kStages < chunks) {  // to the group of chunk j + 5, then its V
+          const int next = (j + kStages) % kGroups;
+          const uint32_t producer = 1 + next / kGroupsPerProducer;
+          remote_arrive(remote_address(smem_address(&free_[next % kGroupsPerProducer]), producer));
+          load_v(j + kStages);
         }
       }
       atomicAdd(&counters->bad_words, bad);
       atomicAdd(&counters->checksum, sum);
     }
   } else {  // a producer: three groups
-    const int p = int(rank - 1) * kGroupsPerProducer + group;
+    const int g = int(rank - 1) * kGroupsPerProducer + group;
     uint8_t *image = smem + group * kBulkBytes;
-    const uint32_t slot = remote_address(smem_address(smem + p * kItemBytes), 0);
-    const uint32_t slot_full = remote_address(smem_address(&full[p]), 0);
-    for (int k = 0, j = p; j < chunks; ++k, j += kSlots) {
-      if (k > 0 && !wait_cluster_phase(&free_[group], uint32_t(k - 1) & 1u, &counters->hung)) break;
+    int waits = 0;
+    for (int j = g; j < chunks; j += kGroups) {
+      if (j >= kStages && !wait_cluster_phase(&free_[group], uint32_t(waits++) & 1u, &counters->hung)) break;
+      const int s = j % kStages;
+      const uint32_t stage = remote_address(smem_address(smem + s * kStageBytes), 0);
+      const uint32_t stage_full = remote_address(smem_address(&full[s]), 0);
       if (gtid == 0) bulk_wait_read();  // the last chunk's copy has read the image
       named_barrier(1 + group, kGroupThreads);
       spin(work);
@@ -175,17 +207,17 @@ __global__ void __launch_bounds__(kCtaThreads, 1) feed_kernel(int chunks, long l
       }
       for (uint32_t i = gtid; i < kThreadBytes / 16; i += kGroupThreads) {
         const uint32_t w = (kBulkBytes / 4) + 4 * i;
-        remote_store(slot + kBulkBytes + 16 * i,
+        remote_store(stage + kBulkBytes + 16 * i,
                      make_uint4(pattern(j, w), pattern(j, w + 1), pattern(j, w + 2), pattern(j, w + 3)));
       }
       fence_proxy_async();  // the image's generic writes before the copy engine reads it
       named_barrier(1 + group, kGroupThreads);
       if (gtid == 0) {
-        remote_arrive_expect_bytes(slot_full, kBulkBytes);
-        bulk_copy_to_cluster(slot, image, kBulkBytes, slot_full);
+        remote_arrive_expect_bytes(stage_full, kBulkBytes);
+        bulk_copy_to_cluster(stage, image, kBulkBytes, stage_full);
         bulk_commit();
       } else {
-        remote_arrive(slot_full);
+        remote_arrive(stage_full);
       }
     }
     if (gtid == 0) bulk_wait_all();
@@ -226,9 +258,10 @@ struct ClusterLaunch {
   ClusterLaunch(const ClusterLaunch &) = delete;
 };
 
-static cudaError_t launch(int clusters, int chunks, long long work, long long step, Counters *counters) {
+static cudaError_t launch(int clusters, int chunks, long long work, long long step, const uint8_t *v,
+                          Counters *counters) {
   ClusterLaunch l(clusters);
-  return cudaLaunchKernelEx(&l.config, feed_kernel, chunks, work, step, counters);
+  return cudaLaunchKernelEx(&l.config, feed_kernel, chunks, work, step, v, counters);
 }
 
 int main(int argc, char **argv) {
@@ -247,8 +280,15 @@ int main(int argc, char **argv) {
   }
   std::printf("cluster_feed: %s, %d SMs; clusters of %d CTAs (%u B shared memory each) resident at once: %d\n",
               prop.name, prop.multiProcessorCount, kClusterCtas, kSmemBytes, fit);
-  std::printf("a chunk: %u B (%u by bulk copy, %u by remote stores) from %d producer groups into %d slots\n",
-              kItemBytes, kBulkBytes, kThreadBytes, kSlots, kSlots);
+  std::printf("a chunk: %u B of factors (%u by bulk copy, %u by remote stores) from %d producer groups into %d "
+              "stages, and %u B of V from global memory\n", kFactorBytes, kBulkBytes, kThreadBytes, kGroups, kStages,
+              kVBytes);
+  const int most = std::max(1, clusters_arg > 0 ? clusters_arg : fit);
+  uint8_t *v;
+  const size_t v_bytes = size_t(most) * kVChunks * kVBytes;
+  CHECK(cudaMalloc(&v, v_bytes));
+  fill_v<<<1024, 256>>>(reinterpret_cast<uint32_t *>(v), v_bytes / 4);
+  CHECK(cudaGetLastError());
   Counters *counters;
   CHECK(cudaMalloc(&counters, sizeof(Counters)));
   cudaEvent_t start, stop;
@@ -268,16 +308,16 @@ int main(int argc, char **argv) {
   std::printf("%-30s %8s %9s %10s %14s %10s %8s\n", "setting", "clusters", "ms", "us/chunk", "GB/s/consumer",
               "x step", "bad words");
   for (const Setting &s : settings) {
-    for (int clusters : {1, clusters_arg > 0 ? clusters_arg : fit}) {
+    for (int clusters : {1, most}) {
       CHECK(cudaMemset(counters, 0, sizeof(Counters)));
-      CHECK(launch(clusters, chunks, s.work, s.step, counters));  // warm-up, and the checks
+      CHECK(launch(clusters, chunks, s.work, s.step, v, counters));  // warm-up, and the checks
       CHECK(cudaDeviceSynchronize());
       Counters host;
       CHECK(cudaMemcpy(&host, counters, sizeof(Counters), cudaMemcpyDeviceToHost));
       std::vector<float> ms;
       for (int rep = 0; rep < 5; ++rep) {
         CHECK(cudaEventRecord(start));
-        CHECK(launch(clusters, chunks, s.work, s.step, counters));
+        CHECK(launch(clusters, chunks, s.work, s.step, v, counters));
         CHECK(cudaEventRecord(stop));
         CHECK(cudaEventSynchronize(stop));
         float t;
@@ -292,7 +332,7 @@ int main(int argc, char **argv) {
       char ratio[16] = "-";
       if (s.step > 0 && step_alone > 0) std::snprintf(ratio, sizeof(ratio), "%.3f", us_per_chunk / step_alone);
       std::printf("%-30s %8d %9.3f %10.3f %14.1f %10s %8llu%s\n", s.what, clusters, median, us_per_chunk,
-                  kItemBytes / (us_per_chunk * 1e3), ratio, host.bad_words, host.hung ? " HUNG" : "");
+                  kFactorBytes / (us_per_chunk * 1e3), ratio, host.bad_words, host.hung ? " HUNG" : "");
     }
   }
   std::printf("%s\n", ok ? "cluster_feed: ALL CHECKS PASS" : "cluster_feed: SOME CHECKS FAIL");
