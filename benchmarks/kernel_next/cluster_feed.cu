@@ -59,7 +59,7 @@ constexpr uint32_t kConsumerBarriers = kStages * kStageBytes;
 constexpr uint32_t kProducerBarriers = kGroupsPerProducer * kBulkBytes;
 constexpr uint32_t kSmemBytes = kConsumerBarriers + kStages * 8;
 static_assert(kProducerBarriers + kGroupsPerProducer * 8 <= kSmemBytes, "one size for both roles");
-constexpr long long kWatchdogPolls = 1ll << 26;  // a wait this long is a bug: trap rather than hang
+constexpr long long kWatchdogPolls = 1ll << 22;  // seconds of polls: a bug, recorded rather than hung on
 
 struct Counters {
   unsigned long long bad_words;  // words the consumer read that were not the producer's pattern
@@ -77,52 +77,9 @@ __global__ void fill_v(uint32_t *v, size_t words) {  // V's chunk c (of its clus
   }
 }
 
-// ---- cluster-scope PTX -------------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-  return r;
-}
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-// This CTA's shared-memory address `local` as the same offset in CTA `rank` of the cluster.
-__device__ __forceinline__ uint32_t remote_address(uint32_t local, uint32_t rank) {
-  uint32_t r;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(local), "r"(rank));
-  return r;
-}
-__device__ __forceinline__ void remote_store(uint32_t address, uint4 v) {
-  asm volatile("st.shared::cluster.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(address), "r"(v.x), "r"(v.y), "r"(v.z),
-               "r"(v.w)
-               : "memory");
-}
-__device__ __forceinline__ void remote_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void remote_arrive_expect_bytes(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.release.cluster.shared::cluster.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-// `bytes` from this CTA's shared memory to another CTA's (cluster addresses), completing on its mbarrier.
-__device__ __forceinline__ void bulk_copy_to_cluster(uint32_t dst, const void *src, uint32_t bytes, uint32_t bar) {
-  asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   dst),
-               "r"(smem_address(src)), "r"(bytes), "r"(bar)
-               : "memory");
-}
-// Waits for a phase of a barrier in this CTA's shared memory that other CTAs of the cluster complete.
+// A wait on a barrier other CTAs complete; a wait past the watchdog is recorded, not hung on.
 __device__ __forceinline__ bool wait_cluster_phase(uint64_t *bar, uint32_t parity, int *hung) {
-  for (long long polls = 0; polls < kWatchdogPolls; ++polls) {
-    uint32_t done;
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}"
-        : "=r"(done)
-        : "r"(smem_address(bar)), "r"(parity)
-        : "memory");
-    if (done) return true;
-  }
+  if (mbarrier_wait_cluster(bar, parity, kWatchdogPolls)) return true;
   atomicExch(hung, 1);
   return false;
 }

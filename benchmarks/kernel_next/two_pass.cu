@@ -14,6 +14,7 @@
 #include <memory>
 #include <string>
 
+#include "cluster_pass.cuh"
 #include "fused_prefill_host.h"
 #include "two_pass.cuh"
 
@@ -186,6 +187,17 @@ struct Launcher {
     if (w.first > 0) p.initial_state = p.final_state;
     const dim3 grid(ctas, transition.o != nullptr ? 2 : 1);
     state_pass_kernel<<<grid, kStateCtaThreads, kS2SmBytes, stream>>>(p, d.maps, buffer, w, transition);
+    KN_CHECK(cudaGetLastError());
+  }
+  // Both passes at once in clusters of three CTAs (cluster_pass.cuh; equal lengths only), the library's
+  // factor build: as many clusters as are resident at once (found at start-up), at most one a chain.
+  int clusters_fit = 0;
+  void cluster(const DeviceProblem &d) const {
+    const int chains = int(chains_of(d));
+    if (chains == 0 || d.shape.tokens == 0) return;
+    const int clusters = std::min(clusters_fit, chains);
+    cluster_pass_kernel<GateMath::kTanh, true, true>
+        <<<clusters * kClusterCtas, kClusterThreads, kClusterSmBytes>>>(make_params(d), d.maps, clusters);
     KN_CHECK(cudaGetLastError());
   }
   // Both passes window by window, `window` chunks per chain at a time (reserve(d, window) first).
@@ -511,6 +523,18 @@ bool check_streamed(const char *label, const Variant &v, Launcher &l, const Devi
   const long long differ = streamed_differing(v, l, d, transition, compared);
   printf("check %-6s streamed (%s%s) vs one pass, bit for bit: %lld of %zu bytes differ  %s\n", label, v.name,
          transition ? ", with the transition slice" : "", differ, compared, differ == 0 ? "PASS" : "FAIL");
+  return differ == 0;
+}
+
+// The cluster kernel against one pass of `v` (the same factor build: the library's variant), o and the final
+// state bit for bit (both poisoned first). Equal-length problems only.
+bool check_cluster(const char *label, const Variant &v, Launcher &l, const DeviceProblem &d) {
+  if (d.packed()) return true;
+  size_t compared = 0;
+  const long long differ = outputs_differing(
+      v, l, d, [&](int) { l.reserve(d); }, [&] { l.cluster(d); }, {}, compared);
+  printf("check %-6s cluster kernel (%d clusters at most) vs one pass of %s, bit for bit: %lld of %zu bytes differ  "
+         "%s\n", label, l.clusters_fit, v.name, differ, compared, differ == 0 ? "PASS" : "FAIL");
   return differ == 0;
 }
 
@@ -882,6 +906,17 @@ int main(int argc, char **argv) {
   }
   KN_CHECK(cudaFuncSetAttribute(state_pass_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kS2SmBytes)));
   printf("pass 2: %d threads, %u B, %d stages\n", kStateCtaThreads, kS2SmBytes, kPassStages);
+  {
+    auto kernel = cluster_pass_kernel<GateMath::kTanh, true, true>;
+    KN_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kClusterSmBytes)));
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(kClusterCtas);
+    config.blockDim = dim3(kClusterThreads);
+    config.dynamicSmemBytes = kClusterSmBytes;
+    KN_CHECK(cudaOccupancyMaxActiveClusters(&l.clusters_fit, kernel, &config));
+    printf("cluster kernel: clusters of %d CTAs, %d threads, %u B a CTA; %d clusters resident at once\n",
+           kClusterCtas, kClusterThreads, kClusterSmBytes, l.clusters_fit);
+  }
   bool all_pass = true;
 
   if (int_option(argc, argv, "--phases", 0)) {  // the CHUNK32_PHASE_CLOCKS build: per-phase clocks of pass 1 only
@@ -935,6 +970,7 @@ int main(int argc, char **argv) {
       all_pass = all_pass && r.pass;
       all_pass = check_same_factors(s.name, v, l, d) && all_pass;
       for (const bool transition : {false, true}) all_pass = check_streamed(s.name, v, l, d, transition) && all_pass;
+      if (std::string(v.name) == "library") all_pass = check_cluster(s.name, v, l, d) && all_pass;
       if (&v != &kVariants[0]) continue;
       for (const int window : {0, 5}) {  // the transition slice in one pass, then in overlapped windows of 5
         if (window >= Launcher::chunks_of(d)) continue;
@@ -1029,6 +1065,7 @@ int main(int argc, char **argv) {
     Timing both;
   };
   std::vector<StreamedRow> streamed_rows;  // both passes at once (flags' reset included)
+  std::vector<StreamedRow> cluster_rows;   // both passes at once in clusters (cluster_pass.cuh)
   const Variant &windowed_variant = kVariants[2];
   for (int si = 0; si < kTimedShapes; ++si) {
     const Shape &s = timed[si];
@@ -1064,6 +1101,10 @@ int main(int argc, char **argv) {
           },
           warmup, reps));
       rows.push_back(row);
+      if (library_only) {  // D: the cluster kernel, checked against the row's passes, then timed
+        if (!timing_only) all_pass = check_cluster(s.name, v, l, d) && all_pass;
+        cluster_rows.push_back({s.name, v.name, timing_of(time_launches([&] { l.cluster(d); }, warmup, reps))});
+      }
     }
     if (!skip_timing && !library_only) {
       uint16_t *o_t = nullptr;
@@ -1113,6 +1154,12 @@ int main(int argc, char **argv) {
     }
     printf("fused = the fused chunk-32 prototype measured on an H200 (fused_prefill.cu); target = 1.5x the best "
            "peer / FlashKDA on A and D\n");
+  }
+  if (!cluster_rows.empty()) {
+    printf("\ncluster kernel: both passes at once, %d clusters of 3 CTAs (2 factor CTAs, 1 state CTA), the "
+           "factors through distributed shared memory: medians of %d (ms)\n", l.clusters_fit, reps);
+    for (const StreamedRow &r : cluster_rows)
+      printf("cluster: %-4s %-15s %8.4f  spread %6.4f\n", r.name, r.variant, r.both.ms, r.both.spread);
   }
   if (!streamed_rows.empty()) {
     printf("\nstreamed: both passes at once (the flags' memset, pass 1 on the multiprocessors pass 2 leaves, pass 2 "

@@ -53,6 +53,64 @@ __device__ __forceinline__ void mbarrier_expect_bytes(uint64_t *bar, uint32_t by
                : "memory");
 }
 
+// ---- clusters: another CTA's shared memory (distributed shared memory) ---------------------------------
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+// Every thread of every CTA of the cluster; its memory operations before, visible to all after.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// This CTA's shared-memory address `local` as the same offset in CTA `rank` of the cluster: a shared::cluster
+// address (remote_store, remote_arrive*, bulk_copy_to_cluster), or from a generic pointer a generic one (plain stores).
+__device__ __forceinline__ uint32_t remote_address(uint32_t local, uint32_t rank) {
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(local), "r"(rank));
+  return r;
+}
+__device__ __forceinline__ uint8_t *remote_pointer(uint8_t *local, uint32_t rank) {
+  uint64_t r;
+  asm volatile("mapa.u64 %0, %1, %2;" : "=l"(r) : "l"(local), "r"(rank));
+  return reinterpret_cast<uint8_t *>(r);
+}
+__device__ __forceinline__ void remote_store(uint32_t address, uint4 v) {
+  asm volatile("st.shared::cluster.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(address), "r"(v.x), "r"(v.y), "r"(v.z),
+               "r"(v.w)
+               : "memory");
+}
+// An arrival on a barrier of another CTA, ordered after this thread's earlier writes (cluster scope).
+__device__ __forceinline__ void remote_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void remote_arrive_expect_bytes(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.release.cluster.shared::cluster.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+// `bytes` from this CTA's shared memory to another CTA's (shared::cluster addresses), completing on its barrier.
+__device__ __forceinline__ void bulk_copy_to_cluster(uint32_t dst, const void *src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   dst),
+               "r"(smem_address(src)), "r"(bytes), "r"(bar)
+               : "memory");
+}
+// A phase of a barrier of this CTA that other CTAs of the cluster complete (acquire, cluster scope);
+// false after `polls` tries (a bug: the caller reports it rather than hang).
+__device__ __forceinline__ bool mbarrier_wait_cluster(uint64_t *bar, uint32_t parity, long long polls) {
+  for (long long i = 0; i < polls; ++i) {
+    uint32_t done;
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(done)
+        : "r"(smem_address(bar)), "r"(parity)
+        : "memory");
+    if (done) return true;
+  }
+  return false;
+}
+
 // ---- bulk tensor copies (TMA, a CUtensorMap passed as a __grid_constant__ kernel parameter) --------
 // One box of a 4-D tensor map at element coordinates (c0 innermost .. c3) -> shared memory, completing
 // its full box size in bytes on `bar` (elements outside the tensor arrive as zeros).
