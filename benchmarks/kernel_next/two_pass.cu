@@ -736,6 +736,31 @@ double mean_of(const std::vector<double> &v) {
 // Pass 1 of `v` on `d` with the clocks on: its instrumented time, a factor check of two chunks, then the
 // per-phase table over the items that are not a CTA's first (whose raw wait is the cold load), the first
 // items apart, the effective clock, and per SM the CTAs resident at once and the cycles per item.
+// `--cluster 1`: the cluster kernel (cluster_pass.cuh) alone, in a run of its own so that a fault of the
+// prototype costs nothing else: bit for bit against one pass of the library's variant on the short
+// equal-length shapes and D's, then D timed beside both passes one after the other.
+bool cluster_report(const Variant &library, Launcher &l, int warmup, int reps, bool tiny) {
+  bool pass = true;
+  const Shape shapes[] = {{"T64", 2, 64, 4},  {"T96", 2, 96, 4},     {"T50", 3, 50, 4},
+                          {"T7", 2, 7, 4},    {"T1", 1, 1, 2},       {"T1024", 1, 1024, 3},
+                          {"T96gva", 2, 96, 6, GateMode::kBounded, 3}, {"D", 8, 1024, 96}};
+  for (const Shape &s : shapes) {
+    if (tiny && std::strcmp(s.name, "T50") != 0) continue;
+    DeviceProblem d = make_problem(s, 11);
+    pass = check_cluster(s.name, library, l, d) && pass;
+    if (!tiny && s.batch * s.heads > l.sms) {
+      const Timing both = timing_of(time_launches([&] { l.pass1(library, d); l.pass2(d); }, warmup, reps));
+      const Timing cluster = timing_of(time_launches([&] { l.cluster(d); }, warmup, reps));
+      printf("cluster: %-4s %d clusters of 3 CTAs %8.4f ms (spread %.4f); both passes of %s one after the other "
+             "%8.4f ms (spread %.4f)\n", s.name, std::min(l.clusters_fit, s.batch * s.heads), cluster.ms,
+             cluster.spread, library.name, both.ms, both.spread);
+    }
+    free_problem(d);
+  }
+  printf("two_pass cluster: %s\n", pass ? "ALL CHECKS PASS" : "SOME CHECKS FAIL");
+  return pass;
+}
+
 bool phase_report(const char *label, const Variant &v, Launcher &l, const DeviceProblem &d, int warmup, int reps) {
 #ifndef CHUNK32_PHASE_CLOCKS
   (void)label, (void)v, (void)l, (void)d, (void)warmup, (void)reps;
@@ -919,6 +944,13 @@ int main(int argc, char **argv) {
   }
   bool all_pass = true;
 
+  if (int_option(argc, argv, "--cluster", 0)) {
+    for (const Variant &v : kVariants)
+      if (std::string(v.name) == "library") all_pass = cluster_report(v, l, warmup, reps, tiny);
+    if (l.factors != nullptr) KN_CHECK(cudaFree(l.factors));
+    return all_pass ? 0 : 1;
+  }
+
   if (int_option(argc, argv, "--phases", 0)) {  // the CHUNK32_PHASE_CLOCKS build: per-phase clocks of pass 1 only
     const Shape shapes[] = {{"A", 1, 8192, 96}, {"F", 1, 2048, 32}};
     for (const Shape &s : shapes) {
@@ -970,7 +1002,6 @@ int main(int argc, char **argv) {
       all_pass = all_pass && r.pass;
       all_pass = check_same_factors(s.name, v, l, d) && all_pass;
       for (const bool transition : {false, true}) all_pass = check_streamed(s.name, v, l, d, transition) && all_pass;
-      if (std::string(v.name) == "library") all_pass = check_cluster(s.name, v, l, d) && all_pass;
       if (&v != &kVariants[0]) continue;
       for (const int window : {0, 5}) {  // the transition slice in one pass, then in overlapped windows of 5
         if (window >= Launcher::chunks_of(d)) continue;
@@ -1065,7 +1096,6 @@ int main(int argc, char **argv) {
     Timing both;
   };
   std::vector<StreamedRow> streamed_rows;  // both passes at once (flags' reset included)
-  std::vector<StreamedRow> cluster_rows;   // both passes at once in clusters (cluster_pass.cuh)
   const Variant &windowed_variant = kVariants[2];
   for (int si = 0; si < kTimedShapes; ++si) {
     const Shape &s = timed[si];
@@ -1101,10 +1131,6 @@ int main(int argc, char **argv) {
           },
           warmup, reps));
       rows.push_back(row);
-      if (library_only) {  // D: the cluster kernel, checked against the row's passes, then timed
-        if (!timing_only) all_pass = check_cluster(s.name, v, l, d) && all_pass;
-        cluster_rows.push_back({s.name, v.name, timing_of(time_launches([&] { l.cluster(d); }, warmup, reps))});
-      }
     }
     if (!skip_timing && !library_only) {
       uint16_t *o_t = nullptr;
@@ -1154,12 +1180,6 @@ int main(int argc, char **argv) {
     }
     printf("fused = the fused chunk-32 prototype measured on an H200 (fused_prefill.cu); target = 1.5x the best "
            "peer / FlashKDA on A and D\n");
-  }
-  if (!cluster_rows.empty()) {
-    printf("\ncluster kernel: both passes at once, %d clusters of 3 CTAs (2 factor CTAs, 1 state CTA), the "
-           "factors through distributed shared memory: medians of %d (ms)\n", l.clusters_fit, reps);
-    for (const StreamedRow &r : cluster_rows)
-      printf("cluster: %-4s %-15s %8.4f  spread %6.4f\n", r.name, r.variant, r.both.ms, r.both.spread);
   }
   if (!streamed_rows.empty()) {
     printf("\nstreamed: both passes at once (the flags' memset, pass 1 on the multiprocessors pass 2 leaves, pass 2 "
