@@ -59,8 +59,10 @@ __device__ __forceinline__ uint32_t cluster_rank() {
   asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
   return r;
 }
-// Every thread of every CTA of the cluster; its memory operations before, visible to all after.
+// Every thread of every CTA of the cluster; its memory operations before, visible to all after. (The
+// .aligned form: the warp reconverged first.)
 __device__ __forceinline__ void cluster_sync() {
+  __syncwarp();
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
 // This CTA's shared-memory address `local` as the same offset in CTA `rank` of the cluster: a shared::cluster
