@@ -167,7 +167,8 @@ __global__ void __launch_bounds__(kCtaThreads, 1) feed_kernel(int chunks, long l
         remote_store(stage + kBulkBytes + 16 * i,
                      make_uint4(pattern(j, w), pattern(j, w + 1), pattern(j, w + 2), pattern(j, w + 3)));
       }
-      fence_proxy_async();  // the image's generic writes before the copy engine reads it
+      // The image's writes before the copy engine reads it, and the remote stores (as the kernel's).
+      fence_proxy_async_cluster();
       named_barrier(1 + group, kGroupThreads);
       if (gtid == 0) {
         remote_arrive_expect_bytes(stage_full, kBulkBytes);

@@ -12,7 +12,8 @@
 //     Kend^T and the decay, by generic stores through a pointer into rank 0's shared memory), and after
 //     its last barrier its loader thread copies the bulk images (W', T beta hi + lo, Aqk) into the
 //     stage by cp.async.bulk.shared::cluster, completing on the stage's full barrier, while each of its
-//     threads arrives there (release, cluster scope; the loader's arrival announces the copies' bytes).
+//     threads arrives there (release, cluster scope, after a proxy fence: rank 0's wgmma reads the stage
+//     through the async proxy; the loader's arrival announces the copies' bytes).
 // A stage's full barrier thus counts 1 + 128 arrivals and V's and the images' bytes. Equal-length chains
 // only (no packed sequences, no transition slice); bounded gate, L2 norm and beta sigmoid as the
 // library's windows' pass. The outputs must equal one pass's of the same factor code bit for bit.
@@ -138,7 +139,9 @@ __device__ void run_cluster_factors(const FusedParams &p, const TensorMaps &maps
     fg.invert_and_merge_spread(ta, ta_lo, [] {});
     fg.sync();
     fg.w_product(raw, wq);
-    fence_proxy_async();  // the images' generic writes before the copy engine reads them
+    // The images' generic writes before the copy engine reads them, and this thread's stores into rank
+    // 0's stage before its wgmma reads them (both the async proxy).
+    fence_proxy_async_cluster();
     fg.sync();
     if (loader) {
       remote_arrive_expect_bytes(stage_full, kClusterImageBytes);

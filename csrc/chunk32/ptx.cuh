@@ -90,6 +90,11 @@ __device__ __forceinline__ void remote_arrive_expect_bytes(uint32_t bar, uint32_
   asm volatile("mbarrier.arrive.expect_tx.release.cluster.shared::cluster.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
                : "memory");
 }
+// Orders this thread's ordinary stores into any CTA's shared memory of the cluster before later async-proxy
+// reads of them (the receiving CTA's wgmma, after the barrier this thread then arrives on).
+__device__ __forceinline__ void fence_proxy_async_cluster() {
+  asm volatile("fence.proxy.async.shared::cluster;" ::: "memory");
+}
 // `bytes` from this CTA's shared memory to another CTA's (shared::cluster addresses), completing on its barrier.
 __device__ __forceinline__ void bulk_copy_to_cluster(uint32_t dst, const void *src, uint32_t bytes, uint32_t bar) {
   asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
