@@ -1,6 +1,6 @@
-// Go/no-go for D's cluster kernel (docs/PERFLOG.md, "Next", item 3 (b), and the design after it): can two factor CTAs feed one
-// state CTA through distributed shared memory at the state step's rate, so that a chunk's 31 KB of
-// factors never leave the cluster?
+// Go/no-go for D's cluster kernel (docs/PERFLOG.md, "Next", item 3 (b), and the design after it; the
+// kernel: cluster_pass.cuh): can two factor CTAs feed one state CTA through distributed shared memory
+// at the state step's rate, so that a chunk's 31 KB of factors never leave the cluster?
 //
 // The protocol of the design (docs/PERFLOG.md, "D's cluster kernel: the design"). A cluster of three
 // CTAs, one a multiprocessor: rank 0 the consumer (the state CTA's stand-in), ranks 1 and 2 the

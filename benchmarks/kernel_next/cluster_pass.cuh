@@ -57,8 +57,8 @@ struct ClusterChains {
 };
 
 // Rank 0's loader (lane 0 of its loader warp): every chunk of the cluster's sequence.
-__device__ void run_cluster_loader(const FusedParams &p, const TensorMaps &maps, uint8_t *smem, const RingBarriers &bars,
-                                   const ClusterChains &cc, int total) {
+__device__ void run_cluster_loader(const FusedParams &p, const TensorMaps &maps, uint8_t *smem,
+                                   const RingBarriers &bars, const ClusterChains &cc, int total) {
   for (int j = 0; j < total; ++j) {
     const int s = ring_stage(j), g = j % kClusterGroups;
     if (j >= kPassStages) mbarrier_wait(&bars.empty[s], ring_parity(j - kPassStages));
