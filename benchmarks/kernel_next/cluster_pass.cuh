@@ -14,7 +14,8 @@
 //     stage by cp.async.bulk.shared::cluster, completing on the stage's full barrier, while each of its
 //     threads arrives there (release, cluster scope, after a proxy fence: rank 0's wgmma reads the stage
 //     through the async proxy; the loader's arrival announces the copies' bytes).
-// A stage's full barrier thus counts 1 + 128 arrivals and V's and the images' bytes. Equal-length chains
+// A stage's full barrier thus counts 1 + 128 arrivals and V's and the images' bytes; rank 0 waits on it
+// with acquire at cluster scope (run_state<true>, run_scanner<true>). Equal-length chains
 // only (no packed sequences, no transition slice); bounded gate, L2 norm and beta sigmoid as the
 // library's windows' pass. The outputs must equal one pass's of the same factor code bit for bit.
 #pragma once
@@ -39,11 +40,7 @@ constexpr uint32_t kClusterSmBytes = kClusterFreeBars + kGroupsPerCta * 8 + kSwi
                                          : kS2SmBytes;
 static_assert(kClusterSmBytes <= kSmLimit, "cluster kernel shared memory");
 constexpr uint32_t kClusterImageBytes = kWBytes + 2 * kTbetaBytes + kAqkBytes;  // the bulk copies of a chunk
-constexpr long long kClusterPollLimit = 1ll << 22;  // seconds of polls: a bug, trap rather than hang
 
-__device__ __forceinline__ void cluster_wait(uint64_t *bar, uint32_t parity) {
-  if (!mbarrier_wait_cluster(bar, parity, kClusterPollLimit)) __trap();
-}
 
 // The cluster's k-th chain and, for its chunk j of the sequence, the place.
 struct ClusterChains {
@@ -129,7 +126,7 @@ __device__ void run_cluster_factors(const FusedParams &p, const TensorMaps &maps
       bulk_wait_read();
       if (next >= 0) issue_raw_loads(maps, nx.chain, nx.chunk, slot_of(it + 1), &raw_full[(it + 1) % kRawSlots]);
     }
-    cluster_wait(free_bar, uint32_t(it) & 1u);  // rank 0 has given the stage to this chunk
+    mbarrier_wait_cluster(free_bar, uint32_t(it) & 1u);  // rank 0 has given the stage to this chunk
     fg.template elementwise_factors<true>(raw, stage, x, valid);
     fg.sync();
     fg.clear_marks();
@@ -193,10 +190,10 @@ __global__ void __cluster_dims__(kClusterCtas, 1, 1) __launch_bounds__(kClusterT
   if (rank == 0) {
     if (warp < kLoaderWarp) {
       for (int k = 0; k < own_chains; ++k)
-        run_state(p, smem, bars, cc.chain(p, k), warp / (kWarpgroupThreads / 32), 0, chunks, false, k * chunks);
+        run_state<true>(p, smem, bars, cc.chain(p, k), warp / (kWarpgroupThreads / 32), 0, chunks, false, k * chunks);
     } else if (warp == kScannerWarp) {
       for (int k = 0; k < own_chains; ++k)
-        run_scanner(smem, bars, ChainWindow{0, chunks, 0}, true, int(threadIdx.x % 32), k * chunks);
+        run_scanner<true>(smem, bars, ChainWindow{0, chunks, 0}, true, int(threadIdx.x % 32), k * chunks);
     } else if (warp == kLoaderWarp && threadIdx.x % 32 == 0) {
       run_cluster_loader(p, maps, smem, bars, cc, total);
     }

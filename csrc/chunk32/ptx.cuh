@@ -102,8 +102,9 @@ __device__ __forceinline__ void bulk_copy_to_cluster(uint32_t dst, const void *s
                "r"(smem_address(src)), "r"(bytes), "r"(bar)
                : "memory");
 }
-// A phase of a barrier of this CTA that other CTAs of the cluster complete (acquire, cluster scope);
-// false after `polls` tries (a bug: the caller reports it rather than hang).
+// A phase of a barrier of this CTA that other CTAs of the cluster complete with their own writes
+// (acquire at cluster scope, their arrivals' release); false after `polls` tries (a bug: the caller
+// reports it, or traps rather than hang).
 __device__ __forceinline__ bool mbarrier_wait_cluster(uint64_t *bar, uint32_t parity, long long polls) {
   for (long long i = 0; i < polls; ++i) {
     uint32_t done;
@@ -116,6 +117,9 @@ __device__ __forceinline__ bool mbarrier_wait_cluster(uint64_t *bar, uint32_t pa
     if (done) return true;
   }
   return false;
+}
+__device__ __forceinline__ void mbarrier_wait_cluster(uint64_t *bar, uint32_t parity) {
+  if (!mbarrier_wait_cluster(bar, parity, 1ll << 22)) __trap();  // seconds of polls
 }
 
 // ---- bulk tensor copies (TMA, a CUtensorMap passed as a __grid_constant__ kernel parameter) --------
