@@ -15,9 +15,9 @@
 //     threads arrives there (release, cluster scope, after a proxy fence: rank 0's wgmma reads the stage
 //     through the async proxy; the loader's arrival announces the copies' bytes).
 // A stage's full barrier thus counts 1 + 128 arrivals and V's and the images' bytes; rank 0 waits on it
-// with acquire at cluster scope (run_state<true>, run_scanner<true>). Equal-length chains
-// only (no packed sequences, no transition slice); bounded gate, L2 norm and beta sigmoid as the
-// library's windows' pass. The outputs must equal one pass's of the same factor code bit for bit.
+// with acquire at cluster scope (run_state<true>, run_scanner<true>). Equal-length chains only (no
+// packed sequences, no transition slice); bounded gate, L2 norm and beta sigmoid as the library's
+// windows' pass. The outputs must equal one pass's of the same factor code bit for bit.
 #pragma once
 
 #include "two_pass.cuh"
