@@ -15,9 +15,10 @@
 //     threads arrives there (release, cluster scope, after a proxy fence: rank 0's wgmma reads the stage
 //     through the async proxy; the loader's arrival announces the copies' bytes).
 // A stage's full barrier thus counts 1 + 128 arrivals and V's and the images' bytes; rank 0 waits on it
-// with acquire at cluster scope (run_state<true>, run_scanner<true>). Equal-length chains only (no
-// packed sequences, no transition slice); bounded gate, L2 norm and beta sigmoid as the library's
-// windows' pass. The outputs must equal one pass's of the same factor code bit for bit.
+// with acquire at cluster scope (run_state<true>, run_scanner<true>). Sequences of equal length or
+// packed (a cluster's chains then from a plan, longest first onto the least loaded cluster); no
+// transition slice; bounded gate, L2 norm and beta sigmoid as the library's windows' pass. The outputs
+// must equal one pass's of the same factor code bit for bit.
 #pragma once
 
 #include "two_pass.cuh"
@@ -42,28 +43,56 @@ static_assert(kClusterSmBytes <= kSmLimit, "cluster kernel shared memory");
 constexpr uint32_t kClusterImageBytes = kWBytes + 2 * kTbetaBytes + kAqkBytes;  // the bulk copies of a chunk
 
 
-// The cluster's k-th chain and, for its chunk j of the sequence, the place.
+// Which chains each cluster runs: cluster c's are order[first[c] .. first[c + 1]) (made on the host), or,
+// without a plan, chains c, c + C, c + 2C, ... (C clusters).
+struct ClusterPlan {
+  const int *order = nullptr;
+  const int *first = nullptr;  // [clusters + 1]
+};
+// The cluster's chains, its k-th one, and how many.
 struct ClusterChains {
-  int cluster, clusters, chunks;
-  __device__ __forceinline__ Chain chain(const FusedParams &p, int k) const {
-    return chain_of(cluster + k * clusters, p.heads, p.tokens, p.group);
+  ClusterPlan plan;
+  int cluster, clusters, count;
+  __device__ ClusterChains(const FusedParams &p, ClusterPlan plan_, int cluster_, int clusters_)
+      : plan(plan_), cluster(cluster_), clusters(clusters_) {
+    const int chains = p.batch * p.heads;
+    count = plan.order != nullptr ? plan.first[cluster + 1] - plan.first[cluster]
+            : cluster < chains    ? (chains - cluster + clusters - 1) / clusters
+                                  : 0;
   }
-  __device__ __forceinline__ ItemPlace place(const FusedParams &p, int j) const {
-    return {chain(p, j / chunks), j % chunks};
+  __device__ __forceinline__ Chain chain(const FusedParams &p, int k) const {
+    const int index = plan.order != nullptr ? plan.order[plan.first[cluster] + k] : cluster + k * clusters;
+    return p.cu_seqlens != nullptr ? packed_chain_of(index, p.heads, p.cu_seqlens, p.group)
+                                   : chain_of(index, p.heads, p.tokens, p.group);
+  }
+};
+// Chunk j of the cluster's sequence (chain by chain, chunk by chunk), for a reader whose j only grows:
+// the chain holding it, found by walking on from the last one.
+struct ChainCursor {
+  int k = -1, ring0 = 0, chunks = 0;  // the chain, its first chunk's position in the sequence, its chunks
+  __device__ __forceinline__ ItemPlace at(const FusedParams &p, const ClusterChains &cc, int j) {
+    if (k < 0) chunks = cc.chain(p, k = 0).chunks;
+    while (j >= ring0 + chunks) {
+      ring0 += chunks;
+      chunks = cc.chain(p, ++k).chunks;
+    }
+    return {cc.chain(p, k), j - ring0};
   }
 };
 
 // Rank 0's loader (lane 0 of its loader warp): every chunk of the cluster's sequence.
 __device__ void run_cluster_loader(const FusedParams &p, const TensorMaps &maps, uint8_t *smem,
-                                   const RingBarriers &bars, const ClusterChains &cc, int total) {
-  for (int j = 0; j < total; ++j) {
-    const int s = ring_stage(j), g = j % kClusterGroups;
-    if (j >= kPassStages) mbarrier_wait(&bars.empty[s], ring_parity(j - kPassStages));
-    uint64_t *free_bar = reinterpret_cast<uint64_t *>(smem + kClusterFreeBars) + g % kGroupsPerCta;
-    remote_arrive(remote_address(smem_address(free_bar), 1 + g / kGroupsPerCta));
-    const ItemPlace at = cc.place(p, j);
-    issue_v_loads(maps, at.chain, at.chunk, smem + s * kStBytes, &bars.full[s]);  // expects its bytes
-    mbarrier_arrive(&bars.full[s]);
+                                   const RingBarriers &bars, const ClusterChains &cc) {
+  for (int k = 0, j = 0; k < cc.count; ++k) {
+    const Chain chain = cc.chain(p, k);
+    for (int i = 0; i < chain.chunks; ++i, ++j) {
+      const int s = ring_stage(j), g = j % kClusterGroups;
+      if (j >= kPassStages) mbarrier_wait(&bars.empty[s], ring_parity(j - kPassStages));
+      uint64_t *free_bar = reinterpret_cast<uint64_t *>(smem + kClusterFreeBars) + g % kGroupsPerCta;
+      remote_arrive(remote_address(smem_address(free_bar), 1 + g / kGroupsPerCta));
+      issue_v_loads(maps, chain, i, smem + s * kStBytes, &bars.full[s]);  // expects its bytes
+      mbarrier_arrive(&bars.full[s]);
+    }
   }
 }
 
@@ -88,11 +117,12 @@ __device__ void run_cluster_factors(const FusedParams &p, const TensorMaps &maps
   fg.clear_marks();
   fg.sync();
   auto slot_of = [&](int it) { return area + kGrRaw + (it % kRawSlots) * kRawSlotBytes; };
+  ChainCursor cursor;
   int j = unit;
   uint32_t beta_bits = 0u;
   ItemPlace here{};
   if (j < total) {
-    here = cc.place(p, j);
+    here = cursor.at(p, cc, j);
     if (loader) issue_raw_loads(maps, here.chain, here.chunk, slot_of(0), &raw_full[0]);
     beta_bits = load_beta_bits(p, here.chain, here.chunk, fg.tid);
   }
@@ -102,7 +132,7 @@ __device__ void run_cluster_factors(const FusedParams &p, const TensorMaps &maps
     ItemPlace nx{};
     uint32_t next_beta_bits = 0u;
     if (next >= 0) {
-      nx = cc.place(p, next);
+      nx = cursor.at(p, cc, next);
       next_beta_bits = load_beta_bits(p, nx.chain, nx.chunk, fg.tid);
     }
     fg.launder_indices();
@@ -159,14 +189,12 @@ __device__ void run_cluster_factors(const FusedParams &p, const TensorMaps &maps
 // Grid: clusters x 3 CTAs (`clusters` of them), one a multiprocessor.
 template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid>
 __global__ void __cluster_dims__(kClusterCtas, 1, 1) __launch_bounds__(kClusterThreads, 1)
-    cluster_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps, int clusters) {
+    cluster_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps, int clusters,
+                        ClusterPlan plan) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t *smem = aligned_smem(smem_raw);
   const uint32_t rank = __shfl_sync(0xFFFFFFFFu, cluster_rank(), 0);  // warp-uniform (wgmma below)
-  const int chains = p.batch * p.heads, chunks = (p.tokens + kChunk - 1) / kChunk;
-  const ClusterChains cc{int(blockIdx.x) / kClusterCtas, clusters, chunks};
-  const int own_chains = cc.cluster < chains ? (chains - cc.cluster + clusters - 1) / clusters : 0;
-  const int total = own_chains * chunks;
+  const ClusterChains cc(p, plan, int(blockIdx.x) / kClusterCtas, clusters);
   uint64_t *bar_base = reinterpret_cast<uint64_t *>(smem + kS2Barriers);
   const RingBarriers bars{bar_base, bar_base + kPassStages, bar_base + 2 * kPassStages,
                           reinterpret_cast<uint32_t *>(smem + kS2BadRows)};
@@ -189,15 +217,23 @@ __global__ void __cluster_dims__(kClusterCtas, 1, 1) __launch_bounds__(kClusterT
   cluster_sync();  // every barrier of the cluster initialised before any CTA uses another's
   if (rank == 0) {
     if (warp < kLoaderWarp) {
-      for (int k = 0; k < own_chains; ++k)
-        run_state<true>(p, smem, bars, cc.chain(p, k), warp / (kWarpgroupThreads / 32), 0, chunks, false, k * chunks);
+      for (int k = 0, ring0 = 0; k < cc.count; ++k) {
+        const Chain chain = cc.chain(p, k);
+        run_state<true>(p, smem, bars, chain, warp / (kWarpgroupThreads / 32), 0, chain.chunks, false, ring0);
+        ring0 += chain.chunks;
+      }
     } else if (warp == kScannerWarp) {
-      for (int k = 0; k < own_chains; ++k)
-        run_scanner<true>(smem, bars, ChainWindow{0, chunks, 0}, true, int(threadIdx.x % 32), k * chunks);
+      for (int k = 0, ring0 = 0; k < cc.count; ++k) {
+        const int chunks = cc.chain(p, k).chunks;
+        run_scanner<true>(smem, bars, ChainWindow{0, chunks, 0}, true, int(threadIdx.x % 32), ring0);
+        ring0 += chunks;
+      }
     } else if (warp == kLoaderWarp && threadIdx.x % 32 == 0) {
-      run_cluster_loader(p, maps, smem, bars, cc, total);
+      run_cluster_loader(p, maps, smem, bars, cc);
     }
   } else {
+    int total = 0;  // the cluster's chunks
+    for (int k = 0; k < cc.count; ++k) total += cc.chain(p, k).chunks;
     const int group = int(threadIdx.x / kFactorThreads);
     run_cluster_factors<kGate, kL2Norm, kBetaSigmoid>(p, maps, smem, group,
                                                       int(rank - 1) * kGroupsPerCta + group, cc, total);

@@ -189,15 +189,42 @@ struct Launcher {
     state_pass_kernel<<<grid, kStateCtaThreads, kS2SmBytes, stream>>>(p, d.maps, buffer, w, transition);
     KN_CHECK(cudaGetLastError());
   }
-  // Both passes at once in clusters of three CTAs (cluster_pass.cuh; equal lengths only), the library's
-  // factor build: as many clusters as are resident at once (found at start-up), at most one a chain.
+  // Both passes at once in clusters of three CTAs (cluster_pass.cuh), the library's factor build: as
+  // many clusters as are resident at once (found at start-up), at most one a chain. Packed: the chains
+  // longest first, each onto the cluster with the fewest chunks so far (the plan, made here).
   int clusters_fit = 0;
-  void cluster(const DeviceProblem &d) const {
+  int *cluster_plan = nullptr;
+  size_t cluster_plan_capacity = 0;  // ints
+  void cluster(const DeviceProblem &d) {
     const int chains = int(chains_of(d));
     if (chains == 0 || d.shape.tokens == 0) return;
     const int clusters = std::min(clusters_fit, chains);
+    ClusterPlan plan;
+    if (d.packed()) {
+      std::vector<int> by_length(chains), load(clusters, 0);
+      std::vector<std::vector<int>> members(clusters);
+      for (int c = 0; c < chains; ++c) by_length[c] = c;
+      auto chunks = [&](int c) { return chunks_in(d.seqlens[c / d.shape.heads]); };
+      std::stable_sort(by_length.begin(), by_length.end(), [&](int a, int b) { return chunks(a) > chunks(b); });
+      for (int c : by_length) {
+        const int least = int(std::min_element(load.begin(), load.end()) - load.begin());
+        members[least].push_back(c);
+        load[least] += chunks(c);
+      }
+      std::vector<int> host{0};  // first[clusters + 1], then the order
+      for (const auto &m : members) host.push_back(host.back() + int(m.size()));
+      for (const auto &m : members) host.insert(host.end(), m.begin(), m.end());
+      if (host.size() > cluster_plan_capacity) {
+        if (cluster_plan != nullptr) KN_CHECK(cudaFree(cluster_plan));
+        KN_CHECK(cudaMalloc(&cluster_plan, host.size() * sizeof(int)));
+        cluster_plan_capacity = host.size();
+      }
+      KN_CHECK(cudaMemcpy(cluster_plan, host.data(), host.size() * sizeof(int), cudaMemcpyHostToDevice));
+      plan.first = cluster_plan;
+      plan.order = cluster_plan + clusters + 1;
+    }
     cluster_pass_kernel<GateMath::kTanh, true, true>
-        <<<clusters * kClusterCtas, kClusterThreads, kClusterSmBytes>>>(make_params(d), d.maps, clusters);
+        <<<clusters * kClusterCtas, kClusterThreads, kClusterSmBytes>>>(make_params(d), d.maps, clusters, plan);
     KN_CHECK(cudaGetLastError());
   }
   // Both passes window by window, `window` chunks per chain at a time (reserve(d, window) first).
@@ -527,9 +554,8 @@ bool check_streamed(const char *label, const Variant &v, Launcher &l, const Devi
 }
 
 // The cluster kernel against one pass of `v` (the same factor build: the library's variant), o and the final
-// state bit for bit (both poisoned first). Equal-length problems only.
+// state bit for bit (both poisoned first).
 bool check_cluster(const char *label, const Variant &v, Launcher &l, const DeviceProblem &d) {
-  if (d.packed()) return true;
   size_t compared = 0;
   const long long differ = outputs_differing(
       v, l, d, [&](int) { l.reserve(d); }, [&] { l.cluster(d); }, {}, compared);
@@ -737,23 +763,38 @@ double mean_of(const std::vector<double> &v) {
 // per-phase table over the items that are not a CTA's first (whose raw wait is the cold load), the first
 // items apart, the effective clock, and per SM the CTAs resident at once and the cycles per item.
 // `--cluster 1`: the cluster kernel (cluster_pass.cuh) alone, in a run of its own so that a fault of the
-// prototype costs nothing else: bit for bit against one pass of the library's variant on the short
-// equal-length shapes and D's, then D timed beside both passes one after the other.
+// prototype costs nothing else: bit for bit against one pass of the library's variant on the short shapes
+// (packed ones too) and on D's and C's (ANCHORS.md: D 8 x 1024 tokens, C 6 packed sequences; 96 heads),
+// those two then timed beside both passes one after the other.
 bool cluster_report(const Variant &library, Launcher &l, int warmup, int reps, bool tiny) {
   bool pass = true;
-  const Shape shapes[] = {{"T64", 2, 64, 4},  {"T96", 2, 96, 4},     {"T50", 3, 50, 4},
-                          {"T7", 2, 7, 4},    {"T1", 1, 1, 2},       {"T1024", 1, 1024, 3},
-                          {"T96gva", 2, 96, 6, GateMode::kBounded, 3}, {"D", 8, 1024, 96}};
-  for (const Shape &s : shapes) {
-    if (tiny && std::strcmp(s.name, "T50") != 0) continue;
-    DeviceProblem d = make_problem(s, 11);
+  struct ClusterCase {
+    Shape shape;
+    std::vector<int> seqlens;  // packed; empty: B x T
+  };
+  const ClusterCase cases[] = {{{"T64", 2, 64, 4}, {}},
+                               {{"T96", 2, 96, 4}, {}},
+                               {{"T50", 3, 50, 4}, {}},
+                               {{"T7", 2, 7, 4}, {}},
+                               {{"T1", 1, 1, 2}, {}},
+                               {{"T1024", 1, 1024, 3}, {}},
+                               {{"T96gva", 2, 96, 6, GateMode::kBounded, 3}, {}},
+                               {{"P5", 1, 283, 4}, {50, 0, 96, 7, 130}},
+                               {{"P3gva", 1, 98, 6, GateMode::kBounded, 3}, {33, 64, 1}},
+                               {{"D", 8, 1024, 96}, {}},
+                               {{"Dpack", 1, 8192, 96}, {1024, 1024, 1024, 1024, 1024, 1024, 1024, 1024}},
+                               {{"C", 1, 8192, 96}, {1300, 547, 2048, 963, 271, 3063}}};
+  for (const ClusterCase &c : cases) {
+    const Shape &s = c.shape;
+    if (tiny && std::strcmp(s.name, "T50") != 0 && std::strcmp(s.name, "P5") != 0) continue;
+    DeviceProblem d = make_problem(s, 11, c.seqlens);
     pass = check_cluster(s.name, library, l, d) && pass;
-    if (!tiny && s.batch * s.heads > l.sms) {
+    if (!tiny && s.heads >= 96) {
       const Timing both = timing_of(time_launches([&] { l.pass1(library, d); l.pass2(d); }, warmup, reps));
       const Timing cluster = timing_of(time_launches([&] { l.cluster(d); }, warmup, reps));
-      printf("cluster: %-4s %d clusters of 3 CTAs %8.4f ms (spread %.4f); both passes of %s one after the other "
-             "%8.4f ms (spread %.4f)\n", s.name, std::min(l.clusters_fit, s.batch * s.heads), cluster.ms,
-             cluster.spread, library.name, both.ms, both.spread);
+      printf("cluster: %-5s %d clusters of 3 CTAs %8.4f ms (spread %.4f); both passes of %s one after the other "
+             "%8.4f ms (spread %.4f)\n", s.name, std::min<int>(l.clusters_fit, int(Launcher::chains_of(d))),
+             cluster.ms, cluster.spread, library.name, both.ms, both.spread);
     }
     free_problem(d);
   }
