@@ -762,29 +762,32 @@ double mean_of(const std::vector<double> &v) {
 // Pass 1 of `v` on `d` with the clocks on: its instrumented time, a factor check of two chunks, then the
 // per-phase table over the items that are not a CTA's first (whose raw wait is the cold load), the first
 // items apart, the effective clock, and per SM the CTAs resident at once and the cycles per item.
+// The short cases (every chain checked) of the full run and of the cluster kernel's.
+struct ShortCase {
+  Shape shape;
+  std::vector<int> seqlens;  // packed (shape: batch 1, tokens their sum); empty: B x T
+};
+const ShortCase kShortCases[] = {{{"T64", 2, 64, 4}, {}},
+                                 {{"T96", 2, 96, 4}, {}},
+                                 {{"T50", 3, 50, 4}, {}},
+                                 {{"T7", 2, 7, 4}, {}},
+                                 {{"T1", 1, 1, 2}, {}},
+                                 {{"T1024", 1, 1024, 3}, {}},
+                                 {{"T96gva", 2, 96, 6, GateMode::kBounded, 3}, {}},  // 6 value heads, 2 q/k heads
+                                 {{"P5", 1, 283, 4}, {50, 0, 96, 7, 130}},
+                                 {{"P3gva", 1, 98, 6, GateMode::kBounded, 3}, {33, 64, 1}}};
+
 // `--cluster 1`: the cluster kernel (cluster_pass.cuh) alone, in a run of its own so that a fault of the
 // prototype costs nothing else: bit for bit against one pass of the library's variant on the short shapes
 // (packed ones too) and on D's and C's (ANCHORS.md: D 8 x 1024 tokens, C 6 packed sequences; 96 heads),
 // those two then timed beside both passes one after the other.
 bool cluster_report(const Variant &library, Launcher &l, int warmup, int reps, bool tiny) {
   bool pass = true;
-  struct ClusterCase {
-    Shape shape;
-    std::vector<int> seqlens;  // packed; empty: B x T
-  };
-  const ClusterCase cases[] = {{{"T64", 2, 64, 4}, {}},
-                               {{"T96", 2, 96, 4}, {}},
-                               {{"T50", 3, 50, 4}, {}},
-                               {{"T7", 2, 7, 4}, {}},
-                               {{"T1", 1, 1, 2}, {}},
-                               {{"T1024", 1, 1024, 3}, {}},
-                               {{"T96gva", 2, 96, 6, GateMode::kBounded, 3}, {}},
-                               {{"P5", 1, 283, 4}, {50, 0, 96, 7, 130}},
-                               {{"P3gva", 1, 98, 6, GateMode::kBounded, 3}, {33, 64, 1}},
-                               {{"D", 8, 1024, 96}, {}},
-                               {{"Dpack", 1, 8192, 96}, {1024, 1024, 1024, 1024, 1024, 1024, 1024, 1024}},
-                               {{"C", 1, 8192, 96}, {1300, 547, 2048, 963, 271, 3063}}};
-  for (const ClusterCase &c : cases) {
+  std::vector<ShortCase> cases(std::begin(kShortCases), std::end(kShortCases));
+  cases.push_back({{"D", 8, 1024, 96}, {}});
+  cases.push_back({{"Dpack", 1, 8192, 96}, std::vector<int>(8, 1024)});
+  cases.push_back({{"C", 1, 8192, 96}, {1300, 547, 2048, 963, 271, 3063}});
+  for (const ShortCase &c : cases) {
     const Shape &s = c.shape;
     if (tiny && std::strcmp(s.name, "T50") != 0 && std::strcmp(s.name, "P5") != 0) continue;
     DeviceProblem d = make_problem(s, 11, c.seqlens);
@@ -1011,20 +1014,7 @@ int main(int argc, char **argv) {
   // 1. Short cases, every chain: whole chunks (T 64, 96, 1024) and partial last chunks (50, 7, 1); T96
   // once more with a zero initial state (initial_state = nullptr: the buffer zeroed for the reference).
   // Packed: P5 (an empty sequence, partial last chunks, the longest 5 chunks) and P3gva.
-  struct ShortCase {
-    Shape shape;
-    std::vector<int> seqlens;  // packed (shape: batch 1, tokens their sum); empty: B x T
-  };
-  const ShortCase short_cases[] = {{{"T64", 2, 64, 4}, {}},
-                                   {{"T96", 2, 96, 4}, {}},
-                                   {{"T50", 3, 50, 4}, {}},
-                                   {{"T7", 2, 7, 4}, {}},
-                                   {{"T1", 1, 1, 2}, {}},
-                                   {{"T1024", 1, 1024, 3}, {}},
-                                   {{"T96gva", 2, 96, 6, GateMode::kBounded, 3}, {}},  // 6 value heads, 2 q/k heads
-                                   {{"P5", 1, 283, 4}, {50, 0, 96, 7, 130}},
-                                   {{"P3gva", 1, 98, 6, GateMode::kBounded, 3}, {33, 64, 1}}};
-  for (const ShortCase &sc : short_cases) {
+  for (const ShortCase &sc : kShortCases) {
     const Shape &s = sc.shape;
     if (timing_only) break;
     if (tiny && std::strcmp(s.name, "T96") != 0 && std::strcmp(s.name, "T50") != 0 && std::strcmp(s.name, "P5") != 0)
