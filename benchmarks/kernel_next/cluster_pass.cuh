@@ -42,7 +42,6 @@ constexpr uint32_t kClusterSmBytes = kClusterFreeBars + kGroupsPerCta * 8 + kSwi
 static_assert(kClusterSmBytes <= kSmLimit, "cluster kernel shared memory");
 constexpr uint32_t kClusterImageBytes = kWBytes + 2 * kTbetaBytes + kAqkBytes;  // the bulk copies of a chunk
 
-
 // Which chains each cluster runs: cluster c's are order[first[c] .. first[c + 1]) (made on the host), or,
 // without a plan, chains c, c + C, c + 2C, ... (C clusters).
 struct ClusterPlan {
