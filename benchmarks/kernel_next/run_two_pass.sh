@@ -109,8 +109,9 @@ if [[ -n "$phases_bin" ]]; then
   [[ $prc -eq 124 ]] && say "two_pass_phases TIMED OUT"
 fi
 
-# 7. The cluster kernel (cluster_pass.cuh, a prototype), in runs of its own: memcheck on T50, then its
-# checks on the short shapes and D's and D's timing (log in extra.tar.gz: extra/cluster.log).
+# 7. The cluster kernel (cluster_pass.cuh, a prototype), in runs of its own: memcheck on T50 and P5, then
+# its checks on the short shapes, D's (equal and packed) and C's, and those timed (log in extra.tar.gz:
+# extra/cluster.log).
 crc=none
 if [[ -z "${SKIP_CLUSTER:-}" ]]; then
   if [[ -z "${SKIP_SANITIZER:-}" ]] && command -v compute-sanitizer > /dev/null; then

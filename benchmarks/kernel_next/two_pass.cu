@@ -67,6 +67,13 @@ const Variant kVariants[] = {
     {"log-decay gate", factor_pass_kernel<GateMath::kLogDecay, true, true, 4>, -1, GateMode::kLogDecay},
 };
 constexpr size_t kVariantCount = sizeof(kVariants) / sizeof(kVariants[0]);
+// The library's windows' pass among them (the cluster kernel's and D's reference).
+const Variant &library_variant() {
+  for (const Variant &v : kVariants)
+    if (std::string(v.name) == "library") return v;
+  std::fprintf(stderr, "two_pass: no variant named \"library\"\n");
+  std::exit(2);
+}
 
 struct Launcher {
   int sms = 132;
@@ -191,16 +198,17 @@ struct Launcher {
   }
   // Both passes at once in clusters of three CTAs (cluster_pass.cuh), the library's factor build: as
   // many clusters as are resident at once (found at start-up), at most one a chain. Packed: the chains
-  // longest first, each onto the cluster with the fewest chunks so far (the plan, made here).
+  // longest first, each onto the cluster with the fewest chunks so far (the plan, made here once for
+  // the last problem asked, outside the launches that time_launches times).
   int clusters_fit = 0;
   int *cluster_plan = nullptr;
   size_t cluster_plan_capacity = 0;  // ints
-  void cluster(const DeviceProblem &d) {
-    const int chains = int(chains_of(d));
-    if (chains == 0 || d.shape.tokens == 0) return;
-    const int clusters = std::min(clusters_fit, chains);
-    ClusterPlan plan;
-    if (d.packed()) {
+  std::vector<int> cluster_planned_lengths;
+  int cluster_planned_heads = -1;
+  ClusterPlan plan_clusters(const DeviceProblem &d, int clusters) {
+    if (!d.packed()) return {};
+    if (cluster_planned_lengths != d.seqlens || cluster_planned_heads != d.shape.heads) {
+      const int chains = int(chains_of(d));
       std::vector<int> by_length(chains), load(clusters, 0);
       std::vector<std::vector<int>> members(clusters);
       for (int c = 0; c < chains; ++c) by_length[c] = c;
@@ -220,11 +228,20 @@ struct Launcher {
         cluster_plan_capacity = host.size();
       }
       KN_CHECK(cudaMemcpy(cluster_plan, host.data(), host.size() * sizeof(int), cudaMemcpyHostToDevice));
-      plan.first = cluster_plan;
-      plan.order = cluster_plan + clusters + 1;
+      cluster_planned_lengths = d.seqlens;
+      cluster_planned_heads = d.shape.heads;
     }
-    cluster_pass_kernel<GateMath::kTanh, true, true>
-        <<<clusters * kClusterCtas, kClusterThreads, kClusterSmBytes>>>(make_params(d), d.maps, clusters, plan);
+    ClusterPlan plan;
+    plan.first = cluster_plan;
+    plan.order = cluster_plan + clusters + 1;
+    return plan;
+  }
+  void cluster(const DeviceProblem &d) {
+    const int chains = int(chains_of(d));
+    if (chains == 0 || d.shape.tokens == 0) return;
+    const int clusters = std::min(clusters_fit, chains);
+    cluster_pass_kernel<GateMath::kTanh, true, true><<<clusters * kClusterCtas, kClusterThreads, kClusterSmBytes>>>(
+        make_params(d), d.maps, clusters, plan_clusters(d, clusters));
     KN_CHECK(cudaGetLastError());
   }
   // Both passes window by window, `window` chunks per chain at a time (reserve(d, window) first).
@@ -989,8 +1006,7 @@ int main(int argc, char **argv) {
   bool all_pass = true;
 
   if (int_option(argc, argv, "--cluster", 0)) {
-    for (const Variant &v : kVariants)
-      if (std::string(v.name) == "library") all_pass = cluster_report(v, l, warmup, reps, tiny);
+    all_pass = cluster_report(library_variant(), l, warmup, reps, tiny);
     if (l.factors != nullptr) KN_CHECK(cudaFree(l.factors));
     return all_pass ? 0 : 1;
   }
@@ -1091,9 +1107,6 @@ int main(int argc, char **argv) {
   // (8 x 1024 tokens, 96 heads: 768 chains, six waves of the state pass) with the library's variant only.
   const Shape timed[] = {{"A", 1, 8192, 96}, {"E", 1, 32768, 32}, {"F", 1, 2048, 32}, {"D", 8, 1024, 96}};
   constexpr int kTimedShapes = sizeof(timed) / sizeof(timed[0]);
-  const Variant *library = nullptr;
-  for (const Variant &v : kVariants)
-    if (std::string(v.name) == "library") library = &v;
   struct Peers {
     double fused, best_peer, target;
     const char *peer;
@@ -1135,7 +1148,7 @@ int main(int argc, char **argv) {
     l.reserve(d);
     for (const Variant &v : kVariants) {
       if (v.gate != GateMode::kBounded) continue;  // checked on the short shapes only
-      if (library_only && &v != library) continue;
+      if (library_only && &v != &library_variant()) continue;
       std::vector<std::pair<int, int>> chains;
       if (s.heads >= 96) chains = {{0, 0}, {s.batch / 2, 41}, {s.batch - 1, s.heads - 1}};
       else chains = {{0, s.heads / 2}};
@@ -1206,8 +1219,8 @@ int main(int argc, char **argv) {
       printf("%-4s %-13s %8.4f %5.2f %5.2f %8.2f     | %8.4f %5.2f %5.2f %7.3f | %7.4f %6.4f | %5.3f  %s, target %.3f\n",
              r.name, r.variant, r.p1.ms, r.bytes.pass1 / 1e9, r.bytes.pass1 / (r.p1.ms * 1e-3) / 1e12,
              r.p1.ms * 1e3 * l.sms / items, r.p2.ms, r.bytes.pass2 / 1e9, r.bytes.pass2 / (r.p2.ms * 1e-3) / 1e12,
-             r.p2.ms * 1e3 / (r.chunks * ((r.chains + l.sms - 1) / l.sms)), r.both.ms, r.both.spread, peers[r.shape].fused, peers[r.shape].peer,
-             peers[r.shape].target);
+             r.p2.ms * 1e3 / (r.chunks * ((r.chains + l.sms - 1) / l.sms)), r.both.ms, r.both.spread,
+             peers[r.shape].fused, peers[r.shape].peer, peers[r.shape].target);
     }
     printf("fused = the fused chunk-32 prototype measured on an H200 (fused_prefill.cu); target = 1.5x the best "
            "peer / FlashKDA on A and D\n");
