@@ -41,10 +41,10 @@ constexpr int kInverseWarps = 4;  // the inverse's merge spread over the group (
 // session). Streamed, its one CTA a multiprocessor leaves whole multiprocessors to the state pass.
 constexpr int kFactorCtaThreads = kFactorThreads * kGroupsPerCta;
 // The factor pass's build (two_pass.cuh, factor_group.cuh): the bounded gate's sigmoid by tanh.approx (ex2
-// + rcp: the pass 1-4% slower), the windows' pass storing its factors by bulk copies (the streamed one
-// each thread's own stores), each group's roles on its own warps and the substitution after the
-// scores' barrier (the two candidates, behind these switches, that the harness times against them:
-// PERFLOG).
+// + rcp: the harness's pass 1 6% slower, fourteenth session), the windows' pass storing its factors by
+// bulk copies (the streamed one each thread's own stores), each group's roles on its own warps and the
+// substitution after the scores' barrier (the two candidates, behind these switches, that the harness
+// times against them: PERFLOG).
 constexpr GateMath kFactorGate = GateMath::kTanh;
 constexpr bool kFactorStaggerRoles = false, kFactorEarlySubstitution = false;
 constexpr uint32_t kFactorSmBytes = f1_smem_bytes(kRawSlots, kGroupsPerCta, true);  // with the Aqk images
