@@ -10,7 +10,8 @@ the span per call (first kernel's start to last kernel's end, over the calls: bu
 between kernels and between calls, which launch order and dependencies cost), and per kernel name its
 launches and GPU milliseconds per call (summed over the call, averaged over `--calls` back-to-back calls
 after a warm-up). `--kernel chunk-16` or `two-pass` forces the prefill's kernel where the two-pass
-kernel takes the call (as the tests' fixture does).
+kernel takes the call (as the tests' fixture does). `--batched` runs a case of equal sequences (D) as a
+batch `[N, T, ...]` instead of packed by `cu_seqlens`: what packing costs.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def main():
     p.add_argument("--gate", choices=("bounded", "softplus"), default="bounded")
     p.add_argument("--kernel", choices=("auto", "chunk-16", "two-pass"), default="auto")
     p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--batched", action="store_true", help="equal sequences as a batch, not packed")
     args = p.parse_args()
     if args.kernel != "auto":
         paths.two_pass_is_faster = lambda *launch: args.kernel == "two-pass"
@@ -86,10 +88,15 @@ def main():
         x, cu = make_inputs(seqlens, heads, dim)
         j = {n: to_jax(t) for n, t in x.items()}
         jcu = to_jax(cu.int()) if len(seqlens) > 1 else None
+        if args.batched and len(set(seqlens)) == 1:  # [1, N x T, ...] -> [N, T, ...]
+            for n in ("q", "k", "v", "g", "beta"):
+                j[n] = j[n].reshape(len(seqlens), seqlens[0], *j[n].shape[2:])
+            jcu = None
         kwargs = dict(A_log=j["A_log"], dt_bias=j["dt_bias"], initial_state=j["h0"], cu_seqlens=jcu,
                       lower_bound=lower_bound, **FUSED)
         qkvgb = [j[n] for n in ("q", "k", "v", "g", "beta")]
-        print(f"\ncase {name}: {prefill_path(*qkvgb, **kwargs)}")
+        print(f"\ncase {name}{' (batched)' if jcu is None and len(seqlens) > 1 else ''}: "
+              f"{prefill_path(*qkvgb, **kwargs)}")
         fn = jax.jit(lambda *a: kda_prefill(*a, **kwargs))
         spans, kernels, busy, span = device_events(fn, qkvgb, args.calls)
         if spans:  # the jaxlib of the card (0.11) writes no "XLA Modules" line: then the kernels' sum alone

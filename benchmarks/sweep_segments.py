@@ -1,6 +1,6 @@
 """Few long sequences cut into segments: time and error against the number of segments (issue 14).
 
-    python benchmarks/sweep_segments.py [--cases IJEG] [--pieces 1,2,4,8,16,32,64] [--json out.json]
+    python benchmarks/sweep_segments.py [--cases IJEG] [--shapes 65536x16] [--pieces 1,2,4,8,16,32,64] [--json out.json]
     python benchmarks/sweep_segments.py --cpu --scale 512 --pieces 1,2,8   # a smoke run on a CPU
 
 Cases (one sequence each; bench_prefill.py's input recipe, bounded gate, fp32 initial and final
@@ -113,6 +113,7 @@ def sweep(name, tokens, heads, pieces_list, check_heads, on_gpu):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default="IJEG")
+    p.add_argument("--shapes", default="", help="more single sequences, TOKENSxHEADS comma-separated")
     p.add_argument("--pieces", default="1,2,4,8,16,32,64")
     p.add_argument("--check-heads", type=int, default=1, help="heads checked against float64")
     p.add_argument("--scale", type=int, default=1, help="divide every token count by this (a smoke run)")
@@ -132,8 +133,8 @@ def main():
           "| chunk-16 CTAs | us a step |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---:|")
     rows = []
-    for name in args.cases:
-        tokens, heads = CASES[name]
+    shapes = [(f"{t}x{h}", int(t), int(h)) for t, h in (s.split("x") for s in args.shapes.split(",") if s)]
+    for name, tokens, heads in [(name, *CASES[name]) for name in args.cases] + shapes:
         rows += sweep(name, max(16, tokens // args.scale), heads, [int(s) for s in args.pieces.split(",")],
                       args.check_heads, on_gpu)
     if args.json:
