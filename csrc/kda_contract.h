@@ -61,7 +61,11 @@ constexpr const char *decode_unsupported(int head_dim_k, int head_dim_v) {
 inline constexpr int kTwoPassChunk = chunk32::kChunk;
 inline constexpr int kTwoPassHeadDim = chunk32::kDimK;  // K = V = 128
 inline constexpr int64_t kTwoPassFactorBytes = chunk32::kFactorPitch;  // one chunk of one chain
-inline constexpr int64_t kTwoPassWorkspaceBudget = int64_t(512) << 20;  // for the factors
+// The factors' workspace: up to kTwoPassOverlapBudget where the next window's factor pass runs beside a
+// state pass (overlapped, streamed), up to kTwoPassSerialBudget where the passes run one after the other
+// (two_pass_serial).
+inline constexpr int64_t kTwoPassOverlapBudget = int64_t(512) << 20;
+inline constexpr int64_t kTwoPassSerialBudget = int64_t(1) << 30;
 inline constexpr int kTwoPassMaxPackedSequences = chunk32::kMaxPackedSequences;
 // The factor pass anchors each chunk's exponents at its row 15: 16 tokens of the bounded gate's decay
 // stay inside fp32 (2^(16 x 5 x log2 e) = 2^115) from this lower bound up. Softplus and given decays can
@@ -85,16 +89,28 @@ constexpr const char *two_pass_unsupported(int head_dim_k, int head_dim_v, bool 
   return nullptr;
 }
 
+// Whether the two passes run one after the other: where the state pass's CTAs (one a multiprocessor) leave
+// less than half of the multiprocessors idle, the next window's factor pass gains too little beside a
+// state pass to pay for windows: the whole call's factors in one window (up to kTwoPassSerialBudget) and
+// the factor pass on the whole GPU. On an H200 (docs/PERFLOG.md, sixteenth session; GPU busy a call): case
+// A, 96 chains, 0.779 ms in one window against 0.862 in three overlapped ones; D, 768 chains, 0.770 (its
+// packed items chain-major) against 0.885 in two windows; E, 32 chains, 1.53 ms overlapped.
+constexpr bool two_pass_serial(int64_t state_ctas, int64_t multiprocessors) {
+  return 2 * state_ctas > multiprocessors;
+}
+
 // The two-pass prefill's workspace, and the windows it runs in. The passes run window by window; a
 // window is a range of chunks of every chain, or, packed, of items (chain, chunk) in chunk-major order,
-// planned on the device. When every item's factors fit kTwoPassWorkspaceBudget, one window; otherwise
-// two buffers of half of it alternate, so that the factor pass of the next window fills one while the
-// state pass of this one reads the other (one chunk of every chain a window at least). After the
-// factors: when the call writes no final state, an fp32 state per chain (`carried_columns` wide: V, or
-// V + K with transition columns; 0 when the final state carries it); when packed, the plan (an int2 and
-// an int per item, an int per chain and two more); with one window, a flag per item and a counter for
-// the streamed schedule (TwoPassSchedule).
+// planned on the device (chain-major in one serial window). When every item's factors fit the budget
+// (`serial`: kTwoPassSerialBudget, else kTwoPassOverlapBudget), one window; otherwise, serial, windows of
+// the whole budget, else two buffers of half of it alternate, so that the factor pass of the next window
+// fills one while the state pass of this one reads the other (one chunk of every chain a window at
+// least). After the factors: when the call writes no final state, an fp32 state per chain
+// (`carried_columns` wide: V, or V + K with transition columns; 0 when the final state carries it); when
+// packed, the plan (an int2 and an int per item, an int per chain and two more); with one window, not
+// serial, a flag per item and a counter for the streamed schedule (TwoPassSchedule).
 struct TwoPassLayout {
+  bool serial = false;  // the passes one after the other (two_pass_serial)
   int64_t window = 0;   // chunks of every chain a window (packed: items)
   int64_t windows = 0;  // windows to run (packed: some may hold no items)
   int64_t items = 0;    // packed: items at most
@@ -104,13 +120,14 @@ struct TwoPassLayout {
 };
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr TwoPassLayout two_pass_layout(int64_t sequences, int64_t tokens, int64_t value_heads, bool packed,
-                                        int64_t carried_columns) {
+                                        int64_t carried_columns, bool serial) {
   TwoPassLayout l{};
+  l.serial = serial;
   const int64_t chains = sequences * value_heads, chunks = ceil_div(tokens, kTwoPassChunk);
   if (chains <= 0 || chunks <= 0) return l;  // nothing to run
   if (packed) l.items = value_heads * (chunks + sequences);  // every sequence may end in a partial chunk
-  const int64_t whole = kTwoPassWorkspaceBudget / kTwoPassFactorBytes;  // items
-  l.buffers = (packed ? l.items : chains * chunks) <= whole ? 1 : 2;
+  const int64_t whole = (serial ? kTwoPassSerialBudget : kTwoPassOverlapBudget) / kTwoPassFactorBytes;  // items
+  l.buffers = serial || (packed ? l.items : chains * chunks) <= whole ? 1 : 2;
   const int64_t fit = whole / l.buffers;
   if (packed) {
     l.window = fit < l.items ? fit : l.items;
@@ -124,18 +141,16 @@ constexpr TwoPassLayout two_pass_layout(int64_t sequences, int64_t tokens, int64
   l.carry = l.buffers * l.buffer;
   l.plan = l.carry + chains * kTwoPassHeadDim * carried_columns * int64_t(sizeof(float));
   l.flags = l.plan + (packed ? l.items * int64_t(sizeof(int32_t) * 3) + (chains + 2) * int64_t(sizeof(int32_t)) : 0);
-  l.flag_count = l.windows == 1 ? (packed ? l.items : chains * chunks) + 1 : 0;
+  l.flag_count = l.windows == 1 && !serial ? (packed ? l.items : chains * chunks) + 1 : 0;
   l.bytes = l.flags + l.flag_count * int64_t(sizeof(int32_t));
   return l;
 }
 
 // A call whose factors fit one window is still cut in two overlapped halves from this many chunks of
-// its longest sequence (packed: of all tokens) on, where the state pass's CTAs leave at least half of
-// the multiprocessors idle: the first half's state steps then run beside the second half's factors on
-// them. Below it the second window's launches and events cost what the overlap saves (on an H200:
+// its longest sequence (packed: of all tokens) on, where it does not run serially (two_pass_serial):
+// the first half's state steps then run beside the second half's factors on the idle multiprocessors. Below it the second window's launches and events cost what the overlap saves (on an H200:
 // case B, 256 chunks, 0.773 -> 0.727 ms a call; case F, 64 chunks, its kernels 4% shorter but its call
-// 0.156 -> 0.161 ms); with fewer idle multiprocessors the second half's factors barely advance beside
-// the state pass.
+// 0.156 -> 0.161 ms).
 inline constexpr int64_t kTwoPassSplitMinChunks = 128;
 
 // A call of one window whose state pass takes at most this share of the multiprocessors (a CTA a
@@ -144,10 +159,9 @@ inline constexpr int64_t kTwoPassSplitMinChunks = 128;
 // factor pass's share is too small to keep ahead of the chains (on an H200: F, 32 chains of 132).
 inline constexpr int64_t kTwoPassStreamedSharePercent = 30;
 
-// The windows as the launcher runs them (kda_two_pass_kernel.cu): streamed (above); overlapped where
-// the state pass's CTAs (a multiprocessor each) leave some multiprocessors to the next window's factor
-// pass and there are two buffers (or one window long enough to be cut in two halves, which its buffer
-// holds); otherwise serial, the two buffers taken as one (half as many windows).
+// The windows as the launcher runs them (kda_two_pass_kernel.cu): serial where the layout is; otherwise
+// streamed (above), or overlapped where there are two buffers (or one window long enough to be cut in
+// two halves, which its buffer holds), or else one window, its passes one after the other.
 struct TwoPassSchedule {
   bool streamed = false, overlapped = false;
   int64_t buffers = 0, window = 0, windows = 0;  // buffers taken in turn; chunks (packed: items) a window
@@ -158,12 +172,11 @@ constexpr TwoPassSchedule two_pass_schedule(const TwoPassLayout &l, int64_t toke
   TwoPassSchedule s{};
   if (l.windows == 0) return s;
   const int64_t chunks = ceil_div(tokens, kTwoPassChunk), units = l.items > 0 ? l.items : chunks;  // items: packed
-  const bool idle = state_ctas < multiprocessors;
-  s.streamed = l.windows == 1 && 100 * state_ctas <= kTwoPassStreamedSharePercent * multiprocessors;
-  const bool split = !s.streamed && 2 * state_ctas <= multiprocessors && l.windows == 1 && chunks >= kTwoPassSplitMinChunks;
-  s.overlapped = idle && (l.buffers > 1 || split);
+  s.streamed = !l.serial && l.windows == 1 && 100 * state_ctas <= kTwoPassStreamedSharePercent * multiprocessors;
+  const bool split = !l.serial && !s.streamed && l.windows == 1 && chunks >= kTwoPassSplitMinChunks;
+  s.overlapped = !l.serial && (l.buffers > 1 || split);
   s.buffers = s.overlapped ? 2 : 1;
-  s.window = split ? ceil_div(l.window, 2) : l.window * (l.buffers / s.buffers);
+  s.window = split ? ceil_div(l.window, 2) : l.window;
   s.windows = ceil_div(units, s.window);
   s.buffer = l.buffer / l.window * s.window;  // the split's second half is the shorter: one buffer holds both
   return s;

@@ -27,7 +27,7 @@ ffi::Error PrefillImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, 
                        ffi::Result<ffi::AnyBuffer> workspace, float scale, int32_t gate, float lower_bound,
                        bool l2norm, bool beta_sigmoid, bool allow_neg_eigval, bool state_v_first, bool has_A_log,
                        bool has_dt_bias, bool has_initial_state, bool has_cu_seqlens, bool write_final_state,
-                       bool transition_columns, bool two_pass) {
+                       bool transition_columns, bool two_pass, bool two_pass_serial) {
   auto qd = q.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || vd.size() != 4) {
     return ffi::Error::InvalidArgument("jax_kda prefill: q must be [B, T, H, K] and v [B, T, HV, V], got " +
@@ -100,12 +100,12 @@ ffi::Error PrefillImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, 
       return ffi::Error::InvalidArgument(std::string("jax_kda prefill: ") + why);
     }
     const int64_t needed = two_pass_layout(p.num_sequences, p.tokens, p.value_heads, has_cu_seqlens,
-                                           write_final_state ? 0 : p.head_dim_v).bytes;
+                                           write_final_state ? 0 : p.head_dim_v, two_pass_serial).bytes;
     if (workspace->element_type() != ffi::DataType::U8 || int64_t(workspace->size_bytes()) < needed) {
       return ffi::Error::InvalidArgument("jax_kda prefill: the two-pass kernel needs a uint8 workspace of " +
                                          std::to_string(needed) + " bytes, got " + dims_str(*workspace));
     }
-    return launch_result(two_pass_launch(p, workspace->untyped_data(), stream),
+    return launch_result(two_pass_launch(p, two_pass_serial, workspace->untyped_data(), stream),
                          "jax_kda two-pass prefill kernel");
   }
   return launch_result(prefill_launch(p, stream), "jax_kda prefill kernel");
@@ -141,7 +141,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KdaPrefillCuda, PrefillImpl,
                                   .Attr<bool>("has_cu_seqlens")
                                   .Attr<bool>("write_final_state")
                                   .Attr<bool>("transition_columns")
-                                  .Attr<bool>("two_pass"),
+                                  .Attr<bool>("two_pass")
+                                  .Attr<bool>("two_pass_serial"),  // kda_contract.h's two_pass_serial, at lowering
                               {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace jax_kda

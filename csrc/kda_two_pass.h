@@ -15,9 +15,10 @@ inline const char *two_pass_unsupported(const PrefillParams &p) {
 }
 
 // Runs the prefill of `params` (a call two_pass_unsupported takes: kda_contract.h) in windows of chunks,
-// with `workspace` (two_pass_layout of kda_contract.h: its bytes at least) for the factors of a window, the
-// fp32 state carried between windows when the call writes no final state, and the plan of packed sequences. Allocates nothing. The
-// FFI handler checks both preconditions, with the error the caller sees.
-cudaError_t two_pass_launch(const PrefillParams &params, void *workspace, cudaStream_t stream);
+// serially or not (two_pass_serial, as the caller planned it), with `workspace` (two_pass_layout of
+// kda_contract.h: its bytes at least) for the factors of a window, the fp32 state carried between windows
+// when the call writes no final state, and the plan of packed sequences. Allocates nothing. The FFI
+// handler checks both preconditions, with the error the caller sees.
+cudaError_t two_pass_launch(const PrefillParams &params, bool serial, void *workspace, cudaStream_t stream);
 
 }  // namespace jax_kda

@@ -2,23 +2,24 @@
 // pass of chunk32/two_pass.cuh, window by window over the caller's workspace.
 //
 // Per window (chunks [first, first + count) of every chain; packed sequences: a range of items in the
-// chunk-major order a first small kernel plans from cu_seqlens on the device): the factor pass builds
-// every item's factors into a buffer of the workspace across the whole GPU, then the state pass runs
-// each chain's chunks of the window in order from them. With several windows the workspace holds two
-// buffers (a long enough call of one window runs as two halves of its one buffer: kda_contract.h's
-// TwoPassSchedule), and where the chains are fewer than the multiprocessors the passes overlap: the factor pass
-// of window i + 1 (XLA's stream, one item a group so that its CTAs retire) runs beside the state pass of
-// window i (a stream of the highest priority, which takes the multiprocessors they free), so the
-// multiprocessors the chains leave idle build factors. Events order them: a state pass after its
-// window's factors, a factor pass into a buffer after the state pass that read it, and XLA's stream
-// after the last state pass (CUDA graph capture records them as edges). A call of one window with few
-// chains runs streamed instead: the factor pass on the multiprocessors the chains leave builds the items
-// chunk by chunk of every chain and flags each one, and the state pass runs beside it from the start,
-// waiting for each item's flag (kda_contract.h's TwoPassSchedule). The state crosses windows in
-// fp32 through the final-state buffer (or the workspace's carry when the call writes no final state),
-// so the outputs are bit for bit those of one window. Both kernels read q, k, g and v by bulk tensor
-// copies, whose tensor maps are built here on the host per call (the kernels take them by value:
-// nothing is allocated, and a captured graph keeps them).
+// chunk-major order a first small kernel plans from cu_seqlens on the device, chain-major in one window run
+// serially): the factor pass builds every item's factors into a buffer of the workspace across the whole
+// GPU, then the state pass runs each chain's chunks of the window in order from them. Where the chains
+// leave less than half of the multiprocessors idle that is all (kda_contract.h's two_pass_serial: windows
+// of its larger budget, one after the other). Otherwise, with several windows, the workspace holds two buffers (a long enough
+// call of one window runs as two halves of its one buffer: kda_contract.h's TwoPassSchedule), and the
+// passes overlap: the factor pass of window i + 1 (XLA's stream, one item a group so that its CTAs retire)
+// runs beside the state pass of window i (a stream of the highest priority, which takes the multiprocessors
+// they free), so the multiprocessors the chains leave idle build factors. Events order them: a state pass
+// after its window's factors, a factor pass into a buffer after the state pass that read it, and XLA's
+// stream after the last state pass (CUDA graph capture records them as edges). A call of one window with
+// few chains runs streamed instead: the factor pass on the multiprocessors the chains leave builds the
+// items chunk by chunk of every chain and flags each one, and the state pass runs beside it from the start,
+// waiting for each item's flag (kda_contract.h's TwoPassSchedule). The state crosses windows in fp32
+// through the final-state buffer (or the workspace's carry when the call writes no final state), so the
+// outputs are bit for bit those of one window. Both kernels read q, k, g and v by bulk tensor copies, whose
+// tensor maps are built here on the host per call (the kernels take them by value: nothing is allocated,
+// and a captured graph keeps them).
 
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -137,12 +138,14 @@ cudaLaunchAttribute programmatic_launch() {
   return attribute;
 }
 
-// The items' plan of packed sequences, from their lengths on the device.
-void launch_plan(const FusedParams &p, const PackedItems &packed, int multiprocessors, cudaStream_t stream) {
+// The items' plan of packed sequences, from their lengths on the device (PackedItems: chain-major for one
+// window run serially).
+void launch_plan(const FusedParams &p, const PackedItems &packed, bool chain_major, int multiprocessors,
+                 cudaStream_t stream) {
   const int64_t pairs = (p.tokens + kChunk - 1) / kChunk + p.sequences;  // at most
   const int ctas = int((pairs * p.heads + kPlanThreads - 1) / kPlanThreads);
   plan_packed_kernel<<<ctas < 4 * multiprocessors ? ctas : 4 * multiprocessors, kPlanThreads, 0, stream>>>(
-      p.cu_seqlens, p.sequences, p.heads, packed);
+      p.cu_seqlens, p.sequences, p.heads, chain_major, packed);
 }
 
 // The one window streamed: the flags and the claim counter zeroed, the factor pass on the
@@ -154,7 +157,7 @@ template <typename FactorKernel>
 cudaError_t launch_streamed(FactorKernel factor_kernel, const FusedParams &p, const TensorMaps &maps,
                             const TransitionOutputs &transition, uint8_t *factors, const TwoPassLayout &layout,
                             const PackedItems &packed, dim3 state_grid, int multiprocessors, cudaStream_t stream) {
-  if (p.cu_seqlens != nullptr) launch_plan(p, packed, multiprocessors, stream);
+  if (p.cu_seqlens != nullptr) launch_plan(p, packed, false, multiprocessors, stream);
   int *flags = reinterpret_cast<int *>(factors + layout.flags);
   cudaError_t err = cudaMemsetAsync(flags, 0, layout.flag_count * sizeof(int), stream);
   if (err != cudaSuccess) return err;
@@ -216,7 +219,7 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
   if (overlapped && (err = overlap_streams(device, &o)) != cudaSuccess) return err;
   const cudaStream_t state_stream = overlapped ? o->state : stream;
   const int chunks = (p.tokens + kChunk - 1) / kChunk, window = int(schedule.window);
-  if (p.cu_seqlens != nullptr) launch_plan(p, packed, multiprocessors, stream);
+  if (p.cu_seqlens != nullptr) launch_plan(p, packed, schedule.windows == 1, multiprocessors, stream);
   if (overlapped) {  // the state pass's stream after what came before on XLA's (inputs, the plan)
     if ((err = cudaEventRecord(o->start, stream)) != cudaSuccess) return err;
     if ((err = cudaStreamWaitEvent(o->state, o->start, 0)) != cudaSuccess) return err;
@@ -270,12 +273,12 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
 
 }  // namespace
 
-cudaError_t two_pass_launch(const PrefillParams &p, void *workspace, cudaStream_t stream) {
+cudaError_t two_pass_launch(const PrefillParams &p, bool serial, void *workspace, cudaStream_t stream) {
   const bool packed = p.cu_seqlens != nullptr;
   const int64_t sequences = packed ? p.num_sequences : p.batch;
   const bool carries_state = p.final_state == nullptr;
   const TwoPassLayout layout =
-      two_pass_layout(sequences, p.tokens, p.value_heads, packed, carries_state ? p.head_dim_v : 0);
+      two_pass_layout(sequences, p.tokens, p.value_heads, packed, carries_state ? p.head_dim_v : 0, serial);
   if (layout.windows == 0) return cudaSuccess;
   uint8_t *factors = static_cast<uint8_t *>(workspace);
 

@@ -46,7 +46,8 @@ NB_MODULE(_kda_ext, m) {
         "Why the decode kernel cannot take these head sizes, or None.");
   m.attr("two_pass_chunk") = kTwoPassChunk;
   m.attr("two_pass_factor_bytes") = kTwoPassFactorBytes;
-  m.attr("two_pass_workspace_budget") = kTwoPassWorkspaceBudget;
+  m.attr("two_pass_overlap_budget") = kTwoPassOverlapBudget;
+  m.attr("two_pass_serial_budget") = kTwoPassSerialBudget;
   m.attr("two_pass_max_packed_sequences") = kTwoPassMaxPackedSequences;
   m.attr("two_pass_split_min_chunks") = kTwoPassSplitMinChunks;
   m.attr("two_pass_streamed_share_percent") = kTwoPassStreamedSharePercent;
@@ -58,10 +59,13 @@ NB_MODULE(_kda_ext, m) {
         nb::arg("head_dim_k"), nb::arg("head_dim_v"), nb::arg("packed"), nb::arg("sequences"), nb::arg("gate"),
         nb::arg("lower_bound"), nb::arg("plain_inputs"), nb::arg("fp32_states"),
         "Why the two-pass prefill cannot take this call, or None.");
+  m.def("two_pass_serial", &two_pass_serial, nb::arg("state_ctas"), nb::arg("multiprocessors"),
+        "Whether the two-pass prefill runs its passes one after the other, its factors in one window.");
   m.def("two_pass_layout",
-        [](int64_t sequences, int64_t tokens, int64_t value_heads, bool packed, int64_t carried_columns) {
-          const TwoPassLayout l = two_pass_layout(sequences, tokens, value_heads, packed, carried_columns);
+        [](int64_t sequences, int64_t tokens, int64_t value_heads, bool packed, int64_t carried_columns, bool serial) {
+          const TwoPassLayout l = two_pass_layout(sequences, tokens, value_heads, packed, carried_columns, serial);
           nb::dict d;
+          d["serial"] = l.serial;
           d["window"] = l.window;
           d["windows"] = l.windows;
           d["items"] = l.items;
@@ -75,12 +79,13 @@ NB_MODULE(_kda_ext, m) {
           return d;
         },
         nb::arg("sequences"), nb::arg("tokens"), nb::arg("value_heads"), nb::arg("packed"), nb::arg("carried_columns"),
-        "The two-pass prefill's windows and workspace (kda_contract.h's TwoPassLayout) as a dict.");
+        nb::arg("serial"), "The two-pass prefill's windows and workspace (kda_contract.h's TwoPassLayout) as a dict.");
   m.def("two_pass_schedule",
         [](int64_t sequences, int64_t tokens, int64_t value_heads, bool packed, int64_t state_ctas,
            int64_t multiprocessors) {
-          const TwoPassSchedule s = two_pass_schedule(two_pass_layout(sequences, tokens, value_heads, packed, 0),
-                                                      tokens, state_ctas, multiprocessors);
+          const TwoPassLayout l = two_pass_layout(sequences, tokens, value_heads, packed, 0,
+                                                  two_pass_serial(state_ctas, multiprocessors));
+          const TwoPassSchedule s = two_pass_schedule(l, tokens, state_ctas, multiprocessors);
           nb::dict d;
           d["streamed"] = s.streamed;
           d["overlapped"] = s.overlapped;

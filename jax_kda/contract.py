@@ -32,15 +32,17 @@ prefill_v_slice = _kda_ext.prefill_v_slice  # (sequences, value_heads, head_dim_
 # The two-pass chunk-32 prefill: the calls it takes, its windows and its workspace.
 TWO_PASS_CHUNK: int = int(_kda_ext.two_pass_chunk)
 TWO_PASS_FACTOR_BYTES: int = int(_kda_ext.two_pass_factor_bytes)  # one chunk of one chain
-TWO_PASS_WORKSPACE_BUDGET: int = int(_kda_ext.two_pass_workspace_budget)  # for the factors
+TWO_PASS_OVERLAP_BUDGET: int = int(_kda_ext.two_pass_overlap_budget)  # the factors' bytes, windows overlapped
+TWO_PASS_SERIAL_BUDGET: int = int(_kda_ext.two_pass_serial_budget)  # the factors' bytes, passes one after the other
 TWO_PASS_MAX_PACKED_SEQUENCES: int = int(_kda_ext.two_pass_max_packed_sequences)
 TWO_PASS_SPLIT_MIN_CHUNKS: int = int(_kda_ext.two_pass_split_min_chunks)  # one window cut in two from here
 # One window streams (both passes at once) while the state pass takes at most this share of the GPU.
 TWO_PASS_STREAMED_SHARE_PERCENT: int = int(_kda_ext.two_pass_streamed_share_percent)
 two_pass_unsupported = _kda_ext.two_pass_unsupported  # (k, v, packed, sequences, gate, lower_bound,
 #                                                        plain_inputs, fp32_states) -> reason or None
-# (sequences, tokens, value_heads, packed, carried_columns)
-#   -> dict(window, windows, items, buffers, buffer, carry, plan, flags, flag_count, bytes)
+two_pass_serial = _kda_ext.two_pass_serial  # (state_ctas, multiprocessors) -> the passes one after the other
+# (sequences, tokens, value_heads, packed, carried_columns, serial)
+#   -> dict(serial, window, windows, items, buffers, buffer, carry, plan, flags, flag_count, bytes)
 two_pass_layout = _kda_ext.two_pass_layout
 # (sequences, tokens, value_heads, packed, state_ctas, multiprocessors)
 #   -> dict(streamed, overlapped, buffers, window, windows, buffer)

@@ -51,11 +51,13 @@ def lower_prefill_ffi(ctx, *args, present, opts: KDAOptions, two_pass: bool = Fa
     avals_out = list(ctx.avals_out)
     if not opts.output_final_state:
         avals_out.append(jax.core.ShapedArray((0,), np.float32))
-    workspace = 0
+    workspace, serial = 0, False
     if two_pass:
         _, t, hv, _ = x.v.shape
         carried = 0 if opts.output_final_state else ctx.avals_out[0].shape[3]  # o's columns: V, or V + K
-        workspace = contract.two_pass_layout(x.num_sequences, t, hv, x.cu_seqlens is not None, carried)["bytes"]
+        state_ctas = x.num_sequences * hv * (2 if opts.transition_columns else 1)  # a CTA a chain and slice
+        serial = contract.two_pass_serial(state_ctas, paths.multiprocessors())
+        workspace = contract.two_pass_layout(x.num_sequences, t, hv, x.cu_seqlens is not None, carried, serial)["bytes"]
     avals_out.append(jax.core.ShapedArray((workspace,), np.uint8))
 
     rule = jax.ffi.ffi_lowering(contract.PREFILL_TARGET)
@@ -68,6 +70,7 @@ def lower_prefill_ffi(ctx, *args, present, opts: KDAOptions, two_pass: bool = Fa
         write_final_state=opts.output_final_state,
         transition_columns=opts.transition_columns,
         two_pass=two_pass,
+        two_pass_serial=serial,
     )
     return results[: len(ctx.avals_out)]
 

@@ -1,9 +1,11 @@
 """A small KDA call through the CUDA kernels, run in a child process by test_cuda.py and
 test_decode_cuda.py (under compute-sanitizer, or with XLA's CUDA graphs switched on through XLA_FLAGS):
 `run` / `check` a packed prefill with the softplus gate (the chunk-16 kernel); with the bounded gate (the
-two-pass kernel) `-two-pass` sequences of equal length, `-two-pass-packed` the packed one, `-two-pass-cut`
-one long sequence cut into segments (its transition columns), `-two-pass-windows` one whose factors
-take three windows, overlapped (a second stream, joined back by events); `-decode` a decode step.
+two-pass kernel) `-two-pass` sequences of equal length, `-two-pass-packed` the packed one (streamed),
+`-two-pass-packed-serial` the same with enough value heads to run its passes one after the other (its
+items chain-major), `-two-pass-cut` one long sequence cut into segments (its transition columns),
+`-two-pass-windows` one whose factors take three windows, overlapped (a second stream, joined back by
+events); `-decode` a decode step.
 
 `run...`: the call alone. `check...`: several jitted calls, compared with the XLA path; prints "ok".
 """
@@ -50,7 +52,13 @@ def decode(impl):
 decoding = sys.argv[1].endswith("decode")
 if "two-pass" in sys.argv[1]:
     kwargs["lower_bound"] = -5.0
-    if not sys.argv[1].endswith("packed"):  # two sequences of 70 tokens (a partial last chunk of 32), one of
+    if sys.argv[1].endswith("packed-serial"):  # 5 sequences x 16 value heads: 80 chains
+        HV = 16
+        kwargs["A_log"] = jnp.asarray(rng.random(HV), jnp.float32)
+        kwargs["dt_bias"] = jnp.asarray(rng.random((HV, K)), jnp.float32)
+        kwargs["initial_state"] = jnp.asarray(rng.standard_normal((len(seqlens), HV, V, K)), jnp.float32)
+        args = (bf(1, T, H, K), bf(1, T, H, K), bf(1, T, HV, V), bf(1, T, HV, K), bf(1, T, HV))
+    elif not sys.argv[1].endswith("packed"):  # two sequences of 70 tokens (a partial last chunk of 32), one of
         # 4096 tokens and one head (cut: the sanitizer's time grows with the chains), or one of 18000 tokens
         # with 32 value heads (three windows)
         B, T = {"cut": (1, 4096), "windows": (1, 18000)}.get(sys.argv[1].split("-")[-1], (2, 70))

@@ -93,17 +93,30 @@ def test_kernel_reasons_come_from_the_contract(monkeypatch):
     assert reason.startswith(contract.prefill_unsupported(60, 128)) and "K = 60" in reason
 
 
+def test_two_pass_runs_serially_where_the_chains_leave_less_than_half_of_the_gpu_idle():
+    assert not contract.two_pass_serial(66, 132) and contract.two_pass_serial(67, 132)
+    assert contract.two_pass_serial(96, 132)  # case A
+    assert contract.TWO_PASS_OVERLAP_BUDGET < contract.TWO_PASS_SERIAL_BUDGET
+
+
 def test_two_pass_workspace_is_bounded_and_carries_the_state_without_a_final_state():
-    layout = lambda sequences, tokens, heads, carried=0, packed=False: contract.two_pass_layout(
-        sequences, tokens, heads, packed, carried)
-    chains, tokens = 96, 8192  # case A: 767 MB of factors in one window, more than the budget
+    layout = lambda sequences, tokens, heads, carried=0, packed=False, serial=False: contract.two_pass_layout(
+        sequences, tokens, heads, packed, carried, serial)
+    chains, tokens = 96, 8192  # case A's shape: 767 MB of factors, more than the overlapped windows' budget
     chunks = tokens // contract.TWO_PASS_CHUNK
     a = layout(1, tokens, chains)
     assert 1 <= a["window"] < chunks and a["windows"] == -(-chunks // a["window"]) == 3
     assert a["buffers"] == 2 and a["buffer"] == chains * a["window"] * contract.TWO_PASS_FACTOR_BYTES
-    assert a["carry"] == 2 * a["buffer"] <= contract.TWO_PASS_WORKSPACE_BUDGET
+    assert a["carry"] == 2 * a["buffer"] <= contract.TWO_PASS_OVERLAP_BUDGET
     assert a["bytes"] == a["carry"]  # the final state carries the state between windows
     assert a["flag_count"] == 0 and a["flags"] == a["bytes"]  # several windows never stream
+    serial = layout(1, tokens, chains, serial=True)  # serially: all of them in one window, one buffer
+    assert serial["serial"] and serial["windows"] == 1 and serial["window"] == chunks and serial["buffers"] == 1
+    assert serial["bytes"] == serial["carry"] == chains * chunks * contract.TWO_PASS_FACTOR_BYTES
+    assert serial["flag_count"] == 0  # a serial window never streams
+    long = layout(1, 16 * tokens, chains, serial=True)  # 4096 chunks: windows of the serial budget
+    assert long["buffers"] == 1 and long["window"] == contract.TWO_PASS_SERIAL_BUDGET // (
+        chains * contract.TWO_PASS_FACTOR_BYTES) and long["windows"] == -(-16 * chunks // long["window"])
     f = layout(1, 96, 4)  # what fits runs in one window, one buffer
     assert f["window"] == 3 and f["windows"] == 1 and f["buffers"] == 1
     # ... and may stream: a flag per item (4 chains x 3 chunks) and the claim counter, last
@@ -111,6 +124,7 @@ def test_two_pass_workspace_is_bounded_and_carries_the_state_without_a_final_sta
     assert f["flags"] == f["carry"] == 4 * 3 * contract.TWO_PASS_FACTOR_BYTES
     one_chunk = layout(1, 160, 10**6)  # a window holds one chunk at least
     assert one_chunk["window"] == 1 and one_chunk["buffers"] == 2
+    assert layout(1, 160, 10**6, serial=True)["buffers"] == 1
     assert layout(1, 32, 10**6)["buffers"] == 1  # one window: no second buffer
     assert layout(0, 160, 4)["bytes"] == 0 and layout(4, 0, 4)["bytes"] == 0  # nothing to run
     assert layout(1, tokens, chains, 128)["bytes"] - a["bytes"] == chains * 128 * 128 * 4  # fp32 states
@@ -120,32 +134,34 @@ def test_two_pass_workspace_is_bounded_and_carries_the_state_without_a_final_sta
 
 
 def test_two_pass_workspace_of_packed_sequences_holds_their_plan():
-    sequences, tokens, heads = 6, 8192, 96  # case C: 24,864 items at most, three windows in two buffers
-    p = contract.two_pass_layout(sequences, tokens, heads, True, 0)
+    sequences, tokens, heads = 6, 8192, 96  # case C's shape: 25,152 items at most
     items = heads * (tokens // contract.TWO_PASS_CHUNK + sequences)  # each sequence may end in a partial chunk
+    p = contract.two_pass_layout(sequences, tokens, heads, True, 0, False)  # three windows in two buffers
     assert p["items"] == items and p["buffers"] == 2 and p["buffer"] == p["window"] * contract.TWO_PASS_FACTOR_BYTES
     assert p["windows"] == -(-items // p["window"]) == 3
-    assert p["plan"] == p["carry"] == 2 * p["buffer"] <= contract.TWO_PASS_WORKSPACE_BUDGET
+    assert p["plan"] == p["carry"] == 2 * p["buffer"] <= contract.TWO_PASS_OVERLAP_BUDGET
     assert p["bytes"] - p["plan"] == items * 12 + (sequences * heads + 2) * 4  # (chain, chunk), item of; chains
-    small = contract.two_pass_layout(3, 100, 2, True, 128)  # one window of every item
+    serial = contract.two_pass_layout(sequences, tokens, heads, True, 0, True)  # serially: one window
+    assert serial["window"] == items and serial["windows"] == serial["buffers"] == 1
+    assert serial["bytes"] - serial["plan"] == items * 12 + (sequences * heads + 2) * 4  # no flags
+    small = contract.two_pass_layout(3, 100, 2, True, 128, False)  # one window of every item
     assert small["window"] == small["items"] == 2 * (4 + 3) and small["windows"] == 1 and small["buffers"] == 1
     assert small["plan"] - small["carry"] == 3 * 2 * 128 * 128 * 4
     assert small["flags"] - small["plan"] == small["items"] * 12 + (3 * 2 + 2) * 4  # the flags after the plan
     assert small["flag_count"] == small["items"] + 1 and small["bytes"] == small["flags"] + 4 * small["flag_count"]
 
 
-def test_two_pass_windows_overlap_where_the_chains_leave_multiprocessors_idle():
+def test_two_pass_windows_overlap_where_the_chains_leave_most_multiprocessors_idle():
     schedule = contract.two_pass_schedule
     e = schedule(1, 32768, 32, False, 32, 132)  # case E: 32 state-pass CTAs on 132 multiprocessors
     assert e["overlapped"] and e["buffers"] == 2
-    assert e["windows"] == contract.two_pass_layout(1, 32768, 32, False, 0)["windows"] == 4
-    d = schedule(8, 1024, 96, False, 768, 132)  # case D: 768 CTAs, the GPU full: serial, the buffers as one
-    layout = contract.two_pass_layout(8, 1024, 96, False, 0)
-    assert not d["overlapped"] and d["buffers"] == 1 and d["window"] == 2 * layout["window"]
-    assert d["windows"] == -(-32 // d["window"]) == 2 < layout["windows"]
-    c = schedule(6, 8192, 96, True, 576, 132)  # packed: windows of items
-    assert not c["overlapped"] and c["windows"] == 2
-    assert not schedule(1, 32768, 32, False, 132, 132)["overlapped"]  # no multiprocessor left over
+    assert e["windows"] == contract.two_pass_layout(1, 32768, 32, False, 0, False)["windows"] == 4
+    for d in (schedule(8, 1024, 96, False, 768, 132),  # case D: 768 CTAs, the GPU full
+              schedule(1, 8192, 96, False, 96, 132),  # case A: 96 CTAs, a quarter of the GPU idle
+              schedule(1, 32768, 32, False, 132, 132)):  # no multiprocessor left over
+        assert not d["overlapped"] and not d["streamed"] and d["buffers"] == 1 and d["windows"] == 1, d
+    c = schedule(6, 8192, 96, True, 576, 132)  # packed: one window of items
+    assert not c["overlapped"] and c["windows"] == 1
     f = schedule(1, 2048, 32, False, 32, 132)  # case F: one window of 64 chunks, too short to cut: streamed
     assert f["streamed"] and not f["overlapped"] and f["windows"] == 1
     assert schedule(0, 2048, 32, False, 0, 132)["windows"] == 0
@@ -170,7 +186,7 @@ def test_one_window_streams_where_the_chains_take_a_small_share_of_the_gpu():
     (3, 4400, 4, True),  # packed: halves of the items
 ])
 def test_one_window_is_cut_in_two_overlapped_halves_that_its_buffer_holds(sequences, tokens, heads, packed):
-    layout = contract.two_pass_layout(sequences, tokens, heads, packed, 0)
+    layout = contract.two_pass_layout(sequences, tokens, heads, packed, 0, False)
     chains = 64  # state-pass CTAs that leave half of the GPU, too many to stream
     s = contract.two_pass_schedule(sequences, tokens, heads, packed, chains, 132)
     assert layout["windows"] == 1 and s["overlapped"] and s["buffers"] == 2 and s["windows"] == 2

@@ -1,5 +1,6 @@
 """The CUDA kernels: lowering (on any machine) and, on a Hopper GPU, correctness against float64."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -61,13 +62,28 @@ def test_two_pass_kernel_lowers_with_its_workspace(monkeypatch, output_final_sta
     args = (spec(1, T, H, K),) * 4 + (spec(1, T, H), spec(1, H, K, K, dtype=jnp.float32))
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
-    assert len(calls) == 1 and "two_pass = true" in calls[0], calls
-    layout = contract.two_pass_layout(1, T, H, False, 0)
+    assert len(calls) == 1 and "two_pass = true" in calls[0] and "two_pass_serial = false" in calls[0], calls
+    layout = contract.two_pass_layout(1, T, H, False, 0, False)
     assert layout["windows"] > 1 and layout["buffers"] == 2
     factors = 2 * H * layout["window"] * contract.TWO_PASS_FACTOR_BYTES
-    assert factors <= contract.TWO_PASS_WORKSPACE_BUDGET
+    assert factors <= contract.TWO_PASS_OVERLAP_BUDGET
     carry = 0 if output_final_state else H * K * K * 4  # the state between windows, when no final state is kept
     assert f"tensor<{factors + carry}xui8>" in calls[0]
+
+
+@needs_kernels
+def test_two_pass_kernel_lowers_serially_with_every_factor_in_its_workspace(monkeypatch):
+    monkeypatch.setattr(paths, "multiprocessors", lambda: 132)
+    T, H, K = 8192, 96, 128  # case A: 96 chains leave less than half of the multiprocessors idle
+    f = lambda q, k, v, g, b: kda_prefill(q, k, v, g, b, output_final_state=True, use_gate_in_kernel=True,
+                                          lower_bound=-5.0)
+    args = (spec(1, T, H, K),) * 4 + (spec(1, T, H),)
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
+    assert len(calls) == 1 and "two_pass = true" in calls[0] and "two_pass_serial = true" in calls[0], calls
+    factors = H * (T // contract.TWO_PASS_CHUNK) * contract.TWO_PASS_FACTOR_BYTES
+    assert contract.TWO_PASS_OVERLAP_BUDGET < factors <= contract.TWO_PASS_SERIAL_BUDGET
+    assert f"tensor<{factors}xui8>" in calls[0]  # one window, no flags
 
 
 @needs_kernels
@@ -99,9 +115,10 @@ def test_few_long_sequences_cut_for_the_two_pass_kernel_lower_with_its_workspace
     assert "transition_columns = true" in calls[0] and "two_pass = true" in calls[0]
     assert f"tensor<8x{T // 8}x{H}x{2 * K}xbf16>" in calls[0]
     chunks = T // 8 // contract.TWO_PASS_CHUNK
-    assert contract.two_pass_layout(8, T // 8, H, False, 0)["windows"] == 1  # the final state carries nothing
+    assert "two_pass_serial = true" in calls[0]  # 128 state-pass CTAs: 64 chains and their transition slices
+    assert contract.two_pass_layout(8, T // 8, H, False, 0, True)["windows"] == 1  # the final state carries nothing
     items = 8 * H * chunks
-    assert f"tensor<{items * contract.TWO_PASS_FACTOR_BYTES + (items + 1) * 4}xui8>" in calls[0]  # + flags
+    assert f"tensor<{items * contract.TWO_PASS_FACTOR_BYTES}xui8>" in calls[0]
     assert f"@{contract.SEGMENT_CORRECT_TARGET}(" in calls[1]
 
 
@@ -476,9 +493,9 @@ def test_two_pass_sizes(case, two_pass, B, T):
     (dict(B=1, T=18000, H=16, HV=32), "overlapped", 3),
     # 2 sequences x 32 heads, 32 x (375 + 250 + 2) items at most: three windows of the chunk-major order.
     (dict(seqlens=[12000, 8000], H=16, HV=32), "overlapped", 3),
-    # 96 x (125 + 63 + 1 + 4 + 3) items at most and 384 state CTAs, more than the multiprocessors:
-    # serial, the two buffers as one, two windows; an empty sequence.
-    (dict(seqlens=[4000, 2000, 0, 100], H=48, HV=96), "serial", 2),
+    # 384 state CTAs, more than the multiprocessors: serial, 96 x (125 + 63 + 1 + 4 + 3) items at most in
+    # one window, chain-major; an empty sequence.
+    (dict(seqlens=[4000, 2000, 0, 100], H=48, HV=96), "serial", 1),
     # One window's factors cut in two overlapped halves (129 chunks: 65 and 64) in the one buffer: 48
     # chains, too many to stream.
     (dict(B=1, T=4128, H=24, HV=48), "overlapped", 2),
@@ -502,6 +519,31 @@ def test_two_pass_windows(case, two_pass, shape, kind, windows, output_final_sta
     assert schedule["windows"] == windows, schedule
     assert takes_two_pass(c)
     check_against_oracle(c)
+
+
+@gpu
+@needs_kernels
+def test_two_pass_serial_windows_equal_the_call_cut_where_they_meet(case, two_pass):
+    # 96 chains run serially; one chunk more than the serial budget holds: two windows, the state carried
+    # from the first to the second in fp32. Bit for bit the two calls of those windows' tokens, the second
+    # from the first's final state (each one window, as the float64 checks run it).
+    heads = 96
+    T = (contract.TWO_PASS_SERIAL_BUDGET // (heads * contract.TWO_PASS_FACTOR_BYTES) + 1) * contract.TWO_PASS_CHUNK
+    c = case(**{**TWO_PASS_CALL, "B": 1, "T": T, "H": heads, "HV": heads})
+    schedule = contract.two_pass_schedule(1, T, heads, False, heads, paths.multiprocessors())
+    if not contract.two_pass_serial(heads, paths.multiprocessors()):
+        pytest.skip(f"{heads} state-pass CTAs leave most of this GPU's multiprocessors idle")
+    assert not schedule["overlapped"] and schedule["windows"] == 2, schedule
+    cut = schedule["window"] * contract.TWO_PASS_CHUNK
+    assert takes_two_pass(c)
+    o, final = run_cuda(c)
+    part = lambda tokens: dataclasses.replace(c, args=tuple(a[:, tokens] for a in c.args))
+    o1, final1 = run_cuda(part(slice(0, cut)))
+    tail = part(slice(cut, T))
+    o2, final2 = run_cuda(dataclasses.replace(tail, kwargs={**tail.kwargs, "initial_state": final1}))
+    bits = lambda a: np.asarray(a.view(jnp.uint16) if a.dtype == jnp.bfloat16 else a)
+    np.testing.assert_array_equal(bits(o), bits(jnp.concatenate([o1, o2], axis=1)))
+    np.testing.assert_array_equal(bits(final), bits(final2))
 
 
 @gpu
@@ -658,8 +700,9 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "gpu_small_case.py")
 # its plan, and one cut into segments: the transition slice).
 SMALL_CALLS = [("", "kda_prefill_kernel"), ("-two-pass", "pass_kernel"), ("-two-pass-packed", "_kernel"),
                ("-two-pass-cut", "pass_kernel")]
-# The sanitizer checks the kernels a name selects: the cut call's correction kernel on its own.
-SANITIZED_CALLS = SMALL_CALLS + [("-two-pass-cut", "correct_kernel")]
+# The sanitizer checks the kernels a name selects: the cut call's correction kernel on its own, and the
+# packed call run serially (its plan chain-major).
+SANITIZED_CALLS = SMALL_CALLS + [("-two-pass-cut", "correct_kernel"), ("-two-pass-packed-serial", "_kernel")]
 
 
 @gpu

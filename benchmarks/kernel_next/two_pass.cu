@@ -135,8 +135,10 @@ struct Launcher {
       packed_plan.chain_first = packed_plan.item_of + bound;
       packed_plan.items = packed_plan.chain_first + chains + 1;
       const int pairs = chunks_in(d.shape.tokens) + sequences;
+      // Chunk-major in every window (the streamed schedule needs it; the library's one serial window
+      // takes chain-major).
       plan_packed_kernel<<<(pairs * heads + kPlanThreads - 1) / kPlanThreads, kPlanThreads>>>(d.cu, sequences,
-                                                                                             heads, packed_plan);
+                                                                                             heads, false, packed_plan);
       KN_CHECK(cudaGetLastError());
       const int capacity = int(std::min<size_t>(bound, size_t(chains) * window));
       for (size_t first = 0; first < bound; first += capacity) {

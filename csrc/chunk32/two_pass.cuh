@@ -74,7 +74,9 @@ CHUNK32_HD ItemRange items_of(int unit, int units, int items) {
 // order (chunk j of every sequence that has one, sequence by sequence, each one's heads in order), so
 // that a window, a range of that order, holds a band of chunks of every chain that is that long: the
 // state pass still runs every chain at once, and the windows' items are as many as their factors fill.
-// Written on the device by plan_packed_kernel.
+// A call of one window run serially takes them chain-major instead (each chain's chunks in a row, as
+// sequences of one length are): a group's items then share their chain's gate constants and sequence
+// bounds, and a chain's factors lie together. Written on the device by plan_packed_kernel.
 struct PackedItems {
   int2 *chain_chunk = nullptr;  // [item]: (chain, chunk) of each item; nullptr: not packed
   int *item_of = nullptr;       // chain c's chunk j is item item_of[chain_first[c] + j]
@@ -126,11 +128,11 @@ __device__ __forceinline__ int items_in(const FusedParams &p, const Window &w) {
 }
 
 // The plan of packed sequences: one thread per (sequence, chunk, head), consecutive heads on consecutive
-// threads so that the items' writes coalesce. Item (j, n, h) = heads x (the chunks below j of all
-// sequences + the sequences before n that reach j) + h.
+// threads so that the items' writes coalesce. Chunk-major, item (j, n, h) = heads x (the chunks below j
+// of all sequences + the sequences before n that reach j) + h; chain-major, its chain-major offset.
 constexpr int kPlanThreads = 256;
 __global__ void __launch_bounds__(kPlanThreads)
-    plan_packed_kernel(const int *cu_seqlens, int sequences, int heads, PackedItems plan) {
+    plan_packed_kernel(const int *cu_seqlens, int sequences, int heads, bool chain_major, PackedItems plan) {
   __shared__ int chunks[kMaxPackedSequences], start[kMaxPackedSequences + 1];
   for (int n = threadIdx.x; n < sequences; n += blockDim.x) {
     chunks[n] = max(0, (cu_seqlens[n + 1] - cu_seqlens[n] + kChunk - 1) / kChunk);
@@ -146,12 +148,13 @@ __global__ void __launch_bounds__(kPlanThreads)
     const int pair = i / heads, h = i % heads;
     int n = 0;
     while (start[n + 1] <= pair) ++n;  // the pair's sequence (empty ones skipped)
-    const int j = pair - start[n];
+    const int j = pair - start[n], offset = heads * start[n] + h * chunks[n] + j;  // chain-major
     int below = 0;
-    for (int m = 0; m < sequences; ++m) below += min(chunks[m], j) + (m < n && chunks[m] > j ? 1 : 0);
-    const int item = heads * below + h;
+    if (!chain_major)
+      for (int m = 0; m < sequences; ++m) below += min(chunks[m], j) + (m < n && chunks[m] > j ? 1 : 0);
+    const int item = chain_major ? offset : heads * below + h;
     plan.chain_chunk[item] = make_int2(n * heads + h, j);
-    plan.item_of[heads * start[n] + h * chunks[n] + j] = item;
+    plan.item_of[offset] = item;
   }
   if (blockIdx.x == 0) {
     for (int c = threadIdx.x; c <= sequences * heads; c += blockDim.x) {
