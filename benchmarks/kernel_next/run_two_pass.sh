@@ -8,13 +8,12 @@
 # factors against float64, every output written; windows of chunks, serial and overlapped, bit for bit
 # against one pass; timings of pass 1, pass 2 and both for A, E, F and D, then both window by window);
 # then a second binary built with -DCHUNK32_PHASE_CLOCKS (the real timings stay uninstrumented) prints
-# pass 1's per-phase clock64 table for A (every variant) and F; then the cluster kernel prototype in runs
-# of its own (memcheck, its checks, D's timing); a summary at the end. Every step has a time limit, so
-# a hang (a barrier bug) still leaves its logs.
+# pass 1's per-phase clock64 table for A (every variant) and F; a summary at the end. Every step has a
+# time limit, so a hang (a barrier bug) still leaves its logs.
 # $OUT (default /tmp/two_pass_out) receives at most 8 files (the device call brings back 8, 2 folders
 # deep at most): build.log, host_check.log, memcheck.log, racecheck.log, two_pass.log, phases.log,
 # summary.txt and extra.tar.gz (the SASS, the GPU line, the instrumented build's ptxas log).
-# Environment: OUT, NVCC (default nvcc), BUILD_DIR, REPS, SKIP_SANITIZER=1, SKIP_RACECHECK=1, SKIP_CLUSTER=1, TWO_PASS_ARGS
+# Environment: OUT, NVCC (default nvcc), BUILD_DIR, REPS, SKIP_SANITIZER=1, SKIP_RACECHECK=1, TWO_PASS_ARGS
 # (e.g. "--timing-only 1": no float64 checks of the timed shapes, which take minutes on the CPU).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -109,24 +108,9 @@ if [[ -n "$phases_bin" ]]; then
   [[ $prc -eq 124 ]] && say "two_pass_phases TIMED OUT"
 fi
 
-# 7. The cluster kernel (cluster_pass.cuh, a prototype), in runs of its own: memcheck on T50 and P5, then
-# its checks on the short shapes, D's (equal and packed) and C's, and those timed (log in extra.tar.gz:
-# extra/cluster.log).
-crc=none
-if [[ -z "${SKIP_CLUSTER:-}" ]]; then
-  if [[ -z "${SKIP_SANITIZER:-}" ]] && command -v compute-sanitizer > /dev/null; then
-    timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 "$build/two_pass" --cluster 1 --tiny 1 \
-      > "$extra/cluster_memcheck.log" 2>&1
-    say "cluster memcheck: rc $? ($(grep -h 'ERROR SUMMARY' "$extra/cluster_memcheck.log" | tr '\n' ' '))"
-  fi
-  timeout 180 stdbuf -oL "$build/two_pass" --cluster 1 --reps "${REPS:-20}" > "$extra/cluster.log" 2>&1
-  crc=$?
-  [[ $crc -eq 124 ]] && say "two_pass --cluster TIMED OUT"
-fi
-
 tar -czf "$out/extra.tar.gz" -C "$build" extra 2>/dev/null
 
-# 8. Summary (the reply keeps the end of the output).
+# 7. Summary (the reply keeps the end of the output).
 {
   echo
   echo "==== summary"
@@ -134,10 +118,6 @@ tar -czf "$out/extra.tar.gz" -C "$build" extra 2>/dev/null
   grep -E '^check ' "$out/two_pass.log" | cut -c1-260
   sed -n '/^medians of/,$p' "$out/two_pass.log"
   echo "full run rc $rc, status $status"
-  if [[ -f "$extra/cluster.log" ]]; then
-    echo "==== cluster kernel (prototype, rc $crc)"
-    grep -E '^(cluster|check|two_pass cluster)' "$extra/cluster.log" | cut -c1-200
-  fi
   if [[ -f "$out/phases.log" ]]; then
     echo "==== pass 1 phases (instrumented build, rc ${prc:-none})"
     grep -vE '^(two_pass:|pass 1:)' "$out/phases.log" | cut -c1-120

@@ -14,7 +14,6 @@
 #include <memory>
 #include <string>
 
-#include "cluster_pass.cuh"
 #include "fused_prefill_host.h"
 #include "two_pass.cuh"
 
@@ -67,7 +66,7 @@ const Variant kVariants[] = {
     {"log-decay gate", factor_pass_kernel<GateMath::kLogDecay, true, true, 4>, -1, GateMode::kLogDecay},
 };
 constexpr size_t kVariantCount = sizeof(kVariants) / sizeof(kVariants[0]);
-// The library's windows' pass among them (the cluster kernel's and D's reference).
+// The library's windows' pass among them (D's reference).
 const Variant &library_variant() {
   for (const Variant &v : kVariants)
     if (std::string(v.name) == "library") return v;
@@ -196,54 +195,6 @@ struct Launcher {
     if (w.first > 0) p.initial_state = p.final_state;
     const dim3 grid(ctas, transition.o != nullptr ? 2 : 1);
     state_pass_kernel<<<grid, kStateCtaThreads, kS2SmBytes, stream>>>(p, d.maps, buffer, w, transition);
-    KN_CHECK(cudaGetLastError());
-  }
-  // Both passes at once in clusters of three CTAs (cluster_pass.cuh), the library's factor build: as
-  // many clusters as are resident at once (found at start-up), at most one a chain. Packed: the chains
-  // longest first, each onto the cluster with the fewest chunks so far (the plan, made here once for
-  // the last problem asked, outside the launches that time_launches times).
-  int clusters_fit = 0;
-  int *cluster_plan = nullptr;
-  size_t cluster_plan_capacity = 0;  // ints
-  std::vector<int> cluster_planned_lengths;
-  int cluster_planned_heads = -1;
-  ClusterPlan plan_clusters(const DeviceProblem &d, int clusters) {
-    if (!d.packed()) return {};
-    if (cluster_planned_lengths != d.seqlens || cluster_planned_heads != d.shape.heads) {
-      const int chains = int(chains_of(d));
-      std::vector<int> by_length(chains), load(clusters, 0);
-      std::vector<std::vector<int>> members(clusters);
-      for (int c = 0; c < chains; ++c) by_length[c] = c;
-      auto chunks = [&](int c) { return chunks_in(d.seqlens[c / d.shape.heads]); };
-      std::stable_sort(by_length.begin(), by_length.end(), [&](int a, int b) { return chunks(a) > chunks(b); });
-      for (int c : by_length) {
-        const int least = int(std::min_element(load.begin(), load.end()) - load.begin());
-        members[least].push_back(c);
-        load[least] += chunks(c);
-      }
-      std::vector<int> host{0};  // first[clusters + 1], then the order
-      for (const auto &m : members) host.push_back(host.back() + int(m.size()));
-      for (const auto &m : members) host.insert(host.end(), m.begin(), m.end());
-      if (host.size() > cluster_plan_capacity) {
-        if (cluster_plan != nullptr) KN_CHECK(cudaFree(cluster_plan));
-        KN_CHECK(cudaMalloc(&cluster_plan, host.size() * sizeof(int)));
-        cluster_plan_capacity = host.size();
-      }
-      KN_CHECK(cudaMemcpy(cluster_plan, host.data(), host.size() * sizeof(int), cudaMemcpyHostToDevice));
-      cluster_planned_lengths = d.seqlens;
-      cluster_planned_heads = d.shape.heads;
-    }
-    ClusterPlan plan;
-    plan.first = cluster_plan;
-    plan.order = cluster_plan + clusters + 1;
-    return plan;
-  }
-  void cluster(const DeviceProblem &d) {
-    const int chains = int(chains_of(d));
-    if (chains == 0 || d.shape.tokens == 0) return;
-    const int clusters = std::min(clusters_fit, chains);
-    cluster_pass_kernel<GateMath::kTanh, true, true><<<clusters * kClusterCtas, kClusterThreads, kClusterSmBytes>>>(
-        make_params(d), d.maps, clusters, plan_clusters(d, clusters));
     KN_CHECK(cudaGetLastError());
   }
   // Both passes window by window, `window` chunks per chain at a time (reserve(d, window) first).
@@ -572,17 +523,6 @@ bool check_streamed(const char *label, const Variant &v, Launcher &l, const Devi
   return differ == 0;
 }
 
-// The cluster kernel against one pass of `v` (the same factor build: the library's variant), o and the final
-// state bit for bit (both poisoned first).
-bool check_cluster(const char *label, const Variant &v, Launcher &l, const DeviceProblem &d) {
-  size_t compared = 0;
-  const long long differ = outputs_differing(
-      v, l, d, [&](int) { l.reserve(d); }, [&] { l.cluster(d); }, {}, compared);
-  printf("check %-6s cluster kernel (%d clusters at most) vs one pass of %s, bit for bit: %lld of %zu bytes differ  "
-         "%s\n", label, l.clusters_fit, v.name, differ, compared, differ == 0 ? "PASS" : "FAIL");
-  return differ == 0;
-}
-
 // Pass 1 of `v` against pass 1 of `ref` on `d`, byte for byte (the buffer poisoned alike before each): the
 // first and the last up to kCompareItems items. Returns the bytes that differ; `compared` the bytes compared.
 long long factors_differing(const Variant &v, const Variant &ref, Launcher &l, const DeviceProblem &d,
@@ -781,7 +721,7 @@ double mean_of(const std::vector<double> &v) {
 // Pass 1 of `v` on `d` with the clocks on: its instrumented time, a factor check of two chunks, then the
 // per-phase table over the items that are not a CTA's first (whose raw wait is the cold load), the first
 // items apart, the effective clock, and per SM the CTAs resident at once and the cycles per item.
-// The short cases (every chain checked) of the full run and of the cluster kernel's.
+// The short cases of the full run (every chain checked).
 struct ShortCase {
   Shape shape;
   std::vector<int> seqlens;  // packed (shape: batch 1, tokens their sum); empty: B x T
@@ -795,34 +735,6 @@ const ShortCase kShortCases[] = {{{"T64", 2, 64, 4}, {}},
                                  {{"T96gva", 2, 96, 6, GateMode::kBounded, 3}, {}},  // 6 value heads, 2 q/k heads
                                  {{"P5", 1, 283, 4}, {50, 0, 96, 7, 130}},
                                  {{"P3gva", 1, 98, 6, GateMode::kBounded, 3}, {33, 64, 1}}};
-
-// `--cluster 1`: the cluster kernel (cluster_pass.cuh) alone, in a run of its own so that a fault of the
-// prototype costs nothing else: bit for bit against one pass of the library's variant on the short shapes
-// (packed ones too) and on D's and C's (ANCHORS.md: D 8 x 1024 tokens, C 6 packed sequences; 96 heads),
-// those two then timed beside both passes one after the other.
-bool cluster_report(const Variant &library, Launcher &l, int warmup, int reps, bool tiny) {
-  bool pass = true;
-  std::vector<ShortCase> cases(std::begin(kShortCases), std::end(kShortCases));
-  cases.push_back({{"D", 8, 1024, 96}, {}});
-  cases.push_back({{"Dpack", 1, 8192, 96}, std::vector<int>(8, 1024)});
-  cases.push_back({{"C", 1, 8192, 96}, {1300, 547, 2048, 963, 271, 3063}});
-  for (const ShortCase &c : cases) {
-    const Shape &s = c.shape;
-    if (tiny && std::strcmp(s.name, "T50") != 0 && std::strcmp(s.name, "P5") != 0) continue;
-    DeviceProblem d = make_problem(s, 11, c.seqlens);
-    pass = check_cluster(s.name, library, l, d) && pass;
-    if (!tiny && s.heads >= 96) {
-      const Timing both = timing_of(time_launches([&] { l.pass1(library, d); l.pass2(d); }, warmup, reps));
-      const Timing cluster = timing_of(time_launches([&] { l.cluster(d); }, warmup, reps));
-      printf("cluster: %-5s %d clusters of 3 CTAs %8.4f ms (spread %.4f); both passes of %s one after the other "
-             "%8.4f ms (spread %.4f)\n", s.name, std::min<int>(l.clusters_fit, int(Launcher::chains_of(d))),
-             cluster.ms, cluster.spread, library.name, both.ms, both.spread);
-    }
-    free_problem(d);
-  }
-  printf("two_pass cluster: %s\n", pass ? "ALL CHECKS PASS" : "SOME CHECKS FAIL");
-  return pass;
-}
 
 bool phase_report(const char *label, const Variant &v, Launcher &l, const DeviceProblem &d, int warmup, int reps) {
 #ifndef CHUNK32_PHASE_CLOCKS
@@ -994,24 +906,7 @@ int main(int argc, char **argv) {
   }
   KN_CHECK(cudaFuncSetAttribute(state_pass_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kS2SmBytes)));
   printf("pass 2: %d threads, %u B, %d stages\n", kStateCtaThreads, kS2SmBytes, kPassStages);
-  {
-    auto kernel = cluster_pass_kernel<GateMath::kTanh, true, true>;
-    KN_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kClusterSmBytes)));
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(kClusterCtas);
-    config.blockDim = dim3(kClusterThreads);
-    config.dynamicSmemBytes = kClusterSmBytes;
-    KN_CHECK(cudaOccupancyMaxActiveClusters(&l.clusters_fit, kernel, &config));
-    printf("cluster kernel: clusters of %d CTAs, %d threads, %u B a CTA; %d clusters resident at once\n",
-           kClusterCtas, kClusterThreads, kClusterSmBytes, l.clusters_fit);
-  }
   bool all_pass = true;
-
-  if (int_option(argc, argv, "--cluster", 0)) {
-    all_pass = cluster_report(library_variant(), l, warmup, reps, tiny);
-    if (l.factors != nullptr) KN_CHECK(cudaFree(l.factors));
-    return all_pass ? 0 : 1;
-  }
 
   if (int_option(argc, argv, "--phases", 0)) {  // the CHUNK32_PHASE_CLOCKS build: per-phase clocks of pass 1 only
     const Shape shapes[] = {{"A", 1, 8192, 96}, {"F", 1, 2048, 32}};

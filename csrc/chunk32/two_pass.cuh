@@ -521,23 +521,10 @@ __device__ __forceinline__ ChainWindow chain_window(const Window &w, const Chain
 // only where there are such rows, the state warps zero them, form R again and make the outputs from the
 // first valid one on and the state NaN (run_state). Measured, the check still costs the state pass 6-11%
 // on A-D (docs/PERFLOG.md); waiting for the verdict before the products cost 29%.
-// ring0: the ring's position of the chain's first chunk (a CTA that runs several chains in turn).
-// kClusterFed: other CTAs of a cluster write the stages with their own stores (cluster_pass.cuh), so the
-// stages' full barriers are waited on with acquire at cluster scope.
-template <bool kClusterFed = false>
-__device__ __forceinline__ void wait_full(uint64_t *full, uint32_t parity) {
-  if constexpr (kClusterFed) {
-    mbarrier_wait_cluster(full, parity);
-  } else {
-    mbarrier_wait(full, parity);
-  }
-}
-template <bool kClusterFed = false>
-__device__ void run_scanner(uint8_t *smem, const RingBarriers &bars, const ChainWindow &cw, bool load_v, int lane,
-                            int ring0 = 0) {
+__device__ void run_scanner(uint8_t *smem, const RingBarriers &bars, const ChainWindow &cw, bool load_v, int lane) {
   for (int i = 0; i < cw.count; ++i) {
-    const int s = ring_stage(ring0 + i);
-    wait_full<kClusterFed>(&bars.full[s], ring_parity(ring0 + i));
+    const int s = ring_stage(i);
+    mbarrier_wait(&bars.full[s], ring_parity(i));
     uint32_t bad = 0u;
     if (load_v) {
       const uint4 *v = reinterpret_cast<const uint4 *>(smem + s * kStBytes + kStV);
@@ -607,9 +594,8 @@ __device__ __forceinline__ void poison(uint32_t poisoned, int thread, float (&s)
   for (int i = 0; i < kStateValues; ++i) s[i] = NAN;
 }
 
-template <bool kClusterFed = false>
 __device__ void run_state(const FusedParams &p, uint8_t *smem, const RingBarriers &bars, const Chain &chain,
-                          int group, int first, int count, bool from_identity, int ring0 = 0) {
+                          int group, int first, int count, bool from_identity) {
   const int thread = threadIdx.x % kWarpgroupThreads;
   float s[kStateValues], o[kHalfRo];
   load_initial_state(p, chain, group, thread, s);
@@ -620,12 +606,12 @@ __device__ void run_state(const FusedParams &p, uint8_t *smem, const RingBarrier
   }
   const uint32_t stages = smem_address(smem);
   for (int i = 0; i < count; ++i) {
-    const int st = ring_stage(ring0 + i);
+    const int st = ring_stage(i);
     const float *decay = reinterpret_cast<const float *>(smem + st * kStBytes + kStDecay);
-    wait_full<kClusterFed>(&bars.full[st], ring_parity(ring0 + i));
+    mbarrier_wait(&bars.full[st], ring_parity(i));
     uint32_t bad = 0u;
     auto rewrote_v = [&] {  // once R is formed: the scanner's verdict on this chunk's V
-      mbarrier_wait(&bars.scanned[st], ring_parity(ring0 + i));
+      mbarrier_wait(&bars.scanned[st], ring_parity(i));
       bad = bars.bad_rows[st];  // rewritten only after this stage is released
       if (bad == 0u) return false;
       zero_v_rows(smem + st * kStBytes, group, bad, thread);
