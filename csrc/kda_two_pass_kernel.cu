@@ -43,11 +43,8 @@ constexpr int kInverseWarps = 4;  // the inverse's merge spread over the group (
 constexpr int kFactorCtaThreads = kFactorThreads * kGroupsPerCta;
 // The factor pass's build (two_pass.cuh, factor_group.cuh): the bounded gate's sigmoid by tanh.approx (ex2
 // + rcp: the harness's pass 1 6% slower, fourteenth session), the windows' pass storing its factors by
-// bulk copies (the streamed one each thread's own stores), each group's roles on its own warps and the
-// substitution after the scores' barrier (the two candidates, behind these switches, that the harness
-// times against them: PERFLOG).
+// bulk copies (the streamed one each thread's own stores).
 constexpr GateMath kFactorGate = GateMath::kTanh;
-constexpr bool kFactorStaggerRoles = false, kFactorEarlySubstitution = false;
 constexpr uint32_t kFactorSmBytes = f1_smem_bytes(kRawSlots, kGroupsPerCta, true);  // with the Aqk images
 
 // The driver's tensor-map encoder, through the runtime (no link to libcuda).
@@ -188,11 +185,9 @@ cudaError_t launch_windows(const FusedParams &p, const TensorMaps &maps, const T
                            uint8_t *factors, const TwoPassLayout &layout, const PackedItems &packed,
                            cudaStream_t stream) {
   auto factor_kernel = factor_pass_kernel<kFactorGate, kL2Norm, kBetaSigmoid, kInverseWarps, kRawSlots, 1,
-                                          kGroupsPerCta, false, FactorStores::kBulk, kFactorStaggerRoles,
-                                          kFactorEarlySubstitution>;
+                                          kGroupsPerCta, false, FactorStores::kBulk>;
   auto streamed_kernel = factor_pass_kernel<kFactorGate, kL2Norm, kBetaSigmoid, kInverseWarps, kRawSlots, 1,
-                                            kGroupsPerCta, true, FactorStores::kThreads, kFactorStaggerRoles,
-                                            kFactorEarlySubstitution>;
+                                            kGroupsPerCta, true, FactorStores::kThreads>;
   cudaError_t err = cudaFuncSetAttribute(factor_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFactorSmBytes);
   if (err == cudaSuccess) {
     err = cudaFuncSetAttribute(streamed_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFactorSmBytes);

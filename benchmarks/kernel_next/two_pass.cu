@@ -47,20 +47,9 @@ const Variant kVariants[] = {
      GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta), 1, kGroupsPerCta,
      factor_pass_kernel<GateMath::kExp2Reciprocal, true, true, 4, kRawSlots, 1, kGroupsPerCta, true>},
     // The library's windows' pass (the tanh gate, the factors stored by bulk copies: kStores; its factors
-    // bit for bit the tanh gate's), and the two candidates: the groups' roles staggered over the
-    // schedulers (kStaggerRoles), the substitution by the K warps after their scores
-    // (kEarlySubstitution), and both.
+    // bit for bit the tanh gate's).
     {"library", factor_pass_kernel<GateMath::kTanh, true, true, 4, kRawSlots, 1, kGroupsPerCta, false,
                                    FactorStores::kBulk>,
-     1, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta, true), 1, kGroupsPerCta},
-    {"lib, staggered", factor_pass_kernel<GateMath::kTanh, true, true, 4, kRawSlots, 1, kGroupsPerCta, false,
-                                          FactorStores::kBulk, true>,
-     1, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta, true), 1, kGroupsPerCta},
-    {"lib, early subst", factor_pass_kernel<GateMath::kTanh, true, true, 4, kRawSlots, 1, kGroupsPerCta, false,
-                                            FactorStores::kBulk, false, true>,
-     1, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta, true), 1, kGroupsPerCta},
-    {"lib, stagger+early", factor_pass_kernel<GateMath::kTanh, true, true, 4, kRawSlots, 1, kGroupsPerCta, false,
-                                              FactorStores::kBulk, true, true>,
      1, GateMode::kBounded, f1_smem_bytes(kRawSlots, kGroupsPerCta, true), 1, kGroupsPerCta},
     {"softplus gate", factor_pass_kernel<GateMath::kSoftplus, true, true, 4>, -1, GateMode::kSoftplus},
     {"log-decay gate", factor_pass_kernel<GateMath::kLogDecay, true, true, 4>, -1, GateMode::kLogDecay},

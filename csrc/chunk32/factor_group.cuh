@@ -128,7 +128,7 @@ struct Gate {
   }
 };
 
-template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, bool kEarlySubstitution = false>
+template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid>
 struct FactorGroup {
   uint8_t *base;  // this group's area
   int group, tid, warp, lane;
@@ -432,13 +432,12 @@ struct FactorGroup {
     constexpr int kDiag = kSubBlock * kRowBlock;  // first column (and n tile pair) of the diagonal block
     constexpr int kDiagTile = 2 * kRowBlock;
     float acc[4][4] = {};
-    float acc_l10[2][4] = {};  // kEarlySubstitution: L rows 16-31, columns 0-15, on the Q warp of rows 0-15
 #pragma unroll
     for (int kb = 0; kb < kDimK / 16; ++kb) {
       uint32_t a[4], b[4], b_lo[4];
       raw_load_a(rows, kSubBlock * kRowBlock, 16 * kb, lane, a);
-      // Off-diagonal block (rows 16-31, columns 0-15): hi x hi (early substitution: on the Q warp of rows 0-15).
-      if (kRowBlock == 1 && !(kEarlySubstitution && product == 1)) {
+      // Off-diagonal block (rows 16-31, columns 0-15): hi x hi.
+      if (kRowBlock == 1) {
         raw_load_b_nk(cols, 0, 16 * kb, lane, b);
         mma_m16n8k16(acc[0], a, b[0], b[1]);
         mma_m16n8k16(acc[1], a, b[2], b[3]);
@@ -449,12 +448,6 @@ struct FactorGroup {
       mma_m16n8k16(acc[kDiagTile + 1], a, b[2], b[3]);
       mma_m16n8k16(acc[kDiagTile], a, b_lo[0], b_lo[1]);
       mma_m16n8k16(acc[kDiagTile + 1], a, b_lo[2], b_lo[3]);
-      if (kEarlySubstitution && kRowBlock == 0 && product == 0) {  // L's off-diagonal block, B = these columns
-        uint32_t a_k[4];
-        raw_load_a(raw + kRawK, kSubBlock, 16 * kb, lane, a_k);
-        mma_m16n8k16(acc_l10[0], a_k, b[0], b[1]);
-        mma_m16n8k16(acc_l10[1], a_k, b[2], b[3]);
-      }
     }
     const int g = lane >> 2, t = lane & 3;
     const float *rq = norms(), *rk = norms() + kChunk;
@@ -473,23 +466,12 @@ struct FactorGroup {
             *reinterpret_cast<uint32_t *>(dst + kStTa + k32_offset(kAqkRow0 + i, j)) =
                 pack_f16(j <= i ? v0 * s * rk[j] : 0.f, j + 1 <= i ? v1 * s * rk[j + 1] : 0.f);
           }
-        } else if (!(kEarlySubstitution && kRowBlock == 1 && nt < 2)) {  // early: L10 is the Q warp's
+        } else {
           const float s = betas()[i] * rk[i];
           *reinterpret_cast<float2 *>(lmat() + i * kLRow + j) =
               make_float2(j < i ? v0 * s * rk[j] : 0.f, j + 1 < i ? v1 * s * rk[j + 1] : 0.f);
         }
       }
-    }
-    if (kEarlySubstitution && kRowBlock == 0 && product == 0) {
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int i = kSubBlock + g + 8 * h, j = 8 * nt + 2 * t;  // j < 16 <= i
-          const float s = betas()[i] * rk[i];
-          *reinterpret_cast<float2 *>(lmat() + i * kLRow + j) =
-              make_float2(acc_l10[nt][2 * h] * s * rk[j], acc_l10[nt][2 * h + 1] * s * rk[j + 1]);
-        }
     }
   }
   template <bool kAqkImage = false>
@@ -501,20 +483,6 @@ struct FactorGroup {
       scores_rows<1, kAqkImage>(raw, dst, product);
     }
   }
-  // C with kEarlySubstitution: the K warps (2: rows 0-15, 3: rows 16-31) compute only their diagonal
-  // block of L (the Q warp of rows 0-15, which has the fewest products, takes L's off-diagonal block:
-  // four warps of 6 mma a k-step instead of 4 to 8), then substitute it at once: column lane % 16 of
-  // (I + L_bb)^-1 into `col`, held across the group's barrier (merge_substituted stores it).
-  template <bool kAqkImage>
-  __device__ void scores_and_substitute(const uint8_t *raw, uint8_t *dst, float (&col)[kSubBlock]) const {
-    static_assert(kEarlySubstitution, "the early substitution's scores");
-    scores<kAqkImage>(raw, dst);
-    if (warp >= 2) {
-      __syncwarp();  // the warp's own rows of L
-      substitute(col, warp & 1);
-    }
-  }
-
   // D. (I + L)^-1 (warp 0 only). Lanes 0-15: column j of T00, lanes 16-31: column j of T11; then the
   // merge T10 = -T11 (L10 T00) by two mma. Writes T beta (hi, lo) into the stage and T diag(beta rk).
   __device__ void invert_and_merge(uint8_t *stage) const {
@@ -564,13 +532,6 @@ struct FactorGroup {
       store_column(col, lane >> 4);
     }
     substituted();
-    sync();
-    merge_and_spread(ta, ta_lo);
-  }
-  // D after scores_and_substitute: the K warps' columns into T00^T and T11, then the merge and the stores
-  // as invert_and_merge_spread's (the same values: the stage bit for bit the same).
-  __device__ void merge_substituted(uint8_t *ta, uint8_t *ta_lo, const float (&col)[kSubBlock]) const {
-    if (warp >= 2 && lane < kSubBlock) store_column(col, warp & 1);
     sync();
     merge_and_spread(ta, ta_lo);
   }

@@ -287,16 +287,10 @@ struct PhaseClock {
 // the next item's first barrier); Kend^T by lane pairs, whole sectors (A -10%, C, D -15% on the factor
 // pass, thirteenth session; Aqk's copy -1.3% more, fourteenth: PERFLOG). The windows' schedule with two
 // raw slots and the 4-warp inverse only.
-// kStaggerRoles: group g's warps take the roles of its warps g, g + 1, ... (mod 4), so that the groups'
-// warp-0 roles (the loader, the substitution, the merge: ~430 more instructions an item than the
-// others', by the SASS) fall on different schedulers instead of all on the first (warp w of every group is on
-// scheduler w).
-// kEarlySubstitution: the K warps substitute their diagonal blocks of (I + L) right after their scores
-// (FactorGroup::scores_and_substitute), phase D keeping the merge; the 4-warp inverse only.
 enum class FactorStores { kThreads, kBulk };
 template <GateMath kGate, bool kL2Norm, bool kBetaSigmoid, int kInverseWarps = 1, int kSlots = kRawSlots,
           int kCtasPerSm = kFactorCtasPerSm, int kGroups = 1, bool kStreamed = false,
-          FactorStores kStores = FactorStores::kThreads, bool kStaggerRoles = false, bool kEarlySubstitution = false>
+          FactorStores kStores = FactorStores::kThreads>
 __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     factor_pass_kernel(const __grid_constant__ FusedParams p, const __grid_constant__ TensorMaps maps,
                        uint8_t *factors, Window w) {
@@ -306,7 +300,6 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
   // or, streamed, on those the pass leaves.
   constexpr bool kBulkStores = kStores == FactorStores::kBulk;
   static_assert(!kBulkStores || (!kStreamed && kSlots == 2 && kInverseWarps == 4), "bulk stores: windows, two slots");
-  static_assert(!kEarlySubstitution || kInverseWarps == 4, "the early substitution: the 4-warp inverse");
   wait_for_prior_grid();
   launch_dependents();
   extern __shared__ uint8_t smem_raw[];
@@ -322,10 +315,10 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
   // Items: (chain, chunk) of the window (place_of); the factors at the item's index; -1: none.
   const int items = items_in(p, w);
   const ItemRange range = items_of(blockIdx.x * kGroups + group, gridDim.x * kGroups, items);
-  FactorGroup<kGate, kL2Norm, kBetaSigmoid, kEarlySubstitution> fg;
+  FactorGroup<kGate, kL2Norm, kBetaSigmoid> fg;
   fg.base = smem - (kRawSlots - kSlots) * kRawSlotBytes;  // the group's scratch right after the slots in use
   fg.group = group;
-  fg.tid = kStaggerRoles ? (tid + 32 * group) % kFactorThreads : tid;
+  fg.tid = tid;
   fg.warp = fg.tid / 32;
   fg.lane = fg.tid % 32;
   fg.half = fg.warp >> 1;
@@ -420,12 +413,7 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     fg.clear_marks();  // read by every thread before the barrier; set again from the next chunk's phase A
     clk.mark(kPhBarB);
     uint8_t *const aqk = smem + f1_aqk_image(kSlots);  // the Aqk image (bulk stores)
-    float col[kSubBlock];  // kEarlySubstitution: a K warp's column of its diagonal block's inverse
-    if constexpr (kEarlySubstitution) {
-      fg.template scores_and_substitute<kBulkStores>(raw, kBulkStores ? aqk : stage, col);
-    } else {
-      fg.template scores<kBulkStores>(raw, kBulkStores ? aqk : stage);
-    }
+    fg.template scores<kBulkStores>(raw, kBulkStores ? aqk : stage);
     clk.mark(kPhScores);
     fg.sync();
     clk.mark(kPhBarC);
@@ -433,10 +421,7 @@ __global__ void __launch_bounds__(kFactorThreads * kGroups, kCtasPerSm)
     uint8_t *const ta = kBulkStores ? raw + kRawG : stage + kStTa;
     uint8_t *const ta_lo = kBulkStores ? raw + kRawG + kTbetaBytes : stage + kStTbetaLo;
     uint8_t *const wq = kBulkStores ? raw + kRawQ : stage + kStWq;
-    if (kEarlySubstitution) {
-      clk.mark(kPhSubstitute);
-      fg.merge_substituted(ta, ta_lo, col);
-    } else if (kInverseWarps == 4) {
+    if (kInverseWarps == 4) {
       fg.invert_and_merge_spread(ta, ta_lo, [&] { clk.mark(kPhSubstitute); });
     } else {
       clk.mark(kPhSubstitute);
