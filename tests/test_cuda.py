@@ -548,6 +548,33 @@ def test_two_pass_serial_windows_equal_the_call_cut_where_they_meet(case, two_pa
 
 @gpu
 @needs_kernels
+def test_two_pass_past_2_31_elements_an_array(two_pass):
+    # 262,144 tokens x 96 heads x 128: 3.2e9 elements in q, k, v, g and o, past int32 indices (serial,
+    # 23 windows). Packed as [T - 1,024, 1,024]: every output written (poisoned first), and the second
+    # sequence's o and final state those of a call of its 1,024 tokens alone.
+    T, tail, H, K = 262144, 1024, 96, 128
+    keys = jax.random.split(jax.random.key(7), 6)
+    q, k, v, g = (jax.random.normal(keys[i], (1, T, H, K), jnp.bfloat16) for i in range(4))
+    beta = jax.random.normal(keys[4], (1, T, H), jnp.bfloat16)
+    h0 = jax.random.normal(keys[5], (2, H, K, K), jnp.float32) * 0.1
+    kw = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+              A_log=jnp.zeros((H,), jnp.float32), dt_bias=jnp.zeros((H, K), jnp.float32), lower_bound=-5.0,
+              output_final_state=True)
+    cu = jnp.asarray([0, T - tail, T], jnp.int32)
+    path = jax_kda.prefill_path(q, k, v, g, beta, initial_state=h0, cu_seqlens=cu, impl="cuda", **kw)
+    assert "two-pass" in path and "segments" not in path, path
+    fn = lambda *a: kda_prefill(*a[:5], initial_state=a[5], cu_seqlens=a[6], impl="cuda", **kw)
+    (o, final), poisoned = run_poisoned(fn, q, k, v, g, beta, h0, cu)
+    assert poisoned, "the outputs did not land in the poisoned buffers; the check would prove nothing"
+    assert bool(jnp.isfinite(o).all()) and bool(jnp.isfinite(final).all())
+    part = lambda a: a[:, T - tail:]
+    o_tail, final_tail = kda_prefill(*map(part, (q, k, v, g, beta)), initial_state=h0[1:], impl="cuda", **kw)
+    assert rel_err(part(o).astype(jnp.float32), o_tail.astype(jnp.float32)) < 1e-3
+    assert rel_err(final[1:], final_tail) < 1e-5
+
+
+@gpu
+@needs_kernels
 def test_two_pass_writes_every_output_element(case, two_pass):
     c = case(**{**TWO_PASS_CALL, "T": 77, "HV": 4})
     assert takes_two_pass(c)
