@@ -548,10 +548,10 @@ def test_two_pass_serial_windows_equal_the_call_cut_where_they_meet(case, two_pa
 
 @gpu
 @needs_kernels
-def test_two_pass_past_2_31_elements_an_array(two_pass):
-    # 262,144 tokens x 96 heads x 128: 3.2e9 elements in q, k, v, g and o, past int32 indices (serial,
-    # 23 windows). Packed as [T - 1,024, 1,024]: every output written (poisoned first), and the second
-    # sequence's o and final state those of a call of its 1,024 tokens alone.
+def test_past_2_31_elements_an_array(kernel):
+    # 262,144 tokens x 96 heads x 128: 3.2e9 elements in q, k, v, g and o, past int32 indices (the
+    # two-pass kernel serially, in 23 windows). Packed as [T - 1,024, 1,024]: every output written
+    # (poisoned first), and the second sequence's o and final state those of a call of its 1,024 tokens alone.
     T, tail, H, K = 262144, 1024, 96, 128
     keys = jax.random.split(jax.random.key(7), 6)
     q, k, v, g = (jax.random.normal(keys[i], (1, T, H, K), jnp.bfloat16) for i in range(4))
@@ -562,7 +562,7 @@ def test_two_pass_past_2_31_elements_an_array(two_pass):
               output_final_state=True)
     cu = jnp.asarray([0, T - tail, T], jnp.int32)
     path = jax_kda.prefill_path(q, k, v, g, beta, initial_state=h0, cu_seqlens=cu, impl="cuda", **kw)
-    assert "two-pass" in path and "segments" not in path, path
+    assert ("two-pass" in path) == (kernel == "two-pass") and "segments" not in path, path
     fn = lambda *a: kda_prefill(*a[:5], initial_state=a[5], cu_seqlens=a[6], impl="cuda", **kw)
     (o, final), poisoned = run_poisoned(fn, q, k, v, g, beta, h0, cu)
     assert poisoned, "the outputs did not land in the poisoned buffers; the check would prove nothing"
