@@ -511,10 +511,10 @@ def test_two_pass_windows(case, two_pass, shape, kind, windows, output_final_sta
     c = case(**{**TWO_PASS_CALL, **shape, "output_final_state": output_final_state})
     packed = "seqlens" in shape
     sequences, tokens = (len(shape["seqlens"]), sum(shape["seqlens"])) if packed else (shape["B"], shape["T"])
-    chains = sequences * shape["HV"]
-    if kind != "serial" and chains >= paths.multiprocessors():
-        pytest.skip(f"{chains} state-pass CTAs fill this GPU's {paths.multiprocessors()} multiprocessors")
-    schedule = contract.two_pass_schedule(sequences, tokens, shape["HV"], packed, chains, paths.multiprocessors())
+    chains, sms = sequences * shape["HV"], paths.multiprocessors()
+    if contract.two_pass_serial(chains, sms) != (kind == "serial"):
+        pytest.skip(f"{chains} state-pass CTAs on this GPU's {sms} multiprocessors: not the schedule asked")
+    schedule = contract.two_pass_schedule(sequences, tokens, shape["HV"], packed, chains, sms)
     assert schedule["streamed"] == (kind == "streamed") and schedule["overlapped"] == (kind == "overlapped"), schedule
     assert schedule["windows"] == windows, schedule
     assert takes_two_pass(c)
