@@ -13,9 +13,10 @@ randn; fp32 A_log = rand(H), dt_bias = rand(H, K); lower_bound = -5; K = V = 128
   FLA safe_gate      the same with safe_gate=True (its tensor-core diagonal path)
   jla                jax-linear-attention's Pallas Mosaic GPU KDA (gate and beta activations by XLA)
 Times are medians: torch via triton.testing.do_bench (CUDA events), JAX over repeats of back-to-back
-jitted calls (as ANCHORS.md measured), and for JAX also from the device trace (`timing.device_ms`:
-CUPTI's span of each call's XLA module on the GPU; columns "jax_kda device", "jla device"). The byte floor reads every input once and writes every output
-once at the copy bandwidth measured in this run.
+jitted calls (as ANCHORS.md measured), and for JAX also from the device trace (`timing.device_ms`,
+CUPTI: each call's XLA module on the GPU, or where the trace has no module line the calls' span on the
+GPU; columns "jax_kda device", "jla device"), which the speed-ups use where measured. The byte floor
+reads every input once and writes every output once at the copy bandwidth measured in this run.
 """
 
 from __future__ import annotations

@@ -17,10 +17,7 @@ batch `[N, T, ...]` instead of packed by `cu_seqlens`: what packing costs.
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
 import os
-import tempfile
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch makes the inputs
 
@@ -28,6 +25,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench_prefill import CASES, LOWER_BOUND, make_inputs, to_jax  # noqa: E402
+from timing import device_trace  # noqa: E402
 from jax_kda import kda_prefill, paths, prefill_path  # noqa: E402
 
 FUSED = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
@@ -48,25 +46,10 @@ def busy_ns(intervals):
 def device_events(fn, args, calls):
     """(module spans in ns, {kernel name: [durations in ns]}, busy ns, span ns) of `calls` back-to-back
     calls on GPU 0."""
-    jax.block_until_ready(fn(*args))
-    with tempfile.TemporaryDirectory() as folder:
-        with jax.profiler.trace(folder):
-            out = None
-            for _ in range(calls):
-                out = fn(*args)
-            jax.block_until_ready(out)
-        planes = jax.profiler.ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0]).planes
-    spans, kernels, intervals = [], collections.defaultdict(list), []
-    for plane in planes:
-        if not plane.name.startswith("/device:GPU:0"):
-            continue
-        for line in plane.lines:
-            if line.name == "XLA Modules":
-                spans += [e.duration_ns for e in line.events]
-            elif line.name.startswith("Stream"):
-                for e in line.events:
-                    kernels[e.name].append(e.duration_ns)
-                    intervals.append((e.start_ns, e.end_ns))
+    trace = device_trace(fn, *args, calls=calls)
+    if trace is None:
+        raise RuntimeError("no device trace (another trace running, or no profiler plugin)")
+    spans, kernels, intervals = trace
     span = max(end for _, end in intervals) - min(start for start, _ in intervals) if intervals else 0
     return spans, kernels, busy_ns(intervals), span
 
