@@ -55,7 +55,7 @@ def lower_prefill_ffi(ctx, *args, present, opts: KDAOptions, two_pass: bool = Fa
     if two_pass:
         _, t, hv, _ = x.v.shape
         carried = 0 if opts.output_final_state else ctx.avals_out[0].shape[3]  # o's columns: V, or V + K
-        state_ctas = x.num_sequences * hv * (2 if opts.transition_columns else 1)  # a CTA a chain and slice
+        state_ctas = paths.two_pass_state_ctas(x.num_sequences * hv, opts.transition_columns)
         serial = contract.two_pass_serial(state_ctas, paths.multiprocessors())
         workspace = contract.two_pass_layout(x.num_sequences, t, hv, x.cu_seqlens is not None, carried, serial)["bytes"]
     avals_out.append(jax.core.ShapedArray((workspace,), np.uint8))

@@ -266,9 +266,14 @@ def _kernel_seconds(sequences, tokens, value_heads, width, multiprocessors, card
     return waves * -(-tokens // _CHUNK) * step
 
 
+def two_pass_state_ctas(chains, transition) -> int:
+    """The two-pass kernel's state-pass CTAs (one a multiprocessor): one a chain, two with transition columns."""
+    return chains * (2 if transition else 1)
+
+
 def _two_pass_seconds(sequences, tokens, value_heads, transition, multiprocessors, card: CardFigures) -> float:
     chains, chunks = sequences * value_heads, -(-tokens // contract.TWO_PASS_CHUNK)
-    state_ctas = chains * (2 if transition else 1)  # a state-pass CTA a multiprocessor
+    state_ctas = two_pass_state_ctas(chains, transition)
     schedule = contract.two_pass_schedule(sequences, tokens, value_heads, False, state_ctas, multiprocessors)
     windows = schedule["windows"]
     factors = chains * chunks * card.factor_seconds  # multiprocessor-seconds

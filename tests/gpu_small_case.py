@@ -49,14 +49,19 @@ def decode(impl):
     return jax.jit(steps)
 
 
+def set_value_heads(hv, states):
+    """The gate constants for `hv` value heads and `states` initial states of them, in kwargs."""
+    kwargs["A_log"] = jnp.asarray(rng.random(hv), jnp.float32)
+    kwargs["dt_bias"] = jnp.asarray(rng.random((hv, K)), jnp.float32)
+    kwargs["initial_state"] = jnp.asarray(rng.standard_normal((states, hv, V, K)), jnp.float32)
+
+
 decoding = sys.argv[1].endswith("decode")
 if "two-pass" in sys.argv[1]:
     kwargs["lower_bound"] = -5.0
     if sys.argv[1].endswith("packed-serial"):  # 5 sequences x 16 value heads: 80 chains
         HV = 16
-        kwargs["A_log"] = jnp.asarray(rng.random(HV), jnp.float32)
-        kwargs["dt_bias"] = jnp.asarray(rng.random((HV, K)), jnp.float32)
-        kwargs["initial_state"] = jnp.asarray(rng.standard_normal((len(seqlens), HV, V, K)), jnp.float32)
+        set_value_heads(HV, len(seqlens))
         args = (bf(1, T, H, K), bf(1, T, H, K), bf(1, T, HV, V), bf(1, T, HV, K), bf(1, T, HV))
     elif not sys.argv[1].endswith("packed"):  # two sequences of 70 tokens (a partial last chunk of 32), one of
         # 4096 tokens and one head (cut: the sanitizer's time grows with the chains), or one of 18000 tokens
@@ -64,9 +69,7 @@ if "two-pass" in sys.argv[1]:
         B, T = {"cut": (1, 4096), "windows": (1, 18000)}.get(sys.argv[1].split("-")[-1], (2, 70))
         if sys.argv[1].endswith(("windows", "cut")):
             H, HV = (16, 32) if sys.argv[1].endswith("windows") else (1, 1)
-            kwargs["A_log"] = jnp.asarray(rng.random(HV), jnp.float32)
-            kwargs["dt_bias"] = jnp.asarray(rng.random((HV, K)), jnp.float32)
-            kwargs["initial_state"] = jnp.asarray(rng.standard_normal((B, HV, V, K)), jnp.float32)
+            set_value_heads(HV, B)
         args = (bf(B, T, H, K), bf(B, T, H, K), bf(B, T, HV, V), bf(B, T, HV, K), bf(B, T, HV))
         del kwargs["cu_seqlens"]
         kwargs["initial_state"] = kwargs["initial_state"][:B]

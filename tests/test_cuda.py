@@ -396,13 +396,17 @@ def test_bitwise_deterministic(case):
                                      gate="softplus"))
 
 
+def bits(a):
+    """`a` as a NumPy array whose equality is bitwise (bf16 as its 16-bit patterns)."""
+    return np.asarray(a.view(jnp.uint16) if a.dtype == jnp.bfloat16 else a)
+
+
 def check_bitwise_deterministic(c):
     first = run_cuda(c)
     for _ in range(3):
         again = run_cuda(c)
         for a, b in zip(first, again):
-            np.testing.assert_array_equal(np.asarray(a.view(jnp.uint16) if a.dtype == jnp.bfloat16 else a),
-                                          np.asarray(b.view(jnp.uint16) if b.dtype == jnp.bfloat16 else b))
+            np.testing.assert_array_equal(bits(a), bits(b))
 
 
 @gpu
@@ -529,10 +533,11 @@ def test_two_pass_serial_windows_equal_the_call_cut_where_they_meet(case, two_pa
     # from the first's final state (each one window, as the float64 checks run it).
     heads = 96
     T = (contract.TWO_PASS_SERIAL_BUDGET // (heads * contract.TWO_PASS_FACTOR_BYTES) + 1) * contract.TWO_PASS_CHUNK
-    c = case(**{**TWO_PASS_CALL, "B": 1, "T": T, "H": heads, "HV": heads})
-    schedule = contract.two_pass_schedule(1, T, heads, False, heads, paths.multiprocessors())
-    if not contract.two_pass_serial(heads, paths.multiprocessors()):
+    sms = paths.multiprocessors()
+    if not contract.two_pass_serial(heads, sms):
         pytest.skip(f"{heads} state-pass CTAs leave most of this GPU's multiprocessors idle")
+    c = case(**{**TWO_PASS_CALL, "B": 1, "T": T, "H": heads, "HV": heads})
+    schedule = contract.two_pass_schedule(1, T, heads, False, heads, sms)
     assert not schedule["overlapped"] and schedule["windows"] == 2, schedule
     cut = schedule["window"] * contract.TWO_PASS_CHUNK
     assert takes_two_pass(c)
@@ -541,7 +546,6 @@ def test_two_pass_serial_windows_equal_the_call_cut_where_they_meet(case, two_pa
     o1, final1 = run_cuda(part(slice(0, cut)))
     tail = part(slice(cut, T))
     o2, final2 = run_cuda(dataclasses.replace(tail, kwargs={**tail.kwargs, "initial_state": final1}))
-    bits = lambda a: np.asarray(a.view(jnp.uint16) if a.dtype == jnp.bfloat16 else a)
     np.testing.assert_array_equal(bits(o), bits(jnp.concatenate([o1, o2], axis=1)))
     np.testing.assert_array_equal(bits(final), bits(final2))
 
