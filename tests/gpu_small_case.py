@@ -3,7 +3,7 @@ test_decode_cuda.py (under compute-sanitizer, or with XLA's CUDA graphs switched
 `run` / `check` a packed prefill with the softplus gate (the chunk-16 kernel); with the bounded gate (the
 two-pass kernel) `-two-pass` sequences of equal length, `-two-pass-packed` the packed one (streamed),
 `-two-pass-packed-serial` the same with enough value heads to run its passes one after the other (its
-items chain-major), `-two-pass-cut` one long sequence cut into segments (its transition columns),
+items chain-major), `-two-pass-cut` one sequence cut into two segments (forced; its transition columns),
 `-two-pass-windows` one whose factors take three windows, overlapped (a second stream, joined back by
 events); `-decode` a decode step.
 
